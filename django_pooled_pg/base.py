@@ -1,0 +1,249 @@
+"""The ENGINE: Django's PostgreSQL ``DatabaseWrapper`` with connections borrowed from a pool.
+
+A small diff against ``django.db.backends.postgresql.base``:
+
+* :meth:`DatabaseWrapper.connect` borrows from the process-wide pool of the alias
+  (:mod:`django_pooled_pg.registry`) and does only the per-borrow bookkeeping Django needs; the
+  per-session work (time zone, role, ``connection_created``) was done once, when the pool opened
+  the connection (:class:`SessionSetup`).
+* :meth:`DatabaseWrapper._close` gives the connection back clean
+  (:func:`django_pooled_pg.release.release_connection`).
+* Cursors note statements that change session state, so that only connections that need it pay
+  for a reset on the way back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
+from django.db.backends.signals import connection_created
+
+try:
+    from django.db.backends.postgresql import base as postgresql
+    from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+except ImproperlyConfigured as exc:
+    raise ImproperlyConfigured(
+        "django_pooled_pg needs psycopg 3 and could not load it "
+        f"({exc}). Install it with: pip install 'psycopg[binary]' psycopg-pool"
+    ) from exc
+if not is_psycopg3:
+    raise ImproperlyConfigured(
+        "django_pooled_pg needs psycopg 3, but only psycopg2 is installed. "
+        "Install it with: pip install 'psycopg[binary]' psycopg-pool "
+        "(psycopg2 can stay installed; psycopg 3 is preferred when both are present)."
+    )
+
+from psycopg import Connection
+from psycopg_pool import ConnectionPool
+
+from .features import DatabaseFeatures
+from .registry import registry
+from .release import release_connection
+from .session import changes_session, startup_options
+from .settings import read_pool_settings
+
+
+class SessionTrackingMixin:
+    """Marks the connection when a statement may change session state (see :mod:`.session`)."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if changes_session(query):
+            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
+        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
+        if changes_session(query):
+            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
+        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+
+class Cursor(SessionTrackingMixin, postgresql.Cursor):
+    pass
+
+
+class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
+    pass
+
+
+class SessionSetup:
+    """Prepares a database session: once when the pool opens a connection, again after a reset.
+
+    Time zone and role arrive with the startup packet, so what is left is what other code wants:
+    Django's ``connection_created`` signal (sent with a wrapper bound to the new connection, so
+    receivers that run ``SET ...`` keep working) and the pool's ``configure`` option.
+    """
+
+    def __init__(
+        self,
+        wrapper_class: type[DatabaseWrapper],
+        settings_dict: dict[str, Any],
+        alias: str,
+        configure: Callable[[Connection], None] | None,
+    ) -> None:
+        self.wrapper_class = wrapper_class
+        self.settings_dict = settings_dict
+        self.alias = alias
+        self.configure = configure
+
+    def __call__(self, conn: Connection) -> None:
+        conn._pooled_pg_setup = self  # type: ignore[attr-defined]
+        conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
+        if connection_created.has_listeners(self.wrapper_class):
+            wrapper = self.wrapper_class(self.settings_dict, self.alias)
+            wrapper.connection = conn
+            try:
+                connection_created.send(sender=self.wrapper_class, connection=wrapper)
+            finally:
+                wrapper.connection = None
+            if not conn.autocommit:
+                conn.commit()
+                conn.autocommit = True
+        if self.configure is not None:
+            self.configure(conn)
+        # What ran here is the session's baseline, not a borrower's change.
+        conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+
+
+class DatabaseWrapper(postgresql.DatabaseWrapper):
+    features_class = DatabaseFeatures
+
+    #: The pool the current connection was borrowed from; None when not borrowed.
+    _borrowed_from: ConnectionPool | None = None
+    #: :attr:`registry.generation` at borrow time: differs in a forked child.
+    _borrow_generation: int = -1
+
+    # ----- The pool ---------------------------------------------------------------------------
+
+    @property
+    def pooled(self) -> bool:
+        return self.alias != NO_DB_ALIAS and self.settings_dict["OPTIONS"].get("pool") is not False
+
+    @property
+    def pool(self) -> ConnectionPool | None:
+        """This alias's pool in this process (Django's backend has the same property)."""
+        if not self.pooled:
+            return None
+        return registry.pool_for(self.alias, self.pool_fingerprint(), self._build_pool)
+
+    def pool_fingerprint(self) -> Hashable:
+        """What the pool's connections were made from; a change means a new pool."""
+        sd = self.settings_dict
+        return (
+            sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
+            repr(sd["OPTIONS"]), sd["CONN_HEALTH_CHECKS"], self.timezone_name, settings.USE_TZ,
+        )
+
+    def _build_pool(self) -> ConnectionPool:
+        pool_settings = read_pool_settings(self.alias, self.settings_dict)
+        self.check_settings()
+        options = self.settings_dict["OPTIONS"]
+        if "isolation_level" in options:
+            self._isolation_level()  # raises ImproperlyConfigured now rather than per borrow
+        kwargs = self.get_connection_params()
+        kwargs["autocommit"] = True
+        # Django's cursor classes, plus session tracking; a user's own factory is kept.
+        if kwargs["cursor_factory"] is postgresql.Cursor:
+            kwargs["cursor_factory"] = Cursor
+        elif kwargs["cursor_factory"] is postgresql.ServerBindingCursor:
+            kwargs["cursor_factory"] = ServerBindingCursor
+        startup = {}
+        if self.timezone_name:
+            startup["TimeZone"] = self.timezone_name
+        if options.get("assume_role"):
+            startup["role"] = options["assume_role"]
+        if startup:
+            kwargs["options"] = startup_options(kwargs.get("options"), startup)
+
+        pool_kwargs = dict(pool_settings.pool_kwargs)
+        configure = pool_kwargs.pop("configure", None)
+        if "check" not in pool_kwargs and self.settings_dict["CONN_HEALTH_CHECKS"]:
+            pool_kwargs["check"] = ConnectionPool.check_connection
+        pool_kwargs.setdefault("name", f"django_pooled_pg:{self.alias}:{os.getpid()}")
+        return ConnectionPool(
+            kwargs=kwargs,
+            open=False,
+            configure=SessionSetup(type(self), dict(self.settings_dict), self.alias, configure),
+            **pool_kwargs,
+        )
+
+    def close_pool(self) -> None:
+        registry.close(self.alias)
+
+    def _isolation_level(self) -> IsolationLevel:
+        value = self.settings_dict["OPTIONS"].get("isolation_level")
+        if value is None:
+            return IsolationLevel.READ_COMMITTED
+        try:
+            return IsolationLevel(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"Invalid transaction isolation level {value} specified. "
+                "Use one of the psycopg.IsolationLevel values."
+            ) from None
+
+    # ----- Borrow and return --------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Borrow a connection: Django's ``connect()`` minus the per-session work."""
+        if not self.pooled:
+            return super().connect()
+        pool = self.pool
+        # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
+        self.in_atomic_block = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.needs_rollback = False
+        self.health_check_enabled = False  # the pool checks connections, not Django
+        self.health_check_done = True
+        self.close_at = None
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+
+        conn = pool.getconn()
+        self._borrowed_from = pool
+        self._borrow_generation = registry.generation
+        self.connection = conn
+        level = self._isolation_level()
+        self.isolation_level = level
+        if "isolation_level" in self.settings_dict["OPTIONS"] and conn.isolation_level != level:
+            conn.isolation_level = level
+        if not self.settings_dict["AUTOCOMMIT"]:
+            self.set_autocommit(False)
+        if self.alias not in RAN_DB_VERSION_CHECK:
+            self.check_database_version_supported()
+            RAN_DB_VERSION_CHECK.add(self.alias)
+        self.run_on_commit = []
+
+    def _close(self) -> None:
+        """Give the connection back to its pool, clean, or discard it."""
+        pool = self._borrowed_from
+        if pool is None:
+            return super()._close()
+        conn, self.connection, self._borrowed_from = self.connection, None, None
+        if conn is None or self._borrow_generation != registry.generation:
+            return  # borrowed by the parent process before a fork: not ours to return
+        with self.wrap_database_errors:
+            release_connection(pool, conn)
+
+    def forget_inherited_connection(self) -> None:
+        """In a forked child: drop, without closing, a connection the parent borrowed."""
+        if self._borrowed_from is not None and self._borrow_generation != registry.generation:
+            self.connection = None
+            self._borrowed_from = None
+
+    def close_if_health_check_failed(self) -> None:
+        if self._borrowed_from is not None:
+            return  # pooled connections are checked by the pool
+        super().close_if_health_check_failed()
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        cursor = super().create_cursor(name)
+        if name and self._borrowed_from is not None:
+            # QuerySet.iterator() cursors: closed at release if their iterator was abandoned.
+            self.connection._pooled_pg_cursors.append(cursor)
+        return cursor

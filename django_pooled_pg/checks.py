@@ -1,0 +1,44 @@
+"""System checks: the pool settings of every alias using this ENGINE, at ``manage.py check``.
+
+They read ``settings.DATABASES`` only and never connect, so they also run where the database is
+unreachable (a CI build step, a container image build).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import Error, register
+
+from .settings import find_problems
+
+ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
+
+
+def pooled_aliases() -> dict[str, dict[str, Any]]:
+    """The aliases of ``settings.DATABASES`` that use this ENGINE."""
+    return {
+        alias: settings_dict
+        for alias, settings_dict in settings.DATABASES.items()
+        if settings_dict.get("ENGINE") in ENGINES
+    }
+
+
+@register()
+def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    errors: list[Error] = []
+    aliases = pooled_aliases()
+    if aliases and importlib.util.find_spec("psycopg") is None:
+        errors.append(Error(
+            "django_pooled_pg needs psycopg 3, which is not installed.",
+            hint="pip install 'psycopg[binary]' psycopg-pool",
+            id="django_pooled_pg.E007",
+        ))
+    for alias, settings_dict in aliases.items():
+        for problem in find_problems(alias, settings_dict):
+            errors.append(Error(
+                f"{problem.setting} {problem.message}", hint=problem.fix, id=problem.id
+            ))
+    return errors

@@ -1,0 +1,124 @@
+"""The process-wide pools: the only place a pool is created, looked up and closed.
+
+One :class:`psycopg_pool.ConnectionPool` per database alias per process, shared by every thread.
+A pool remembers the settings it was built from (its *fingerprint*); when the settings of its
+alias change (the test runner switching ``NAME`` to the test database, ``override_settings`` on
+``TIME_ZONE``) the next borrow retires the old pool and builds a new one, so a pool never keeps
+pointing at the database it was first made for.
+
+Fork safety: a child process inherits the parent's pools, their sockets and connections that
+were borrowed at the time of the fork. Closing any of them in the child would send a terminate
+message down a socket the parent still uses. So :func:`os.register_at_fork` makes the child
+forget every inherited pool and borrowed connection without closing them (and keeps the objects
+alive so no finaliser runs); the child builds its own pools on first use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+logger = logging.getLogger("django_pooled_pg")
+
+
+@dataclass
+class PoolEntry:
+    alias: str
+    fingerprint: Hashable
+    pool: ConnectionPool
+    pid: int = field(default_factory=os.getpid)
+
+
+class PoolRegistry:
+    """Pools of this process, by alias."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, PoolEntry] = {}
+        self._lock = threading.Lock()
+        #: Bumped in a forked child; a connection borrowed under another generation belongs to
+        #: the parent and must be dropped, not returned.
+        self.generation = 0
+        #: Pools and connections inherited over fork. Kept referenced so their finalisers never
+        #: run in the child.
+        self._inherited: list[Any] = []
+
+    def pool_for(
+        self, alias: str, fingerprint: Hashable, build: Callable[[], ConnectionPool]
+    ) -> ConnectionPool:
+        """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
+        entry = self._entries.get(alias)
+        if entry is not None and entry.fingerprint == fingerprint:
+            return entry.pool
+        with self._lock:
+            entry = self._entries.get(alias)
+            if entry is None or entry.fingerprint != fingerprint:
+                if entry is not None:
+                    logger.info("settings of database %r changed: replacing its pool", alias)
+                    self._close_entry(entry)
+                pool = build()
+                pool.open(wait=False)
+                entry = self._entries[alias] = PoolEntry(alias, fingerprint, pool)
+        return entry.pool
+
+    def get(self, alias: str) -> ConnectionPool | None:
+        """The pool of ``alias`` if this process has one."""
+        entry = self._entries.get(alias)
+        return entry.pool if entry is not None else None
+
+    def pools(self) -> dict[str, ConnectionPool]:
+        return {alias: entry.pool for alias, entry in self._entries.items()}
+
+    def close(self, alias: str) -> None:
+        """Close the pool of ``alias``; connections borrowed from it are closed when returned."""
+        with self._lock:
+            entry = self._entries.pop(alias, None)
+            if entry is not None:
+                self._close_entry(entry)
+
+    def close_all(self) -> None:
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), {}
+            for entry in entries:
+                self._close_entry(entry)
+
+    def _close_entry(self, entry: PoolEntry) -> None:
+        if entry.pid != os.getpid():  # inherited: never touch the parent's sockets
+            self._inherited.append(entry)
+            return
+        try:
+            entry.pool.close(timeout=1.0)
+        except Exception:  # closing must not fail the caller, e.g. at interpreter exit
+            logger.warning("error closing the pool of %r", entry.alias, exc_info=True)
+
+    def after_fork_in_child(self) -> None:
+        """Forget, without closing, everything inherited from the parent process."""
+        self._inherited.extend(self._entries.values())
+        self._entries = {}
+        self._lock = threading.Lock()
+        self.generation += 1
+        # Django's connections of the thread that forked may hold a borrowed connection.
+        if "django.db" not in sys.modules:
+            return
+        from django.db import connections
+
+        try:
+            wrappers = connections.all(initialized_only=True)
+        except Exception:  # Django not configured in this process: nothing borrowed
+            return
+        for wrapper in wrappers:
+            forget = getattr(wrapper, "forget_inherited_connection", None)
+            if forget is not None:
+                forget()
+
+
+registry = PoolRegistry()
+os.register_at_fork(after_in_child=registry.after_fork_in_child)
+atexit.register(registry.close_all)

@@ -1,0 +1,54 @@
+"""Giving a connection back: the one place a borrowed connection returns to its pool.
+
+The rule is that nothing is handed on dirty: a connection goes back rolled back, in autocommit,
+with no cursor left open and its session reset if its borrower changed it; anything that cannot
+be cleaned is closed, and the pool replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from psycopg import Connection
+from psycopg.pq import TransactionStatus
+from psycopg_pool import ConnectionPool
+
+from .session import RESET_SQL
+
+logger = logging.getLogger("django_pooled_pg")
+
+
+def release_connection(pool: ConnectionPool, conn: Connection) -> None:
+    """Return ``conn`` to ``pool`` clean, or closed if it cannot be cleaned."""
+    try:
+        if not conn.closed:
+            clean_connection(conn)
+    except Exception as exc:
+        logger.warning("discarding a connection that could not be cleaned: %s", exc)
+        conn.close()
+    pool.putconn(conn)
+
+
+def clean_connection(conn: Connection) -> None:
+    """Roll back, close leftover cursors and reset session state, as needed."""
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+        # A command still running (COPY, a pipeline) or a lost connection: not worth saving.
+        conn.close()
+        return
+    if status != TransactionStatus.IDLE:
+        conn.rollback()
+    cursors = getattr(conn, "_pooled_pg_cursors", None)
+    if cursors:
+        for cursor in cursors:
+            if not cursor.closed:
+                cursor.close()  # an abandoned QuerySet.iterator(): CLOSE its WITH HOLD cursor
+        cursors.clear()
+    if not conn.autocommit:
+        conn.autocommit = True
+    if getattr(conn, "_pooled_pg_changed", False):
+        conn.execute(RESET_SQL)
+        setup = getattr(conn, "_pooled_pg_setup", None)
+        if setup is not None:
+            setup(conn)  # a reset session is a new session: prepare it again
+        conn._pooled_pg_changed = False  # type: ignore[attr-defined]

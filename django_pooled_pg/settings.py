@@ -1,0 +1,215 @@
+"""Pool settings: the defaults, and the one place ``OPTIONS["pool"]`` is read and validated.
+
+Everything a user can put in ``DATABASES[alias]["OPTIONS"]["pool"]`` is listed in
+:data:`PSYCOPG_POOL_OPTIONS` (handed to :class:`psycopg_pool.ConnectionPool` as they are, so a
+dict written for Django's own ``OPTIONS["pool"]`` keeps working) or :data:`OWN_OPTIONS` (read by
+this package). Validation returns every problem at once, each naming the setting and the fix, so
+``manage.py check`` can list them all and the first connection can refuse to start with the same
+words.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Defaults for a pool when ``OPTIONS["pool"]`` is missing or ``True``. They favour failing fast
+#: (a 10 s wait rather than psycopg_pool's 30 s) and recycling connections before the network
+#: or the server drops them.
+DEFAULTS: dict[str, Any] = {
+    "min_size": 2,
+    "max_size": 10,
+    "timeout": 10.0,
+    "max_waiting": 0,
+    "max_lifetime": 30 * 60.0,
+    "max_idle": 5 * 60.0,
+    "reconnect_timeout": 5 * 60.0,
+    "num_workers": 2,
+    "release": "request",
+}
+
+#: How a request gives its connection back. Only ``"request"`` exists so far.
+RELEASE_MODES = ("request",)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What one option accepts, in words a user can act on."""
+
+    check: Callable[[Any], bool]
+    expected: str
+
+
+def _number(minimum: float, *, strict: bool = True) -> OptionSpec:
+    def check(value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return value > minimum if strict else value >= minimum
+
+    word = "greater than" if strict else "at least"
+    return OptionSpec(check, f"a number {word} {minimum:g} (seconds)")
+
+
+def _integer(minimum: int) -> OptionSpec:
+    def check(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    return OptionSpec(check, f"an integer >= {minimum}")
+
+
+def _callable_or_none() -> OptionSpec:
+    return OptionSpec(lambda v: v is None or callable(v), "a callable taking a connection, or None")
+
+
+def _connection_class(value: Any) -> bool:
+    import psycopg
+
+    return isinstance(value, type) and issubclass(value, psycopg.Connection)
+
+
+PSYCOPG_POOL_OPTIONS: dict[str, OptionSpec] = {
+    "min_size": _integer(0),
+    "max_size": _integer(1),
+    "timeout": _number(0),
+    "max_waiting": _integer(0),
+    "max_lifetime": _number(0),
+    "max_idle": _number(0),
+    "reconnect_timeout": _number(0),
+    "num_workers": _integer(1),
+    "name": OptionSpec(lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "check": _callable_or_none(),
+    "configure": _callable_or_none(),
+    "reset": _callable_or_none(),
+    "reconnect_failed": _callable_or_none(),
+    "connection_class": OptionSpec(_connection_class, "a subclass of psycopg.Connection"),
+}
+
+OWN_OPTIONS: dict[str, OptionSpec] = {
+    "release": OptionSpec(lambda v: v in RELEASE_MODES, " or ".join(map(repr, RELEASE_MODES))),
+}
+
+#: Keys psycopg_pool takes that this package sets itself; naming them is a mistake.
+MANAGED_BY_US = {
+    "kwargs": "connection parameters come from NAME, USER, HOST, PORT and OPTIONS",
+    "conninfo": "connection parameters come from NAME, USER, HOST, PORT and OPTIONS",
+    "open": "pools open lazily, on the first query of each process",
+    "close_returns": "connections go back through connection.close(), which this package handles",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a database's settings, with the setting it is in and the fix."""
+
+    id: str
+    setting: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.message} Fix: {self.fix}"
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The validated pool settings of one alias."""
+
+    enabled: bool
+    #: Keyword arguments for :class:`psycopg_pool.ConnectionPool` (without kwargs/configure).
+    pool_kwargs: dict[str, Any] = field(default_factory=dict)
+    release: str = "request"
+
+
+def _pool_setting(alias: str, key: str | None = None) -> str:
+    base = f'DATABASES["{alias}"]["OPTIONS"]["pool"]'
+    return f'{base}["{key}"]' if key else base
+
+
+def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]:
+    """Every problem in one alias's settings, for ``manage.py check`` and for the first connect."""
+    problems: list[Problem] = []
+    options = settings_dict.get("OPTIONS") or {}
+    raw = options.get("pool", True)
+    if raw is False:
+        return problems
+
+    max_age = settings_dict.get("CONN_MAX_AGE", 0)
+    if max_age != 0:
+        problems.append(Problem(
+            "django_pooled_pg.E001",
+            f'DATABASES["{alias}"]["CONN_MAX_AGE"]',
+            f"is {max_age!r}, but the pool already keeps connections open between requests; "
+            "a persistent connection would hold a pool slot for the life of each thread.",
+            'remove CONN_MAX_AGE or set it to 0, and size the pool with OPTIONS["pool"]["max_size"].',
+        ))
+
+    if raw is True or raw is None:
+        return problems
+    if not isinstance(raw, Mapping):
+        problems.append(Problem(
+            "django_pooled_pg.E002", _pool_setting(alias),
+            f"must be True, False or a dict of pool options, got {type(raw).__name__} {raw!r}.",
+            'write e.g. "pool": {"min_size": 2, "max_size": 10, "timeout": 10}.',
+        ))
+        return problems
+
+    known = {**PSYCOPG_POOL_OPTIONS, **OWN_OPTIONS}
+    for key, value in raw.items():
+        spec = known.get(key)
+        if key in MANAGED_BY_US:
+            problems.append(Problem(
+                "django_pooled_pg.E003", _pool_setting(alias, key),
+                f"is set by django_pooled_pg itself: {MANAGED_BY_US[key]}.",
+                f'remove "{key}" from the pool options.',
+            ))
+        elif spec is None:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            problems.append(Problem(
+                "django_pooled_pg.E004", _pool_setting(alias, key),
+                "is not a pool option.",
+                f"{hint}Valid options: {', '.join(sorted(known))}.",
+            ))
+        elif not spec.check(value):
+            problems.append(Problem(
+                "django_pooled_pg.E005", _pool_setting(alias, key),
+                f"must be {spec.expected}, got {value!r}.",
+                f'give "{key}" {spec.expected}.',
+            ))
+
+    min_size = raw.get("min_size", DEFAULTS["min_size"])
+    max_size = raw.get("max_size")
+    if (
+        max_size is not None
+        and PSYCOPG_POOL_OPTIONS["min_size"].check(min_size)
+        and PSYCOPG_POOL_OPTIONS["max_size"].check(max_size)
+        and min_size > max_size
+    ):
+        problems.append(Problem(
+            "django_pooled_pg.E006", _pool_setting(alias, "min_size"),
+            f"is {min_size}, larger than max_size {max_size}.",
+            "make min_size <= max_size.",
+        ))
+    return problems
+
+
+def read_pool_settings(alias: str, settings_dict: Mapping[str, Any]) -> PoolSettings:
+    """The pool settings of ``alias``, or :class:`ImproperlyConfigured` listing every problem."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    problems = find_problems(alias, settings_dict)
+    if problems:
+        raise ImproperlyConfigured("\n".join(str(p) for p in problems))
+
+    raw = (settings_dict.get("OPTIONS") or {}).get("pool", True)
+    if raw is False:
+        return PoolSettings(enabled=False)
+    given = {} if raw is True or raw is None else dict(raw)
+    merged = {**DEFAULTS, **given}
+    if "min_size" in given and "max_size" not in given:
+        # psycopg_pool's rule (and so Django's): max_size defaults to min_size.
+        merged["max_size"] = max(given["min_size"], 1)
+    release = merged.pop("release")
+    return PoolSettings(enabled=True, pool_kwargs=merged, release=release)

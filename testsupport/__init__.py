@@ -1,0 +1,1 @@
+"""Test helpers: throwaway PostgreSQL clusters for tests, the demo and benchmarks."""
