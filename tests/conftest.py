@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+from django.db import connections
+
+from django_pooled_pg.registry import registry
+from tests import dbserver
+
+
+@pytest.fixture
+def server():
+    """The cluster this run owns; tests that restart or reconfigure it need one."""
+    cluster = dbserver.cluster()
+    if cluster is None:
+        pytest.skip("DATABASE_URL points at a server this test run does not own")
+    return cluster
+
+
+@pytest.fixture
+def superuser():
+    """A plain psycopg connection as superuser to the test database, outside any pool."""
+    params = connections["default"].settings_dict
+    conn = psycopg.connect(
+        dbname=params["NAME"], user=params["USER"], password=params["PASSWORD"] or None,
+        host=params["HOST"], port=params["PORT"], autocommit=True,
+    )
+    yield conn
+    conn.close()
+
+
+def pool_in_use(alias: str = "default") -> int:
+    """Connections of ``alias``'s pool that are borrowed right now (0 if it has no pool).
+
+    psycopg_pool counts a connection being opened in the background as part of the pool, so a
+    short wait lets a growing pool settle before the count is taken.
+    """
+    pool = registry.get(alias)
+    if pool is None or pool.closed:
+        return 0
+    deadline = time.monotonic() + 2
+    while True:
+        stats = pool.get_stats()
+        in_use = stats["pool_size"] - stats["pool_available"]
+        if in_use == 0 or time.monotonic() > deadline:
+            return in_use
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def pool_is_whole_after(request):
+    """After every database test: every connection returned, none left idle in transaction."""
+    yield
+    if not request.node.get_closest_marker("django_db"):
+        return
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+    for alias in connections:
+        assert pool_in_use(alias) == 0, f"pool {alias!r} has connections checked out"
+    params = connections["default"].settings_dict
+    with psycopg.connect(
+        dbname="postgres", user=params["USER"], host=params["HOST"], port=params["PORT"], autocommit=True
+    ) as conn:
+        stuck = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"
+        ).fetchone()[0]
+    assert stuck == 0, "a backend was left idle in transaction"
