@@ -212,7 +212,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.isolation_level = level
         if "isolation_level" in self.settings_dict["OPTIONS"] and conn.isolation_level != level:
             conn.isolation_level = level
-        if not self.settings_dict["AUTOCOMMIT"]:
+        if self.settings_dict["AUTOCOMMIT"]:
+            self.autocommit = True  # pooled connections are kept in autocommit
+        else:
             self.set_autocommit(False)
         if self.alias not in RAN_DB_VERSION_CHECK:
             self.check_database_version_supported()

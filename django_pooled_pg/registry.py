@@ -55,15 +55,15 @@ class PoolRegistry:
     ) -> ConnectionPool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
         entry = self._entries.get(alias)
-        if entry is not None and entry.fingerprint == fingerprint:
+        if entry is not None and entry.fingerprint == fingerprint and not entry.pool.closed:
             return entry.pool
         with self._lock:
             entry = self._entries.get(alias)
-            if entry is None or entry.fingerprint != fingerprint:
+            if entry is None or entry.fingerprint != fingerprint or entry.pool.closed:
+                pool = build()  # may raise ImproperlyConfigured: leave the old pool alone then
                 if entry is not None:
                     logger.info("settings of database %r changed: replacing its pool", alias)
                     self._close_entry(entry)
-                pool = build()
                 pool.open(wait=False)
                 entry = self._entries[alias] = PoolEntry(alias, fingerprint, pool)
         return entry.pool

@@ -41,11 +41,13 @@ from typing import Any, Self
 
 import psycopg
 from psycopg import sql
-from psycopg.abc import Query
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
 _SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
+_INITDB_ARGS = ("--auth=trust", f"--username={SUPERUSER}", "--encoding=UTF8", "--no-locale", "--no-sync")
+# Throwaway data: skip durability work so tests and benchmarks measure the pool, not the disk.
+_FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 _SOCKET_PATH_MAX = 107  # sun_path limit; the socket file is "<dir>/.s.PGSQL.<port>"
 _NO_BINARIES = (
     "no PostgreSQL server binaries found; install postgresql (apt-get install -y postgresql) "
@@ -207,7 +209,9 @@ class PgCluster:
         if self._owner:
             cmd = ["runuser", "-u", self._owner, "--", *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", stdin=subprocess.DEVNULL, check=False)
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd="/", stdin=subprocess.DEVNULL, check=False
+        )
         if check and res.returncode != 0:
             out = f"{res.stdout}{res.stderr}{self._log_tail()}"
             raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{out}")
@@ -274,20 +278,21 @@ class PgCluster:
             return self
         self._prepare_datadir()
         if not (self.datadir / "PG_VERSION").exists():
-            self._pg("initdb", "-D", self.datadir, "--auth=trust", "-U", SUPERUSER,
-                     "--encoding=UTF8", "--no-locale", "--no-sync")
+            self._pg("initdb", "-D", self.datadir, *_INITDB_ARGS)
         if self._port is None:  # keep a previous run's port stable when possible
             old = self._read_auto_conf().get("port", "")
             self._port = _free_port(int(old) if old.isdigit() else 0)
         sock_ok = len(str(self.datadir)) + len("/.s.PGSQL.65535") <= _SOCKET_PATH_MAX
-        self._write_auto_conf({
-            "listen_addresses": HOST,
-            "port": str(self._port),
-            "max_connections": str(self.max_connections),
-            "unix_socket_directories": str(self.datadir) if sock_ok else "",  # "" = TCP only
-            "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",  # throwaway data
-            **self.settings,
-        })
+        self._write_auto_conf(
+            {
+                "listen_addresses": HOST,
+                "port": str(self._port),
+                "max_connections": str(self.max_connections),
+                "unix_socket_directories": str(self.datadir) if sock_ok else "",  # "" = TCP only
+                **_FAST_SETTINGS,
+                **self.settings,
+            }
+        )
         self._launch()
         if stop_at_exit:
             self._started_by = os.getpid()
@@ -381,7 +386,7 @@ class PgCluster:
 
     # -- SQL helpers --------------------------------------------------------
     def execute(
-        self, query: Query, params: Any = None, dbname: str = "postgres"
+        self, query: str | sql.SQL | sql.Composed, params: Any = None, dbname: str = "postgres"
     ) -> list[tuple[Any, ...]]:
         """Run one statement on a short-lived autocommit superuser connection; rows or []."""
         with psycopg.connect(self.url(dbname), autocommit=True, connect_timeout=10) as conn:
@@ -399,12 +404,13 @@ class PgCluster:
 
     def terminate_backends(self, dbname: str | None = None, application_name: str | None = None) -> int:
         """Kill matching client backends (not ours) and wait up to 5 s for each to exit; returns the count."""
-        return self.execute(
+        rows = self.execute(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
             " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
             " AND (%(db)s::text IS NULL OR datname = %(db)s) AND (%(app)s::text IS NULL OR application_name = %(app)s)",
             {"db": dbname, "app": application_name},
-        )[0][0]
+        )
+        return int(rows[0][0])
 
 
 def main(argv: list[str] | None = None) -> int:

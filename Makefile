@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Everything else supports them.
+SHELL := /bin/bash
+VENV_DJ52 := .venv/py311-django52
+VENV_DJ6  := .venv/py312-django6
+PYTEST_ARGS ?=
+DEMO_DATA := .pgdata-demo
+DJANGO_SUITE_ARGS ?=
+
+.PHONY: test test-django52 test-django6 demo django-suite clean
+
+test: test-django52 test-django6
+
+test-django52: $(VENV_DJ52)/.done
+	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-django6: $(VENV_DJ6)/.done
+	$(VENV_DJ6)/bin/python -m pytest $(PYTEST_ARGS)
+
+$(VENV_DJ52)/.done: pyproject.toml scripts/mkvenv
+	scripts/mkvenv $(VENV_DJ52) 3.11 "Django>=5.2,<5.3"
+
+$(VENV_DJ6)/.done: pyproject.toml scripts/mkvenv
+	scripts/mkvenv $(VENV_DJ6) 3.12 "Django>=6.0,<7"
+
+demo: $(VENV_DJ6)/.done
+	$(VENV_DJ6)/bin/python testproject/demo.py --datadir $(DEMO_DATA)
+
+django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
+	scripts/django-suite $(DJANGO_SUITE_ARGS)
+
+clean:
+	-$(VENV_DJ6)/bin/python -m testsupport.pgcluster stop --datadir $(DEMO_DATA)
+	rm -rf .venv $(DEMO_DATA) .django-suite
