@@ -15,11 +15,14 @@ A small diff against ``django.db.backends.postgresql.base``:
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
 from django.db.backends.signals import connection_created
 
@@ -96,10 +99,19 @@ class SessionSetup:
         if connection_created.has_listeners(self.wrapper_class):
             wrapper = self.wrapper_class(self.settings_dict, self.alias)
             wrapper.connection = conn
+            # Receivers that query through connections[alias] (django.contrib.postgres reads the
+            # hstore/citext OIDs that way) must use this session: borrowing from the pool that is
+            # opening it would wait on itself (PoolTimeout) and keep a slot in this thread.
+            previous = getattr(connections._connections, self.alias, None)
+            connections[self.alias] = wrapper
             try:
                 connection_created.send(sender=self.wrapper_class, connection=wrapper)
             finally:
                 wrapper.connection = None
+                if previous is None:
+                    del connections[self.alias]
+                else:
+                    connections[self.alias] = previous
             if not conn.autocommit:
                 conn.commit()
                 conn.autocommit = True
@@ -220,6 +232,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.check_database_version_supported()
             RAN_DB_VERSION_CHECK.add(self.alias)
         self.run_on_commit = []
+        self._sync_postgres_types(conn)
+
+    def _sync_postgres_types(self, conn: Connection) -> None:
+        """Register django.contrib.postgres's hstore/citext adapters again when they are stale.
+
+        Its ``connection_created`` receiver registers them per connection with type OIDs it
+        caches per alias and forgets at CREATE EXTENSION (an in-process ``migrate``, as in a test
+        run); Django sends the signal on every connect, a pooled session got it once. So compare
+        the OIDs this session was set up with, which costs a dict lookup when nothing changed.
+        """
+        signals = sys.modules.get("django.contrib.postgres.signals")
+        if signals is None or not apps.apps_ready or not apps.is_installed("django.contrib.postgres"):
+            return
+        oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
+        if getattr(conn, "_pooled_pg_type_oids", None) != oids:
+            signals.register_type_handlers(self)
+            conn._pooled_pg_type_oids = oids  # type: ignore[attr-defined]
 
     def _close(self) -> None:
         """Give the connection back to its pool, clean, or discard it."""

@@ -1,10 +1,32 @@
 """Database features: Django's, plus the tests of Django's own suite that assert stock behaviour
-this backend changes on purpose (see ``make django-suite`` and the README)."""
+this backend changes on purpose (see ``make django-suite`` and docs/django-suite.md)."""
 
 from __future__ import annotations
 
 from django.db.backends.postgresql import features as postgresql
 from django.utils.functional import cached_property
+
+#: Django test suite labels skipped with a pool, by the reason: what this backend does differently.
+POOLED_TEST_SKIPS: dict[str, set[str]] = {
+    "CONN_MAX_AGE must be 0 with django_pooled_pg (the pool keeps connections and checks them "
+    "with CONN_HEALTH_CHECKS); these tests set CONN_MAX_AGE=None and expect Django to keep a "
+    "persistent connection and health-check it itself.": {
+        "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled",
+        "backends.base.test_base.ConnectionHealthChecksTests."
+        "test_health_checks_enabled_errors_occurred",
+        "backends.base.test_base.ConnectionHealthChecksTests."
+        "test_set_autocommit_health_checks_enabled",
+    },
+    "A pool with CONN_MAX_AGE != 0 is refused with django_pooled_pg.E001's message (which names "
+    "the setting and the fix), not Django's 'Pooling doesn't support persistent connections.'": {
+        "backends.postgresql.tests.Tests.test_pooling_not_support_persistent_connections",
+    },
+    "connection_created is sent once per database session (when the pool opens a connection, "
+    "and after a session reset), not on every connect(): a receiver connected later does not "
+    "see sessions already in the pool.": {
+        "backends.tests.ConnectionCreatedSignalTest.test_signal",
+    },
+}
 
 
 class DatabaseFeatures(postgresql.DatabaseFeatures):
@@ -14,9 +36,6 @@ class DatabaseFeatures(postgresql.DatabaseFeatures):
         if self.connection.settings_dict["OPTIONS"].get("pool") is False:
             return skips
         skips = {**skips}
-        skips.setdefault("Pool does implicit health checks", set()).update({
-            "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled",
-            "backends.base.test_base.ConnectionHealthChecksTests."
-            "test_set_autocommit_health_checks_enabled",
-        })
+        for reason, tests in POOLED_TEST_SKIPS.items():
+            skips.setdefault(reason, set()).update(tests)
         return skips
