@@ -212,7 +212,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.needs_rollback = False
         self.health_check_enabled = False  # the pool checks connections, not Django
         self.health_check_done = True
-        self.close_at = None
+        self.close_at = 0  # CONN_MAX_AGE = 0: request_finished gives the connection back
         self.closed_in_transaction = False
         self.errors_occurred = False
 
@@ -268,8 +268,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._borrowed_from = None
 
     def close_if_health_check_failed(self) -> None:
-        if self._borrowed_from is not None:
-            return  # pooled connections are checked by the pool
+        if self.connection is None or self._borrowed_from is not None:
+            return  # nothing borrowed yet, or a pooled connection: the pool checks those
         super().close_if_health_check_failed()
 
     def create_cursor(self, name: str | None = None) -> Any:

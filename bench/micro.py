@@ -1,0 +1,105 @@
+"""In-process micro-benchmark: the cost of one borrow, and of borrow + SELECT 1 + return.
+
+Runs each mode in its own subprocess (Django settings are per process) against one throwaway
+PostgreSQL cluster, alternating modes over several rounds, and prints the median per operation:
+
+* ``borrow``: ``connection.ensure_connection()`` then what Django runs when a request ends
+  (``close_if_unusable_or_obsolete()``): the per-request overhead.
+* ``select``: the same with one ``SELECT 1`` in between, as a request that runs one query.
+
+Modes: ``pooled`` (this ENGINE), ``django-pool`` (Django's ``OPTIONS["pool"]``), ``persistent``
+(``CONN_MAX_AGE=None``: the connection stays open, so ``borrow`` is Django's bookkeeping only).
+
+    python bench/micro.py [--rounds 5] [--n 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = {
+    "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}}},
+    "django-pool": {
+        "ENGINE": "django.db.backends.postgresql",
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},
+    },
+    "persistent": {"ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": None},
+}
+
+CHILD = r"""
+import json, sys, time
+import django
+from django.conf import settings
+db = json.loads(sys.argv[1]); n = int(sys.argv[2])
+settings.configure(DATABASES={"default": db}, USE_TZ=True)
+django.setup()
+from django.db import connection
+# The end of a request: Django's request_finished handler, close_old_connections().
+end = connection.close_if_unusable_or_obsolete
+def borrow():
+    connection.ensure_connection(); end()
+def select():
+    with connection.cursor() as c:
+        c.execute("SELECT 1"); c.fetchone()
+    end()
+out = {}
+for name, fn in (("borrow", borrow), ("select", select)):
+    for _ in range(1000):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    out[name] = (time.perf_counter() - t) / n * 1e6
+print(json.dumps(out))
+"""
+
+
+def run(url_parts: dict, mode: str, n: int) -> dict:
+    db = {**url_parts, **MODES[mode]}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(db), str(n)],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--n", type=int, default=20000)
+    args = parser.parse_args()
+
+    import django
+    import psycopg
+    import psycopg_pool
+
+    from testsupport.pgcluster import PgCluster
+
+    with PgCluster() as cluster:
+        base = {**cluster.django_settings("postgres")}
+        results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                for op, value in run(base, mode, args.n).items():
+                    results[mode][op].append(value)
+    print(f"Django {django.get_version()}, psycopg {psycopg.__version__}, "
+          f"psycopg_pool {psycopg_pool.__version__}, Python {sys.version.split()[0]}; "
+          f"median of {args.rounds} rounds x {args.n} operations")
+    print(f"{'mode':<12} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}")
+    for mode, ops in results.items():
+        print(f"{mode:<12} {statistics.median(ops['borrow']):>20.2f} "
+              f"{statistics.median(ops['select']):>30.2f}")
+
+
+if __name__ == "__main__":
+    main()
