@@ -14,8 +14,11 @@ A small diff against ``django.db.backends.postgresql.base``:
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -44,7 +47,11 @@ if not is_psycopg3:
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
+from . import signals
+from .errors import PoolError, PoolExhausted
 from .features import DatabaseFeatures
+from .ledger import ledger
+from .pool import Pool
 from .registry import registry
 from .release import release_connection
 from .session import changes_session, startup_options
@@ -121,6 +128,11 @@ class SessionSetup:
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
 
 
+#: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
+#: have turned it into a plain 500 response before the middleware saw the exception.
+pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)
+
+
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     features_class = DatabaseFeatures
 
@@ -136,7 +148,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return self.alias != NO_DB_ALIAS and self.settings_dict["OPTIONS"].get("pool") is not False
 
     @property
-    def pool(self) -> ConnectionPool | None:
+    def pool(self) -> Pool | None:
         """This alias's pool in this process (Django's backend has the same property)."""
         if not self.pooled:
             return None
@@ -150,7 +162,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             repr(sd["OPTIONS"]), sd["CONN_HEALTH_CHECKS"], self.timezone_name, settings.USE_TZ,
         )
 
-    def _build_pool(self) -> ConnectionPool:
+    def _build_pool(self) -> Pool:
         pool_settings = read_pool_settings(self.alias, self.settings_dict)
         self.check_settings()
         options = self.settings_dict["OPTIONS"]
@@ -176,7 +188,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if "check" not in pool_kwargs and self.settings_dict["CONN_HEALTH_CHECKS"]:
             pool_kwargs["check"] = ConnectionPool.check_connection
         pool_kwargs.setdefault("name", f"django_pooled_pg:{self.alias}:{os.getpid()}")
-        return ConnectionPool(
+        connect_timeout = float(options.get("connect_timeout") or 0)
+        return Pool(
+            self.alias,
+            pool_settings,
+            connect_timeout=connect_timeout,
             kwargs=kwargs,
             open=False,
             configure=SessionSetup(type(self), dict(self.settings_dict), self.alias, configure),
@@ -216,7 +232,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.closed_in_transaction = False
         self.errors_occurred = False
 
-        conn = pool.getconn()
+        if ledger.orphans:
+            ledger.reclaim_orphans()  # slots of threads that ended without closing
+        started = time.monotonic()
+        try:
+            conn = pool.borrow()
+        except PoolError as error:
+            self._pool_failed(error)
+            raise
+        self._borrow = ledger.record(
+            self.alias, pool, conn, owned_by_thread=self._thread_ident == threading.get_ident()
+        )
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self.connection = conn
@@ -233,6 +259,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             RAN_DB_VERSION_CHECK.add(self.alias)
         self.run_on_commit = []
         self._sync_postgres_types(conn)
+        signals.connection_borrowed.send(
+            sender=type(self), alias=self.alias, connection=self, wait=self._borrow.started - started
+        )
+
+    def _pool_failed(self, error: PoolError) -> None:
+        counters = ledger.counters_for(self.alias)
+        if isinstance(error, PoolExhausted):
+            counters.exhausted += 1
+        else:
+            counters.unavailable += 1
+        pool_error.set(error)
+        signals.pool_exhausted.send(sender=type(self), alias=self.alias, error=error)
 
     def _sync_postgres_types(self, conn: Connection) -> None:
         """Register django.contrib.postgres's hstore/citext adapters again when they are stale.
@@ -243,7 +281,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         the OIDs this session was set up with, which costs a dict lookup when nothing changed.
         """
         signals = sys.modules.get("django.contrib.postgres.signals")
-        if signals is None or not apps.apps_ready or not apps.is_installed("django.contrib.postgres"):
+        if signals is None or not apps.apps_ready:
+            return
+        if not apps.is_installed("django.contrib.postgres"):
             return
         oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
         if getattr(conn, "_pooled_pg_type_oids", None) != oids:
@@ -258,8 +298,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         conn, self.connection, self._borrowed_from = self.connection, None, None
         if conn is None or self._borrow_generation != registry.generation:
             return  # borrowed by the parent process before a fork: not ours to return
+        borrow = ledger.forget(conn)
         with self.wrap_database_errors:
-            release_connection(pool, conn)
+            outcome = release_connection(pool, conn)
+        counters = ledger.counters_for(self.alias)
+        counters.rollbacks += outcome.rolled_back
+        counters.discarded += outcome.discarded
+        if borrow is not None:
+            signals.connection_returned.send(
+                sender=type(self), alias=self.alias, connection=self,
+                held=time.monotonic() - borrow.started, rolled_back=outcome.rolled_back,
+            )
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""

@@ -8,9 +8,11 @@ from django.utils.functional import cached_property
 
 #: Django test suite labels skipped with a pool, by the reason: what this backend does differently.
 POOLED_TEST_SKIPS: dict[str, set[str]] = {
-    "CONN_MAX_AGE must be 0 with django_pooled_pg (the pool keeps connections and checks them "
-    "with CONN_HEALTH_CHECKS); these tests set CONN_MAX_AGE=None and expect Django to keep a "
-    "persistent connection and health-check it itself.": {
+    "CONN_MAX_AGE must be 0 with django_pooled_pg: a borrowed connection goes back to the pool "
+    "at request end, and the pool checks connections (CONN_HEALTH_CHECKS); these tests set "
+    "CONN_MAX_AGE=None and expect Django to keep the connection across requests and "
+    "health-check it itself.": {
+        "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_disabled",
         "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled",
         "backends.base.test_base.ConnectionHealthChecksTests."
         "test_health_checks_enabled_errors_occurred",

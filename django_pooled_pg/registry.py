@@ -104,6 +104,9 @@ class PoolRegistry:
         self._entries = {}
         self._lock = threading.Lock()
         self.generation += 1
+        from .ledger import ledger
+
+        ledger.after_fork_in_child()
         # Django's connections of the thread that forked may hold a borrowed connection.
         if "django.db" not in sys.modules:
             return

@@ -8,6 +8,7 @@ be cleaned is closed, and the pool replaces it.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from psycopg import Connection
 from psycopg.pq import TransactionStatus
@@ -18,25 +19,41 @@ from .session import RESET_SQL
 logger = logging.getLogger("django_pooled_pg")
 
 
-def release_connection(pool: ConnectionPool, conn: Connection) -> None:
+class Outcome(NamedTuple):
+    rolled_back: bool = False
+    discarded: bool = False
+
+
+CLEAN = Outcome()
+
+
+def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
     """Return ``conn`` to ``pool`` clean, or closed if it cannot be cleaned."""
+    outcome = CLEAN
     try:
         if not conn.closed:
-            clean_connection(conn)
+            outcome = clean_connection(conn)
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
+    if conn.closed:
+        outcome = Outcome(outcome.rolled_back, discarded=True)
+        check_soon = getattr(pool, "check_soon", None)
+        if check_soon is not None:
+            check_soon()  # its idle siblings may be as dead as it was
     pool.putconn(conn)
+    return outcome
 
 
-def clean_connection(conn: Connection) -> None:
+def clean_connection(conn: Connection) -> Outcome:
     """Roll back, close leftover cursors and reset session state, as needed."""
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
         # A command still running (COPY, a pipeline) or a lost connection: not worth saving.
         conn.close()
-        return
-    if status != TransactionStatus.IDLE:
+        return CLEAN
+    rolled_back = status != TransactionStatus.IDLE
+    if rolled_back:
         conn.rollback()
     cursors = getattr(conn, "_pooled_pg_cursors", None)
     if cursors:
@@ -52,3 +69,4 @@ def clean_connection(conn: Connection) -> None:
         if setup is not None:
             setup(conn)  # a reset session is a new session: prepare it again
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+    return Outcome(rolled_back=True) if rolled_back else CLEAN

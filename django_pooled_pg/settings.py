@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "reconnect_timeout": 5 * 60.0,
     "num_workers": 2,
     "release": "request",
+    "leak_timeout": None,
 }
 
 #: How a request gives its connection back. Only ``"request"`` exists so far.
@@ -88,6 +89,9 @@ PSYCOPG_POOL_OPTIONS: dict[str, OptionSpec] = {
 
 OWN_OPTIONS: dict[str, OptionSpec] = {
     "release": OptionSpec(lambda v: v in RELEASE_MODES, " or ".join(map(repr, RELEASE_MODES))),
+    "leak_timeout": OptionSpec(
+        lambda v: v is None or (_number(0).check(v)), "None or a number greater than 0 (seconds)"
+    ),
 }
 
 #: Keys psycopg_pool takes that this package sets itself; naming them is a mistake.
@@ -120,6 +124,8 @@ class PoolSettings:
     #: Keyword arguments for :class:`psycopg_pool.ConnectionPool` (without kwargs/configure).
     pool_kwargs: dict[str, Any] = field(default_factory=dict)
     release: str = "request"
+    #: Seconds after which a borrowed connection is reported as leaked; None: never.
+    leak_timeout: float | None = None
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:
@@ -211,5 +217,5 @@ def read_pool_settings(alias: str, settings_dict: Mapping[str, Any]) -> PoolSett
     if "min_size" in given and "max_size" not in given:
         # psycopg_pool's rule (and so Django's): max_size defaults to min_size.
         merged["max_size"] = max(given["min_size"], 1)
-    release = merged.pop("release")
-    return PoolSettings(enabled=True, pool_kwargs=merged, release=release)
+    own = {key: merged.pop(key) for key in OWN_OPTIONS}
+    return PoolSettings(enabled=True, pool_kwargs=merged, **own)

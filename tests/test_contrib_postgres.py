@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent("""
     settings.configure(
         INSTALLED_APPS=["django.contrib.postgres", "django_pooled_pg"],
         DATABASES={"default": {
-            "ENGINE": "django_pooled_pg", "NAME": os.environ["DBNAME"], "USER": os.environ["PGUSER"],
+            "ENGINE": "django_pooled_pg", "NAME": os.environ["DBNAME"],
+            "USER": os.environ["PGUSER"],
             "HOST": os.environ["PGHOST"], "PORT": os.environ["PGPORT"],
             "OPTIONS": {"pool": {"min_size": 2, "max_size": 4, "timeout": 5}},
         }},
@@ -57,7 +58,9 @@ SCRIPT = textwrap.dedent("""
 def test_hstore_with_pooled_sessions():
     sd = connections["default"].settings_dict
     dbname = "pooled_pg_contrib_postgres"
-    admin = dict(host=sd["HOST"], port=sd["PORT"], user=sd["USER"], dbname="postgres", autocommit=True)
+    admin = dict(
+        host=sd["HOST"], port=sd["PORT"], user=sd["USER"], dbname="postgres", autocommit=True
+    )
     with psycopg.connect(**admin) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{dbname}"')

@@ -1,0 +1,31 @@
+"""Exceptions a borrower can see. Both subclass Django's ``OperationalError``, so code that
+already catches database errors keeps working; the middleware turns them into HTTP 503."""
+
+from __future__ import annotations
+
+from django.db.utils import OperationalError
+
+
+class PoolError(OperationalError):
+    """No connection could be borrowed from the pool of ``alias``."""
+
+    #: Seconds a client should wait before retrying (the ``Retry-After`` of the 503).
+    retry_after = 1
+
+    def __init__(self, message: str, *, alias: str, state: str = "") -> None:
+        super().__init__(message)
+        self.alias = alias
+        #: The pool's state when it failed, for logs: size, idle, in use, waiting.
+        self.state = state
+
+
+class PoolExhausted(PoolError):
+    """Every connection is in use and none came back within the pool's ``timeout``, or the
+    queue of waiting borrowers is full (``max_waiting``)."""
+
+
+class DatabaseUnavailable(PoolError):
+    """The database cannot be reached: new connections fail, or the borrowed one was lost.
+    ``__cause__`` holds the error from the server or the network."""
+
+    retry_after = 5

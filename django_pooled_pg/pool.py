@@ -1,0 +1,133 @@
+"""The pool of one alias: psycopg_pool's ``ConnectionPool`` plus what a borrower needs to fail
+well, which psycopg_pool alone cannot tell.
+
+When every connection is busy, psycopg_pool waits out the whole ``timeout`` and raises
+``PoolTimeout``. When the *server* is down it does the same, and the reason (connection refused,
+bad password) only reaches its log. :class:`Pool` remembers the outcome of its last connection
+attempt (:class:`ConnectionHealth`), so a borrower facing a failing server gives up within a
+connect attempt's time with :class:`~django_pooled_pg.errors.DatabaseUnavailable` naming the
+cause, and a borrower facing a busy pool gets
+:class:`~django_pooled_pg.errors.PoolExhausted` with the pool's state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from psycopg import Connection
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+
+from .errors import DatabaseUnavailable, PoolError, PoolExhausted
+from .settings import PoolSettings
+
+
+class ConnectionHealth:
+    """The outcome of the pool's most recent attempts to open a connection."""
+
+    def __init__(self) -> None:
+        self.last_error: BaseException | None = None
+        self.failed_at = 0.0
+        self.succeeded_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        """True while the latest connection attempt failed."""
+        return self.failed_at > self.succeeded_at
+
+    def failed(self, error: BaseException) -> None:
+        self.last_error = error
+        self.failed_at = time.monotonic()
+
+    def succeeded(self) -> None:
+        self.succeeded_at = time.monotonic()
+
+
+def health_tracking(base: type[Connection], health: ConnectionHealth) -> type[Connection]:
+    """A subclass of ``base`` whose ``connect()`` reports to ``health``; psycopg_pool opens
+    every connection through ``connection_class.connect``."""
+
+    class HealthTrackingConnection(base):  # type: ignore[valid-type, misc]
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except Exception as exc:
+                health.failed(exc)
+                raise
+            health.succeeded()
+            return conn
+
+    HealthTrackingConnection.__qualname__ = f"HealthTracking{base.__name__}"
+    return HealthTrackingConnection
+
+
+class Pool(ConnectionPool):
+    """A ``ConnectionPool`` for one alias, with its settings and connection health."""
+
+    def __init__(self, alias: str, settings: PoolSettings, *, connect_timeout: float, **kwargs: Any):
+        self.alias = alias
+        self.settings = settings
+        self.health = ConnectionHealth()
+        #: How long a borrower waits while the server is failing: one connect attempt.
+        self.fail_fast_timeout = max(1.0, connect_timeout)
+        self._checking = threading.Lock()
+        kwargs["connection_class"] = health_tracking(kwargs.get("connection_class", Connection), self.health)
+        super().__init__(**kwargs)
+
+    def borrow(self) -> Connection:
+        """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
+        failing = self.health.failing
+        timeout = min(self.timeout, self.fail_fast_timeout) if failing else self.timeout
+        try:
+            return self.getconn(timeout)
+        except TooManyRequests as exc:
+            raise PoolExhausted(
+                f"pool of database {self.alias!r} is exhausted: {self.max_waiting} borrowers "
+                f"already waiting (max_waiting). {self.describe()}",
+                alias=self.alias, state=self.describe(),
+            ) from exc
+        except PoolTimeout as exc:
+            raise self.timeout_error(timeout) from exc
+
+    def timeout_error(self, waited: float) -> PoolError:
+        state = self.describe()
+        if self.health.failing:
+            cause = self.health.last_error
+            error: PoolError = DatabaseUnavailable(
+                f"database {self.alias!r} is unavailable: {cause}".rstrip(),
+                alias=self.alias, state=state,
+            )
+            error.__cause__ = cause
+            return error
+        return PoolExhausted(
+            f"no connection to database {self.alias!r} within {waited:g}s: all "
+            f"{self.max_size} in use. {state}",
+            alias=self.alias, state=state,
+        )
+
+    def describe(self) -> str:
+        """The pool's state in one line, for logs and errors."""
+        stats = self.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return (
+            f"pool {self.alias!r}: size {size}/{self.max_size}, idle {idle}, in use {size - idle}, "
+            f"waiting {stats.get('requests_waiting', 0)}, timeout {self.timeout:g}s"
+        )
+
+    def check_soon(self) -> None:
+        """Check the idle connections in the background, once at a time: called when a
+        borrowed connection turned out broken, as its idle siblings probably are too."""
+        if self.closed or not self._checking.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                self.check()
+            except Exception:
+                pass
+            finally:
+                self._checking.release()
+
+        threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
