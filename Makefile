@@ -4,6 +4,8 @@ VENV_DJ52 := .venv/py311-django52
 VENV_DJ6  := .venv/py312-django6
 PYTEST_ARGS ?=
 DEMO_DATA := .pgdata-demo
+DEMO_VENV := .venv/demo
+DEMO_ARGS ?=
 DJANGO_SUITE_ARGS ?=
 
 .PHONY: test test-django52 test-django6 demo django-suite clean
@@ -22,12 +24,16 @@ $(VENV_DJ52)/.done: pyproject.toml scripts/mkvenv
 $(VENV_DJ6)/.done: pyproject.toml scripts/mkvenv
 	scripts/mkvenv $(VENV_DJ6) 3.12 "Django>=6.0,<7"
 
-demo: $(VENV_DJ6)/.done
-	$(VENV_DJ6)/bin/python testproject/demo.py --datadir $(DEMO_DATA)
+# The demo's own venv: Django 6 plus the demo extra (gunicorn, uvicorn).
+$(DEMO_VENV)/.done: pyproject.toml scripts/mkvenv
+	scripts/mkvenv $(DEMO_VENV) 3.12 "Django>=6.0,<7" -e ".[demo]"
+
+demo: $(DEMO_VENV)/.done
+	$(DEMO_VENV)/bin/python testproject/demo.py --datadir $(DEMO_DATA) $(DEMO_ARGS)
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)
 
 clean:
-	-$(VENV_DJ6)/bin/python -m testsupport.pgcluster stop --datadir $(DEMO_DATA)
+	-$(DEMO_VENV)/bin/python -m testsupport.pgcluster stop --datadir $(DEMO_DATA)
 	rm -rf .venv $(DEMO_DATA) .django-suite

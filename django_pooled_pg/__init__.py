@@ -1,8 +1,34 @@
 """django-pooled-pg: a PostgreSQL ENGINE for Django with a fork-safe, process-wide pool.
 
-Use ``"ENGINE": "django_pooled_pg"`` in ``DATABASES`` and add ``"django_pooled_pg"`` to
-``INSTALLED_APPS`` for its system checks. This module imports nothing from Django's database
-layer, so importing it is always safe.
+Use ``"ENGINE": "django_pooled_pg"`` in ``DATABASES``, add ``"django_pooled_pg"`` to
+``INSTALLED_APPS`` (system checks) and ``"django_pooled_pg.middleware.PoolMiddleware"`` first in
+``MIDDLEWARE``. The names below are the public API; they are imported on first use, so importing
+this package never touches Django's database layer.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "borrow": "api",
+    "release_connections": "api",
+    "PoolError": "errors",
+    "PoolExhausted": "errors",
+    "DatabaseUnavailable": "errors",
+    "signals": "signals",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'django_pooled_pg' has no attribute {name!r}")
+    from importlib import import_module
+
+    loaded = import_module(f"django_pooled_pg.{module}")
+    return loaded if name == module else getattr(loaded, name)

@@ -232,7 +232,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.closed_in_transaction = False
         self.errors_occurred = False
 
-        if ledger.orphans:
+        if not ledger.orphans.empty():
             ledger.reclaim_orphans()  # slots of threads that ended without closing
         started = time.monotonic()
         try:

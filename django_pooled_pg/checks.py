@@ -10,11 +10,12 @@ import importlib.util
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .settings import find_problems
 
 ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
+MIDDLEWARE = "django_pooled_pg.middleware.PoolMiddleware"
 
 
 def pooled_aliases() -> dict[str, dict[str, Any]]:
@@ -42,3 +43,27 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 f"{problem.setting} {problem.message}", hint=problem.fix, id=problem.id
             ))
     return errors
+
+
+@register()
+def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The middleware gives connections back and turns pool errors into 503s; it must run
+    around everything else, so that no other middleware queries after it has given back."""
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    if not pooled_aliases() or not middleware:
+        return []
+    if MIDDLEWARE not in middleware:
+        return [Warning(
+            f"{MIDDLEWARE} is not in MIDDLEWARE: connections are given back only by Django's "
+            "end-of-request handler, and pool exhaustion shows as HTTP 500.",
+            hint=f'Put "{MIDDLEWARE}" first in MIDDLEWARE.',
+            id="django_pooled_pg.W001",
+        )]
+    if middleware[0] != MIDDLEWARE:
+        return [Warning(
+            f"{MIDDLEWARE} is not the first entry of MIDDLEWARE: middleware listed before it "
+            f"({middleware[0]}) runs after the connection was given back and borrows again.",
+            hint=f'Move "{MIDDLEWARE}" to the top of MIDDLEWARE.',
+            id="django_pooled_pg.W002",
+        )]
+    return []

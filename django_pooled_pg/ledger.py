@@ -5,8 +5,8 @@ this package:
 
 * gives back a connection whose thread ended without ``connection.close()``: a per-thread
   :class:`ThreadHolder` lives in the thread's local storage, so Python drops it the moment the
-  thread ends, and its ``__del__`` hands the thread's borrows to the next borrower (or the
-  watchdog) to return. Django's own pool loses such a slot forever;
+  thread ends, and its ``__del__`` queues the thread's borrows for a reaper thread to return
+  (``SimpleQueue.put`` is safe in ``__del__``). Django's own pool loses such a slot forever;
 * reports a connection held longer than ``leak_timeout``, once, with the stack that borrowed it
   (captured only when ``leak_timeout`` is set: about 5 us per borrow);
 * knows, per alias, what is in use right now.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import queue
 import sys
 import threading
 import time
@@ -83,7 +84,7 @@ class ThreadHolder:
         held = self.ledger.borrows
         for borrow in self.borrows:
             if held.get(id(borrow.conn)) is borrow:
-                self.ledger.orphans.append(borrow)
+                self.ledger.orphans.put(borrow)
 
 
 @dataclass
@@ -104,10 +105,11 @@ class BorrowLedger:
         #: id(psycopg connection) -> its current borrow.
         self.borrows: dict[int, Borrow] = {}
         #: Borrows of threads that ended; returned by :meth:`reclaim_orphans`.
-        self.orphans: list[Borrow] = []
+        self.orphans: queue.SimpleQueue[Borrow] = queue.SimpleQueue()
         self.counters: dict[str, Counters] = {}
         self._local = threading.local()
         self._watchdog: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
         self._watch_interval = 1.0
 
     def counters_for(self, alias: str) -> Counters:
@@ -130,6 +132,8 @@ class BorrowLedger:
             holder = self._local.__dict__.get("holder")
             if holder is None:
                 holder = self._local.holder = ThreadHolder(self)
+                if self._reaper is None:
+                    self._start_reaper()
             holder.borrows.append(borrow)
         if leak_timeout:
             self._ensure_watchdog(leak_timeout)
@@ -153,33 +157,49 @@ class BorrowLedger:
 
     def reclaim_orphans(self) -> int:
         """Return the connections of threads that ended without giving them back."""
+        count = 0
+        while True:
+            try:
+                borrow = self.orphans.get_nowait()
+            except queue.Empty:
+                return count
+            count += self._reclaim(borrow)
+
+    def _reclaim(self, borrow: Borrow) -> int:
         from .release import release_connection
 
-        count = 0
-        while self.orphans:
-            try:
-                borrow = self.orphans.pop()
-            except IndexError:
-                break
-            if self.borrows.get(id(borrow.conn)) is not borrow:
-                continue
-            del self.borrows[id(borrow.conn)]
-            outcome = release_connection(borrow.pool, borrow.conn)
-            counters = self.counters_for(borrow.alias)
-            counters.reclaimed += 1
-            counters.rollbacks += outcome.rolled_back
-            count += 1
-            logger.warning(
-                "thread %r ended holding a connection to database %r%s without closing it; "
-                "it was returned to the pool%s",
-                borrow.thread.name, borrow.alias,
-                f" (view {borrow.view})" if borrow.view else "",
-                " after a rollback" if outcome.rolled_back else "",
-            )
-            signals.connection_reclaimed.send(
-                sender=self.__class__, alias=borrow.alias, thread=borrow.thread.name
-            )
-        return count
+        if self.borrows.get(id(borrow.conn)) is not borrow:
+            return 0
+        del self.borrows[id(borrow.conn)]
+        outcome = release_connection(borrow.pool, borrow.conn)
+        counters = self.counters_for(borrow.alias)
+        counters.reclaimed += 1
+        counters.rollbacks += outcome.rolled_back
+        logger.warning(
+            "thread %r ended holding a connection to database %r%s without closing it; "
+            "it was returned to the pool%s",
+            borrow.thread.name, borrow.alias,
+            f" (view {borrow.view})" if borrow.view else "",
+            " after a rollback" if outcome.rolled_back else "",
+        )
+        signals.connection_reclaimed.send(
+            sender=self.__class__, alias=borrow.alias, thread=borrow.thread.name
+        )
+        return 1
+
+    def _start_reaper(self) -> None:
+        orphans = self.orphans
+
+        def reap() -> None:
+            while self.orphans is orphans:  # a new queue after fork: this reaper is the parent's
+                borrow = orphans.get()
+                try:
+                    self._reclaim(borrow)
+                except Exception:
+                    logger.exception("could not return the connection of an ended thread")
+
+        self._reaper = threading.Thread(target=reap, name="django_pooled_pg-reaper", daemon=True)
+        self._reaper.start()
 
     # ----- Leak detection -----------------------------------------------------------------------
 
@@ -228,7 +248,8 @@ class BorrowLedger:
     def after_fork_in_child(self) -> None:
         """The parent's borrows are not this process's to return or report."""
         self.borrows = {}
-        self.orphans = []
+        self.orphans = queue.SimpleQueue()
+        self._reaper = None
         self.counters = {}
         self._local = threading.local()
         self._watchdog = None

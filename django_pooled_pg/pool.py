@@ -78,10 +78,17 @@ class Pool(ConnectionPool):
 
     def borrow(self) -> Connection:
         """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
-        failing = self.health.failing
-        timeout = min(self.timeout, self.fail_fast_timeout) if failing else self.timeout
+        # Wait in slices of one connect attempt, so that a server that starts failing while we
+        # wait (a fresh pool, a restart) fails this borrower now rather than at the timeout.
+        deadline = time.monotonic() + self.timeout
         try:
-            return self.getconn(timeout)
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    return self.getconn(min(remaining, self.fail_fast_timeout))
+                except PoolTimeout:
+                    if self.health.failing or remaining <= self.fail_fast_timeout:
+                        raise
         except TooManyRequests as exc:
             raise PoolExhausted(
                 f"pool of database {self.alias!r} is exhausted: {self.max_waiting} borrowers "
@@ -89,7 +96,7 @@ class Pool(ConnectionPool):
                 alias=self.alias, state=self.describe(),
             ) from exc
         except PoolTimeout as exc:
-            raise self.timeout_error(timeout) from exc
+            raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
 
     def timeout_error(self, waited: float) -> PoolError:
         state = self.describe()

@@ -31,6 +31,26 @@ def superuser():
     conn.close()
 
 
+@pytest.fixture
+def pool_options():
+    """Give the default alias other pool options for one test; its next query makes a new pool.
+
+    The settings dict is shared by every thread's connection object, so the new pool is the one
+    all threads (and test clients) use.
+    """
+    wrapper = connections["default"]
+    saved = wrapper.settings_dict["OPTIONS"]
+
+    def apply(**pool):
+        wrapper.close()
+        wrapper.settings_dict["OPTIONS"] = {**saved, "pool": pool}
+
+    yield apply
+    wrapper.close()
+    wrapper.settings_dict["OPTIONS"] = saved
+    wrapper.close_pool()
+
+
 def pool_in_use(alias: str = "default") -> int:
     """Connections of ``alias``'s pool that are borrowed right now (0 if it has no pool).
 

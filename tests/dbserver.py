@@ -24,6 +24,8 @@ def cluster() -> PgCluster | None:
 
 def database_settings(name: str) -> dict:
     """A DATABASES entry for database ``name`` on the test server, with this ENGINE."""
+    # A server process started by a test serves the test database the test run created.
+    name = os.environ.get(f"POOLED_PG_DB_{name.upper()}", name)
     url = os.environ.get("DATABASE_URL")
     if url:
         parts = urlparse(url)

@@ -13,5 +13,10 @@ INSTALLED_APPS = [
     "django_pooled_pg",
     "tests.app",
 ]
+MIDDLEWARE = [
+    "django_pooled_pg.middleware.PoolMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+ROOT_URLCONF = "tests.app.urls"
+ALLOWED_HOSTS = ["*"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-LOGGING_CONFIG = None

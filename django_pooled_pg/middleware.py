@@ -1,0 +1,135 @@
+"""``PoolMiddleware``: every request gives its connections back, and a pool that cannot serve
+answers HTTP 503 quickly instead of a 500 after a long wait.
+
+Put it first in ``MIDDLEWARE`` so that it runs after every other middleware is done::
+
+    MIDDLEWARE = ["django_pooled_pg.middleware.PoolMiddleware", *MIDDLEWARE]
+
+It works for sync and async views, under WSGI and ASGI. Connections are given back on the thread
+that used them: after the response for plain responses, when the response is closed for
+streaming ones (``StreamingHttpResponse``, ``FileResponse``), which Django does on the thread or
+sync context that iterated it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.db import connections
+from django.db.utils import InterfaceError, OperationalError
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+
+from .api import release_connections
+from .errors import DatabaseUnavailable, PoolError
+from .ledger import current_view
+
+logger = logging.getLogger("django_pooled_pg")
+
+
+def service_unavailable(error: PoolError) -> HttpResponse:
+    response = HttpResponse(
+        "Service temporarily unavailable: the database is busy or unreachable. Try again shortly.\n",
+        status=503, content_type="text/plain; charset=utf-8",
+    )
+    response["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
+    """A DatabaseUnavailable for ``exc`` if it came from a connection that is now broken (the
+    server restarted or went away mid-request), else None."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return None
+    for wrapper in connections.all(initialized_only=True):
+        conn = wrapper.connection
+        if getattr(wrapper, "_borrowed_from", None) is not None and conn is not None and conn.closed:
+            error = DatabaseUnavailable(
+                f"lost the connection to database {wrapper.alias!r}: {exc}", alias=wrapper.alias
+            )
+            error.__cause__ = exc
+            return error
+    return None
+
+
+class PoolMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        from .base import pool_error
+
+        token = pool_error.set(None)
+        view_token = current_view.set(request.path)
+        try:
+            response = self.get_response(request)
+            response = self.finish(request, response, pool_error.get())
+        finally:
+            current_view.reset(view_token)
+            pool_error.reset(token)
+        if getattr(response, "streaming", False):
+            # Given back when the server closes the response, after the last chunk.
+            response._resource_closers.append(lambda: release_connections(self.view_name(request)))
+        else:
+            release_connections(self.view_name(request))
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        from .base import pool_error
+
+        token = pool_error.set(None)
+        view_token = current_view.set(request.path)
+        try:
+            response = await self.get_response(request)
+            response = self.finish(request, response, pool_error.get())
+        finally:
+            current_view.reset(view_token)
+            pool_error.reset(token)
+        view = self.view_name(request)
+        if getattr(response, "streaming", False):
+            response._resource_closers.append(lambda: release_connections(view))
+        else:
+            # The ORM ran on this request's thread-sensitive executor thread: give back there.
+            await sync_to_async(release_connections, thread_sensitive=True)(view)
+        return response
+
+    def process_view(self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
+        name = getattr(view_func, "__qualname__", None) or type(view_func).__qualname__
+        request._pooled_pg_view = f"{getattr(view_func, '__module__', '')}.{name}"
+        current_view.set(request._pooled_pg_view)
+        return None
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        error = exception if isinstance(exception, PoolError) else lost_connection_error(exception)
+        if error is None:
+            return None
+        self.log(request, error)
+        return service_unavailable(error)
+
+    def finish(self, request: HttpRequest, response: HttpResponseBase, error: PoolError | None) -> HttpResponseBase:
+        """A 500 caused by a pool error raised outside the view (in another middleware) becomes
+        a 503 as well."""
+        if error is not None and response.status_code == 500:
+            self.log(request, error)
+            return service_unavailable(error)
+        return response
+
+    @staticmethod
+    def view_name(request: HttpRequest) -> str:
+        return getattr(request, "_pooled_pg_view", None) or request.path
+
+    def log(self, request: HttpRequest, error: PoolError) -> None:
+        cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
+        logger.warning(
+            "503 for %s %s: %s%s", request.method, request.path, error, cause,
+        )

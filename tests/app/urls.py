@@ -1,0 +1,16 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("no-db/", views.no_db),
+    path("query/", views.query),
+    path("slow/", views.slow),
+    path("stream/", views.stream),
+    path("async/", views.async_view),
+    path("left-open/", views.left_open),
+    path("atomic-left-open/", views.atomic_left_open),
+    path("fails/", views.fails),
+    path("executor/", views.executor),
+    path("pool-state/", views.pool_state),
+]

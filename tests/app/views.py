@@ -1,0 +1,76 @@
+"""Views the middleware tests request: each exercises one way a request can hold a connection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from django.db import connection, transaction
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+
+from django_pooled_pg.ledger import ledger
+
+from .models import Item
+
+
+def no_db(request):
+    return HttpResponse("no database here")
+
+
+def query(request):
+    return JsonResponse({"count": Item.objects.count()})
+
+
+def slow(request):
+    Item.objects.count()  # borrow, then hold the connection while "calling another service"
+    time.sleep(float(request.GET.get("s", "1")))
+    return JsonResponse({"ok": True})
+
+
+def stream(request):
+    def rows():
+        for i in range(3):
+            yield f"{i},{Item.objects.count()}\n"
+
+    return StreamingHttpResponse(rows(), content_type="text/csv")
+
+
+async def async_view(request):
+    count = await Item.objects.acount()
+    await Item.objects.acreate(name="from async")
+    return JsonResponse({"count": count})
+
+
+def left_open(request):
+    connection.set_autocommit(False)
+    Item.objects.create(name="never committed")
+    return HttpResponse("left a transaction open")
+
+
+def atomic_left_open(request):
+    transaction.atomic().__enter__()  # entered, never exited: a bug in the view
+    Item.objects.create(name="never committed either")
+    return HttpResponse("left an atomic block open")
+
+
+def fails(request):
+    Item.objects.count()
+    raise ValueError("the view failed")
+
+
+def executor(request):
+    """Queries in worker threads that end without closing their connections."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        counts = list(pool.map(lambda _: Item.objects.count(), range(3)))
+    return JsonResponse({"counts": counts})
+
+
+def pool_state(request):
+    """What this process's ledger holds right now (for tests against a server process)."""
+    in_use = [
+        {"alias": b.alias, "thread": b.thread.name, "view": b.view}
+        for b in list(ledger.borrows.values())
+    ]
+    counters = {alias: vars(c) for alias, c in ledger.counters.items()}
+    return JsonResponse({"in_use": in_use, "counters": counters, "threads": threading.active_count()})
