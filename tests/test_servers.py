@@ -1,0 +1,109 @@
+"""The middleware under real servers: gunicorn (gthread, --preload) and uvicorn (ASGI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from django.db import connections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def server_env() -> dict[str, str]:
+    default, other = connections["default"].settings_dict, connections["other"].settings_dict
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": f"postgresql://{default['USER']}@{default['HOST']}:{default['PORT']}/postgres",
+        "POOLED_PG_DB_POOLED_PG": default["NAME"],
+        "POOLED_PG_DB_POOLED_PG_OTHER": other["NAME"],
+    }
+
+
+@pytest.fixture(params=["gunicorn", "uvicorn"])
+def served(request):
+    pytest.importorskip(request.param)
+    port = free_port()
+    if request.param == "gunicorn":
+        command = [
+            sys.executable, "-m", "gunicorn", "tests.wsgi:application", "--preload",
+            "-k", "gthread", "--workers", "1", "--threads", "8", "-b", f"127.0.0.1:{port}",
+        ]
+        env = {**server_env(), "PRELOAD_QUERY": "1"}
+    else:
+        command = [sys.executable, "-m", "uvicorn", "tests.asgi:application", "--port", str(port)]
+        env = server_env()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if get(base + "/no-db/", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        yield request.param, base
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        print(output)  # shown by pytest when the test failed
+
+
+def test_every_request_gives_back_under_a_real_server(served, superuser):
+    kind, base = served
+    paths = ["/query/", "/async/", "/stream/", "/left-open/", "/executor/", "/fails/"] * 6
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda p: (p, get(base + p)[0]), paths))
+    for path, status in results:
+        assert status == (500 if path == "/fails/" else 200), (kind, path, status)
+    # Give the reaper a moment for the executor view's threads, then ask the server.
+    deadline = time.monotonic() + 5
+    while True:
+        state = json.loads(get(base + "/pool-state/")[1])
+        if not state["in_use"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert state["in_use"] == [], (kind, state)
+    counters = state["counters"]["default"]
+    assert counters["borrows"] >= len(paths)
+    assert counters["rollbacks"] >= 6, "every /left-open/ request was rolled back"
+    stuck = superuser.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"
+    ).fetchone()[0]
+    assert stuck == 0
+    assert superuser.execute("SELECT count(*) FROM testapp_item WHERE name LIKE 'never%%'").fetchone()[0] == 0
