@@ -243,6 +243,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._borrow = ledger.record(
             self.alias, pool, conn, owned_by_thread=self._thread_ident == threading.get_ident()
         )
+        ledger.stats_for(self.alias).wait.record(self._borrow.started - started)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self.connection = conn
@@ -264,11 +265,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
 
     def _pool_failed(self, error: PoolError) -> None:
-        counters = ledger.counters_for(self.alias)
+        stats = ledger.stats_for(self.alias)
         if isinstance(error, PoolExhausted):
-            counters.exhausted += 1
+            stats.exhausted += 1
         else:
-            counters.unavailable += 1
+            stats.unavailable += 1
         pool_error.set(error)
         signals.pool_exhausted.send(sender=type(self), alias=self.alias, error=error)
 
@@ -301,13 +302,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow = ledger.forget(conn)
         with self.wrap_database_errors:
             outcome = release_connection(pool, conn)
-        counters = ledger.counters_for(self.alias)
-        counters.rollbacks += outcome.rolled_back
-        counters.discarded += outcome.discarded
+        stats = ledger.stats_for(self.alias)
+        stats.rollbacks += outcome.rolled_back
+        stats.resets += outcome.reset
+        stats.discarded += outcome.discarded
         if borrow is not None:
+            held = time.monotonic() - borrow.started
+            stats.hold.record(held)
             signals.connection_returned.send(
-                sender=type(self), alias=self.alias, connection=self,
-                held=time.monotonic() - borrow.started, rolled_back=outcome.rolled_back,
+                sender=type(self), alias=self.alias, connection=self, held=held,
+                rolled_back=outcome.rolled_back,
             )
 
     def forget_inherited_connection(self) -> None:

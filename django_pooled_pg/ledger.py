@@ -21,10 +21,11 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import signals
+from .stats import AliasStats
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -87,36 +88,24 @@ class ThreadHolder:
                 self.ledger.orphans.put(borrow)
 
 
-@dataclass
-class Counters:
-    """Counts per alias since the process started (statistics build on these)."""
-
-    borrows: int = 0
-    rollbacks: int = 0
-    leaks: int = 0
-    reclaimed: int = 0
-    exhausted: int = 0
-    unavailable: int = 0
-    discarded: int = 0
-
-
 class BorrowLedger:
     def __init__(self) -> None:
         #: id(psycopg connection) -> its current borrow.
         self.borrows: dict[int, Borrow] = {}
         #: Borrows of threads that ended; returned by :meth:`reclaim_orphans`.
         self.orphans: queue.SimpleQueue[Borrow] = queue.SimpleQueue()
-        self.counters: dict[str, Counters] = {}
+        #: Measurements per alias since this process started.
+        self.stats: dict[str, AliasStats] = {}
         self._local = threading.local()
         self._watchdog: threading.Thread | None = None
         self._reaper: threading.Thread | None = None
         self._watch_interval = 1.0
 
-    def counters_for(self, alias: str) -> Counters:
-        counters = self.counters.get(alias)
-        if counters is None:
-            counters = self.counters.setdefault(alias, Counters())
-        return counters
+    def stats_for(self, alias: str) -> AliasStats:
+        stats = self.stats.get(alias)
+        if stats is None:
+            stats = self.stats.setdefault(alias, AliasStats())
+        return stats
 
     def record(self, alias: str, pool: Pool, conn: Connection, *, owned_by_thread: bool) -> Borrow:
         """Note a borrow. ``owned_by_thread``: the borrowing wrapper lives in this thread's
@@ -127,7 +116,7 @@ class BorrowLedger:
             capture_frames(3) if leak_timeout else None,
         )
         self.borrows[id(conn)] = borrow
-        self.counters_for(alias).borrows += 1
+        self.stats_for(alias).borrows += 1
         if owned_by_thread:
             holder = self._local.__dict__.get("holder")
             if holder is None:
@@ -172,9 +161,10 @@ class BorrowLedger:
             return 0
         del self.borrows[id(borrow.conn)]
         outcome = release_connection(borrow.pool, borrow.conn)
-        counters = self.counters_for(borrow.alias)
-        counters.reclaimed += 1
-        counters.rollbacks += outcome.rolled_back
+        stats = self.stats_for(borrow.alias)
+        stats.reclaimed += 1
+        stats.rollbacks += outcome.rolled_back
+        stats.hold.record(time.monotonic() - borrow.started)
         logger.warning(
             "thread %r ended holding a connection to database %r%s without closing it; "
             "it was returned to the pool%s",
@@ -214,7 +204,7 @@ class BorrowLedger:
             borrow.reported = True
             reported.append(borrow)
             held = now - borrow.started
-            self.counters_for(borrow.alias).leaks += 1
+            self.stats_for(borrow.alias).leaks += 1
             stack = borrow.stack()
             logger.warning(
                 "connection to database %r held for %.1fs by thread %r%s, longer than "
@@ -250,7 +240,7 @@ class BorrowLedger:
         self.borrows = {}
         self.orphans = queue.SimpleQueue()
         self._reaper = None
-        self.counters = {}
+        self.stats = {}
         self._local = threading.local()
         self._watchdog = None
 

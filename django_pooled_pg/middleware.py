@@ -24,7 +24,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from .api import release_connections
 from .errors import DatabaseUnavailable, PoolError
-from .ledger import current_view
+from .ledger import current_view, ledger
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -129,6 +129,7 @@ class PoolMiddleware:
         return getattr(request, "_pooled_pg_view", None) or request.path
 
     def log(self, request: HttpRequest, error: PoolError) -> None:
+        ledger.stats_for(error.alias).responses_503 += 1
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
         logger.warning(
             "503 for %s %s: %s%s", request.method, request.path, error, cause,

@@ -20,13 +20,16 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
+from .ledger import ledger
 from .settings import PoolSettings
+from .stats import AliasStats
 
 
 class ConnectionHealth:
     """The outcome of the pool's most recent attempts to open a connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: AliasStats) -> None:
+        self.stats = stats
         self.last_error: BaseException | None = None
         self.failed_at = 0.0
         self.succeeded_at = 0.0
@@ -39,9 +42,11 @@ class ConnectionHealth:
     def failed(self, error: BaseException) -> None:
         self.last_error = error
         self.failed_at = time.monotonic()
+        self.stats.failed += 1
 
     def succeeded(self) -> None:
         self.succeeded_at = time.monotonic()
+        self.stats.opened += 1
 
 
 def health_tracking(base: type[Connection], health: ConnectionHealth) -> type[Connection]:
@@ -69,7 +74,8 @@ class Pool(ConnectionPool):
     def __init__(self, alias: str, settings: PoolSettings, *, connect_timeout: float, **kwargs: Any):
         self.alias = alias
         self.settings = settings
-        self.health = ConnectionHealth()
+        self.stats = ledger.stats_for(alias)
+        self.health = ConnectionHealth(self.stats)
         #: How long a borrower waits while the server is failing: one connect attempt.
         self.fail_fast_timeout = max(1.0, connect_timeout)
         self._checking = threading.Lock()

@@ -22,6 +22,7 @@ logger = logging.getLogger("django_pooled_pg")
 class Outcome(NamedTuple):
     rolled_back: bool = False
     discarded: bool = False
+    reset: bool = False
 
 
 CLEAN = Outcome()
@@ -37,7 +38,7 @@ def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
     if conn.closed:
-        outcome = Outcome(outcome.rolled_back, discarded=True)
+        outcome = Outcome(outcome.rolled_back, discarded=True, reset=outcome.reset)
         check_soon = getattr(pool, "check_soon", None)
         if check_soon is not None:
             check_soon()  # its idle siblings may be as dead as it was
@@ -63,10 +64,13 @@ def clean_connection(conn: Connection) -> Outcome:
         cursors.clear()
     if not conn.autocommit:
         conn.autocommit = True
-    if getattr(conn, "_pooled_pg_changed", False):
+    reset = getattr(conn, "_pooled_pg_changed", False)
+    if reset:
         conn.execute(RESET_SQL)
         setup = getattr(conn, "_pooled_pg_setup", None)
         if setup is not None:
             setup(conn)  # a reset session is a new session: prepare it again
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
-    return Outcome(rolled_back=True) if rolled_back else CLEAN
+    if rolled_back or reset:
+        return Outcome(rolled_back=rolled_back, reset=reset)
+    return CLEAN

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def counters():
-    return ledger.counters_for("default")
+    return ledger.stats_for("default")
 
 
 def warnings_from(caplog, words: str) -> list[str]:

@@ -72,5 +72,5 @@ def pool_state(request):
         {"alias": b.alias, "thread": b.thread.name, "view": b.view}
         for b in list(ledger.borrows.values())
     ]
-    counters = {alias: vars(c) for alias, c in ledger.counters.items()}
+    counters = {alias: stats.counters() for alias, stats in ledger.stats.items()}
     return JsonResponse({"in_use": in_use, "counters": counters, "threads": threading.active_count()})

@@ -1,0 +1,133 @@
+"""Measurements of one alias's pool in this process, recorded on the borrow path.
+
+psycopg_pool's own ``*_ms`` counters add whole milliseconds per event (sub-millisecond waits add
+0) and its ``usage_ms`` stays 0 under Django, which borrows with ``getconn``/``putconn``. So wait
+and hold times are measured here, in microseconds, into :class:`Histogram`: log-linear buckets
+(8 per power of two, so a percentile is within 12.5%) that cost an ``int.bit_length()`` and a
+list increment to record, merge across processes by adding, and publish as a short sparse dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUB_BITS = 3
+SUB = 1 << SUB_BITS  # buckets per power of two
+BUCKETS = 40 * SUB  # up to 2**40 us, about 12 days
+
+
+def bucket_of(us: int) -> int:
+    """Bucket index of a value in microseconds (values below 8 us have a bucket each)."""
+    if us < SUB:
+        return max(us, 0)
+    exponent = us.bit_length() - 1  # >= SUB_BITS
+    return (exponent - SUB_BITS + 1) * SUB + ((us >> (exponent - SUB_BITS)) - SUB)
+
+
+def bucket_floor(index: int) -> int:
+    """The smallest value (us) that falls in bucket ``index``."""
+    if index < SUB:
+        return index
+    exponent = index // SUB - 1 + SUB_BITS
+    return (SUB + index % SUB) << (exponent - SUB_BITS)
+
+
+class Histogram:
+    """Counts of durations, with exact count, sum and max."""
+
+    __slots__ = ("counts", "count", "total_us", "max_us")
+
+    def __init__(self) -> None:
+        self.counts = [0] * BUCKETS
+        self.count = 0
+        self.total_us = 0
+        self.max_us = 0
+
+    def record(self, seconds: float) -> None:
+        us = int(seconds * 1_000_000)
+        self.counts[bucket_of(us) if us < 1 << 40 else BUCKETS - 1] += 1
+        self.count += 1
+        self.total_us += us
+        if us > self.max_us:
+            self.max_us = us
+
+    def percentile(self, q: float) -> float:
+        """The ``q``-th percentile (0-100) in seconds: the middle of the bucket holding it."""
+        if not self.count:
+            return 0.0
+        rank = max(1, round(q / 100 * self.count))
+        seen = 0
+        for index, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                low, high = bucket_floor(index), bucket_floor(index + 1)
+                return min((low + high) / 2, self.max_us) / 1_000_000
+        return self.max_us / 1_000_000
+
+    def summary(self) -> dict[str, float]:
+        """count, mean, p50, p95, p99, max (seconds)."""
+        mean = self.total_us / self.count / 1_000_000 if self.count else 0.0
+        return {
+            "count": self.count, "mean": mean, "p50": self.percentile(50),
+            "p95": self.percentile(95), "p99": self.percentile(99), "max": self.max_us / 1_000_000,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A compact form for publishing: only the buckets in use."""
+        return {
+            "buckets": {str(i): n for i, n in enumerate(self.counts) if n},
+            "count": self.count, "total_us": self.total_us, "max_us": self.max_us,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Histogram:
+        histogram = cls()
+        for index, n in data.get("buckets", {}).items():
+            histogram.counts[int(index)] = n
+        histogram.count = data.get("count", 0)
+        histogram.total_us = data.get("total_us", 0)
+        histogram.max_us = data.get("max_us", 0)
+        return histogram
+
+    def merge(self, other: Histogram) -> None:
+        for index, n in enumerate(other.counts):
+            if n:
+                self.counts[index] += n
+        self.count += other.count
+        self.total_us += other.total_us
+        self.max_us = max(self.max_us, other.max_us)
+
+
+@dataclass
+class AliasStats:
+    """Everything measured for one alias in this process since it started."""
+
+    borrows: int = 0
+    #: Borrowers that got PoolExhausted (timeout or max_waiting) / DatabaseUnavailable.
+    exhausted: int = 0
+    unavailable: int = 0
+    #: 503 responses the middleware gave.
+    responses_503: int = 0
+    leaks: int = 0
+    #: Connections returned for threads that ended without closing them.
+    reclaimed: int = 0
+    #: Connections rolled back when given back.
+    rollbacks: int = 0
+    #: Session resets (DISCARD ALL) when given back.
+    resets: int = 0
+    #: Connections discarded when given back (broken, or could not be cleaned).
+    discarded: int = 0
+    #: Connection attempts by the pool that succeeded / failed.
+    opened: int = 0
+    failed: int = 0
+    wait: Histogram = field(default_factory=Histogram)
+    hold: Histogram = field(default_factory=Histogram)
+
+    COUNTERS = (
+        "borrows", "exhausted", "unavailable", "responses_503", "leaks", "reclaimed",
+        "rollbacks", "resets", "discarded", "opened", "failed",
+    )
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.COUNTERS}
