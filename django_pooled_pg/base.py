@@ -240,9 +240,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         except PoolError as error:
             self._pool_failed(error)
             raise
-        self._borrow = ledger.record(
-            self.alias, pool, conn, owned_by_thread=self._thread_ident == threading.get_ident()
-        )
+        # A connection object that lives in this thread's local storage is lost when the
+        # thread ends; one shared across threads (inc_thread_sharing) is not.
+        owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
+        self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
         ledger.stats_for(self.alias).wait.record(self._borrow.started - started)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
@@ -300,19 +301,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if conn is None or self._borrow_generation != registry.generation:
             return  # borrowed by the parent process before a fork: not ours to return
         borrow = ledger.forget(conn)
+        if borrow is None:
+            return  # already given back for a thread that ended: never return twice
         with self.wrap_database_errors:
             outcome = release_connection(pool, conn)
         stats = ledger.stats_for(self.alias)
         stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
-        if borrow is not None:
-            held = time.monotonic() - borrow.started
-            stats.hold.record(held)
-            signals.connection_returned.send(
-                sender=type(self), alias=self.alias, connection=self, held=held,
-                rolled_back=outcome.rolled_back,
-            )
+        held = time.monotonic() - borrow.started
+        stats.hold.record(held)
+        signals.connection_returned.send(
+            sender=type(self), alias=self.alias, connection=self, held=held,
+            rolled_back=outcome.rolled_back,
+        )
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""
