@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "borrow": "api",
     "release_connections": "api",
+    "pinned": "api",
     "PoolError": "errors",
     "PoolExhausted": "errors",
     "DatabaseUnavailable": "errors",

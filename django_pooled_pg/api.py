@@ -42,6 +42,26 @@ def borrow(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
             release_connection_of(wrapper)
 
 
+@contextmanager
+def pinned(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
+    """Keep this thread's connection to ``alias`` for the whole block.
+
+    With ``release="transaction"`` a connection normally goes back after each statement; code
+    that needs one session across statements outside ``atomic`` (reading
+    ``connection.connection``, a raw psycopg cursor, ``pg_backend_pid()`` twice) pins it. With
+    ``release="request"`` it only borrows, like :func:`borrow` without giving back.
+    """
+    wrapper = connections[alias]
+    wrapper.ensure_connection()
+    wrapper._pins += 1
+    try:
+        yield wrapper
+    finally:
+        wrapper._pins -= 1
+        if wrapper._pins == 0 and getattr(wrapper, "_per_statement", False):
+            wrapper.release_if_unpinned()
+
+
 def release_connections(view: str | None = None) -> int:
     """Give back every connection this thread borrowed; returns how many.
 
@@ -76,5 +96,6 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
     wrapper.savepoint_ids = []
     wrapper.needs_rollback = False
     wrapper.closed_in_transaction = False
+    wrapper._pins = 0
     wrapper.close()
     wrapper.autocommit = wrapper.settings_dict["AUTOCOMMIT"]

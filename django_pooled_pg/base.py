@@ -28,6 +28,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
 from django.db.backends.signals import connection_created
+from django.db.backends.utils import CursorWrapper
 
 try:
     from django.db.backends.postgresql import base as postgresql
@@ -77,6 +78,30 @@ class Cursor(SessionTrackingMixin, postgresql.Cursor):
 
 
 class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
+    pass
+
+
+class ReleaseOnCloseMixin:
+    """With ``release="transaction"``: closing the last cursor of a connection that nothing pins
+    gives the connection back (see :meth:`DatabaseWrapper.release_if_unpinned`)."""
+
+    db: DatabaseWrapper
+    cursor: Any
+    borrow: Any
+
+    def close(self) -> None:
+        try:
+            with self.db.wrap_database_errors:
+                self.cursor.close()
+        finally:
+            self.db.cursor_closed(self)
+
+
+class ReleasingCursorWrapper(ReleaseOnCloseMixin, CursorWrapper):
+    pass
+
+
+class ReleasingCursorDebugWrapper(ReleaseOnCloseMixin, postgresql.CursorDebugWrapper):
     pass
 
 
@@ -140,6 +165,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     _borrowed_from: ConnectionPool | None = None
     #: :attr:`registry.generation` at borrow time: differs in a forked child.
     _borrow_generation: int = -1
+    #: release="transaction": give back after each statement / outermost transaction.
+    _per_statement: bool = False
+    #: Cursors open on the current borrow, and explicit pins (``pinned()``).
+    _open_cursors: int = 0
+    _pins: int = 0
 
     # ----- The pool ---------------------------------------------------------------------------
 
@@ -247,6 +277,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         ledger.stats_for(self.alias).wait.record(self._borrow.started - started)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
+        self._per_statement = False  # set below: the queries of connect() itself keep it
+        self._open_cursors = 0
         self.connection = conn
         level = self._isolation_level()
         self.isolation_level = level
@@ -261,6 +293,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             RAN_DB_VERSION_CHECK.add(self.alias)
         self.run_on_commit = []
         self._sync_postgres_types(conn)
+        self._per_statement = pool.settings.release == "transaction"
         signals.connection_borrowed.send(
             sender=type(self), alias=self.alias, connection=self, wait=self._borrow.started - started
         )
@@ -315,6 +348,54 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             sender=type(self), alias=self.alias, connection=self, held=held,
             rolled_back=outcome.rolled_back,
         )
+
+    # ----- release="transaction" ---------------------------------------------------------------
+
+    def make_cursor(self, cursor: Any) -> Any:
+        if not self._per_statement:
+            return super().make_cursor(cursor)
+        return self._count_cursor(ReleasingCursorWrapper(cursor, self))
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        if not self._per_statement:
+            return super().make_debug_cursor(cursor)
+        return self._count_cursor(ReleasingCursorDebugWrapper(cursor, self))
+
+    def _count_cursor(self, wrapped: Any) -> Any:
+        wrapped.borrow = self._borrow
+        self._open_cursors += 1
+        return wrapped
+
+    def cursor_closed(self, wrapped: Any) -> None:
+        if wrapped.borrow is not self._borrow or self._borrowed_from is None:
+            return  # a cursor of an earlier borrow, closed late
+        self._open_cursors -= 1
+        self.release_if_unpinned()
+
+    def set_autocommit(self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False) -> None:
+        super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
+        if autocommit and self._per_statement:
+            self.release_if_unpinned()  # the outermost atomic block has ended
+
+    def release_if_unpinned(self) -> None:
+        """Give the connection back now unless something still needs this session: an open
+        cursor or transaction, an atomic block, autocommit turned off, an open
+        ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed session
+        state (which pins the connection until the request ends)."""
+        conn = self.connection
+        if (
+            conn is None
+            or self._borrowed_from is None
+            or self._open_cursors > 0
+            or self._pins > 0
+            or self.in_atomic_block
+            or not self.autocommit
+            or conn._pooled_pg_changed
+            or conn.pgconn.transaction_status  # not IDLE
+            or any(not cursor.closed for cursor in conn._pooled_pg_cursors)
+        ):
+            return
+        self._close()
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""

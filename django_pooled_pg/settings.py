@@ -31,8 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "leak_timeout": None,
 }
 
-#: How a request gives its connection back. Only ``"request"`` exists so far.
-RELEASE_MODES = ("request",)
+#: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
+#: each statement / outermost transaction unless something pins it (see ``base.py``).
+RELEASE_MODES = ("request", "transaction")
 
 
 @dataclass(frozen=True)

@@ -13,4 +13,5 @@ urlpatterns = [
     path("fails/", views.fails),
     path("executor/", views.executor),
     path("pool-state/", views.pool_state),
+    path("query-wait-query/", views.query_wait_query),
 ]

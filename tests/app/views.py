@@ -74,3 +74,10 @@ def pool_state(request):
     ]
     counters = {alias: stats.counters() for alias, stats in ledger.stats.items()}
     return JsonResponse({"in_use": in_use, "counters": counters, "threads": threading.active_count()})
+
+
+def query_wait_query(request):
+    """A query, a wait on "another service", another query: what release="transaction" is for."""
+    first = Item.objects.count()
+    time.sleep(float(request.GET.get("s", "0.3")))
+    return JsonResponse({"first": first, "second": Item.objects.count()})

@@ -1,0 +1,226 @@
+"""release="transaction": the connection goes back after each statement or outermost
+transaction, unless something needs the same session."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import psycopg
+import pytest
+from django.db import connection, transaction
+from django.db.models import F, Sum
+from django.test import Client
+
+from django_pooled_pg import pinned
+from django_pooled_pg.ledger import ledger
+from tests.app.models import Account, Item
+from tests.conftest import pool_in_use
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def per_transaction(pool_options):
+    pool_options(min_size=2, max_size=4, timeout=5, release="transaction")
+
+
+def held() -> bool:
+    return connection.connection is not None
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def test_each_statement_gives_back():
+    Item.objects.create(name="a")
+    assert not held() and pool_in_use() == 0
+    assert Item.objects.count() == 1
+    assert not held() and not ledger.borrows
+
+
+def test_atomic_holds_until_the_outermost_block_ends():
+    with transaction.atomic():
+        Item.objects.create(name="a")
+        assert held()
+        with transaction.atomic():  # a savepoint
+            Item.objects.create(name="b")
+            assert held()
+        assert held()
+    assert not held() and pool_in_use() == 0
+    assert Item.objects.count() == 2
+
+
+def test_rolled_back_atomic_gives_back_nothing_committed():
+    with pytest.raises(ValueError):
+        with transaction.atomic():
+            Item.objects.create(name="a")
+            raise ValueError
+    assert not held() and Item.objects.count() == 0
+
+
+def test_savepoint_rollback_keeps_the_outer_transaction():
+    with transaction.atomic():
+        Item.objects.create(name="kept")
+        try:
+            with transaction.atomic():
+                Item.objects.create(name="rolled back")
+                raise ValueError
+        except ValueError:
+            pass
+        assert held()
+    assert list(Item.objects.values_list("name", flat=True)) == ["kept"]
+
+
+def test_durable_atomic():
+    with transaction.atomic(durable=True):
+        Item.objects.create(name="durable")
+    assert not held() and Item.objects.count() == 1
+
+
+def test_on_commit_hooks_run_after_commit_and_may_query():
+    seen = []
+    with transaction.atomic():
+        Item.objects.create(name="a")
+        transaction.on_commit(lambda: seen.append(Item.objects.count()))
+        transaction.on_commit(lambda: Item.objects.create(name="from hook"))
+        assert seen == []
+    assert seen == [1]
+    assert Item.objects.count() == 2
+    assert not held() and pool_in_use() == 0
+
+
+def test_select_for_update_holds_the_lock_until_commit(superuser):
+    account = Account.objects.create(balance=10)
+    with transaction.atomic():
+        Account.objects.select_for_update().get(pk=account.pk)
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            superuser.execute("SELECT * FROM testapp_account WHERE id = %s FOR UPDATE NOWAIT", [account.pk])
+    superuser.execute("SELECT * FROM testapp_account WHERE id = %s FOR UPDATE NOWAIT", [account.pk])
+
+
+def test_iterator_pins_until_exhausted():
+    Item.objects.bulk_create(Item(name=str(i)) for i in range(30))
+    names = []
+    for item in Item.objects.iterator(chunk_size=5):
+        assert held(), "the server-side cursor needs its session"
+        names.append(item.name)
+    assert len(names) == 30
+    assert not held() and pool_in_use() == 0
+
+
+def test_abandoned_iterator_is_closed_when_the_connection_goes_back():
+    Item.objects.bulk_create(Item(name=str(i)) for i in range(30))
+    iterator = Item.objects.iterator(chunk_size=5)
+    next(iterator)
+    assert held()
+    connection.close()  # what the end of the request does
+    assert pool_in_use() == 0
+    del iterator
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_cursors")
+        assert cursor.fetchone()[0] == 0
+
+
+PINNING = {
+    "SET": "SET work_mem = '7MB'",
+    "temp table": "CREATE TEMP TABLE pinned_scratch (id int)",
+    "advisory lock": "SELECT pg_advisory_lock(99)",
+    "LISTEN": "LISTEN pinned_channel",
+    "PREPARE": "PREPARE pinned_stmt AS SELECT 1",
+}
+
+
+@pytest.mark.parametrize("change", sorted(PINNING))
+def test_session_changes_pin_until_the_request_ends(change):
+    assert not held()
+    with connection.cursor() as cursor:
+        cursor.execute(PINNING[change])
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    assert held(), f"{change} must keep its session"
+    assert backend_pid() == pid
+    Item.objects.count()
+    assert held() and backend_pid() == pid
+    connection.close()
+    assert pool_in_use() == 0
+    with pinned():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT current_setting('work_mem'), (SELECT count(*) FROM pg_listening_channels()),"
+                           " (SELECT count(*) FROM pg_prepared_statements),"
+                           " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')")
+            assert cursor.fetchone() == ("4MB", 0, 0, 0)
+
+
+def test_pinned_keeps_one_session():
+    with pinned():
+        first = backend_pid()
+        Item.objects.count()
+        assert held() and backend_pid() == first
+    assert not held() and pool_in_use() == 0
+
+
+def test_autocommit_off_pins():
+    connection.set_autocommit(False)
+    Item.objects.create(name="a")
+    assert held()
+    connection.commit()
+    connection.set_autocommit(True)
+    assert not held()
+    assert Item.objects.count() == 1
+
+
+def test_request_does_not_hold_a_connection_while_waiting():
+    """A view that queries, waits, and queries holds no connection during the wait."""
+    in_use_during_wait = []
+
+    def watch():
+        time.sleep(0.15)
+        in_use_during_wait.append(pool_in_use())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    response = Client().get("/query-wait-query/?s=0.3")
+    watcher.join()
+    assert response.status_code == 200
+    assert in_use_during_wait == [0]
+
+
+def test_concurrent_transfers_keep_the_total():
+    accounts = Account.objects.bulk_create(Account(balance=1000) for _ in range(10))
+    ids = [a.pk for a in accounts]
+    errors = []
+
+    def transfer_many(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(40):
+                a, b = sorted(rng.sample(ids, 2))  # lock in id order: no deadlocks
+                amount = rng.randint(1, 50)
+                with transaction.atomic():
+                    rows = {x.pk: x for x in Account.objects.select_for_update().filter(pk__in=[a, b]).order_by("pk")}
+                    if rows[a].balance < amount:
+                        continue
+                    Account.objects.filter(pk=a).update(balance=F("balance") - amount)
+                    Account.objects.filter(pk=b).update(balance=F("balance") + amount)
+                    if rng.random() < 0.1:
+                        transaction.set_rollback(True)
+                Item.objects.count()  # autocommit statements in between
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=transfer_many, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert Account.objects.aggregate(total=Sum("balance"))["total"] == 10 * 1000
+    assert min(Account.objects.values_list("balance", flat=True)) >= 0
+    assert pool_in_use() == 0
