@@ -33,6 +33,7 @@ demo: $(DEMO_VENV)/.done
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)
+	scripts/django-suite --only ours --release transaction $(DJANGO_SUITE_ARGS)
 
 clean:
 	-$(DEMO_VENV)/bin/python -m testsupport.pgcluster stop --datadir $(DEMO_DATA)

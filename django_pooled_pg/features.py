@@ -37,6 +37,19 @@ POOLED_TEST_SKIPS: dict[str, set[str]] = {
 }
 
 
+#: Skipped as well with ``release="transaction"``.
+PER_STATEMENT_TEST_SKIPS: dict[str, set[str]] = {
+    'With release="transaction" the connection goes back to the pool after each statement '
+    "outside atomic, so connection.connection is None between statements; these tests keep "
+    "using the psycopg connection (or open a cursor from a mocked ensure_connection) across "
+    "statements. Code that needs one session across statements uses django_pooled_pg.pinned().": {
+        "backends.tests.ThreadTests.test_default_connection_thread_local",
+        "test_utils.tests.AssertNumQueriesUponConnectionTests."
+        "test_ignores_connection_configuration_queries",
+    },
+}
+
+
 class DatabaseFeatures(postgresql.DatabaseFeatures):
     @cached_property
     def django_test_skips(self) -> dict[str, set[str]]:
@@ -44,6 +57,10 @@ class DatabaseFeatures(postgresql.DatabaseFeatures):
         if self.connection.settings_dict["OPTIONS"].get("pool") is False:
             return skips
         skips = {**skips}
-        for reason, tests in POOLED_TEST_SKIPS.items():
+        pooled = dict(POOLED_TEST_SKIPS)
+        pool_options = self.connection.settings_dict["OPTIONS"].get("pool")
+        if isinstance(pool_options, dict) and pool_options.get("release") == "transaction":
+            pooled.update(PER_STATEMENT_TEST_SKIPS)
+        for reason, tests in pooled.items():
             skips.setdefault(reason, set()).update(tests)
         return skips
