@@ -20,6 +20,10 @@ _EXPORTS = {
     "PoolExhausted": "errors",
     "DatabaseUnavailable": "errors",
     "signals": "signals",
+    # Not "stats": django_pooled_pg.stats is the module of the per-process counters.
+    "fleet_stats": "fleet",
+    "FleetStats": "fleet",
+    "publish_now": "publisher",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from django.apps import apps
@@ -57,6 +57,7 @@ from .registry import registry
 from .release import release_connection
 from .session import changes_session, startup_options
 from .settings import read_pool_settings
+from .snapshot import application_name
 
 
 class SessionTrackingMixin:
@@ -153,6 +154,9 @@ class SessionSetup:
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
 
 
+#: Whether django.contrib.postgres is in INSTALLED_APPS, looked up once (see _sync_postgres_types).
+_contrib_postgres_installed: bool | None = None
+
 #: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
 #: have turned it into a plain 500 response before the middleware saw the exception.
 pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)
@@ -184,12 +188,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return None
         return registry.pool_for(self.alias, self.pool_fingerprint(), self._build_pool)
 
-    def pool_fingerprint(self) -> Hashable:
-        """What the pool's connections were made from; a change means a new pool."""
+    def pool_fingerprint(self) -> tuple[Any, ...]:
+        """What the pool's connections were made from; a change means a new pool. Compared by
+        value against a copy the registry keeps (so in-place edits of OPTIONS are seen)."""
         sd = self.settings_dict
         return (
             sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
-            repr(sd["OPTIONS"]), sd["CONN_HEALTH_CHECKS"], self.timezone_name, settings.USE_TZ,
+            sd["OPTIONS"], sd["CONN_HEALTH_CHECKS"], self.timezone_name, settings.USE_TZ,
         )
 
     def _build_pool(self) -> Pool:
@@ -200,6 +205,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._isolation_level()  # raises ImproperlyConfigured now rather than per borrow
         kwargs = self.get_connection_params()
         kwargs["autocommit"] = True
+        if not options.get("application_name"):
+            # Lets poolstats tell this process's connections apart in pg_stat_activity.
+            kwargs["application_name"] = application_name(self.alias)
         # Django's cursor classes, plus session tracking; a user's own factory is kept.
         if kwargs["cursor_factory"] is postgresql.Cursor:
             kwargs["cursor_factory"] = Cursor
@@ -215,8 +223,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
         pool_kwargs = dict(pool_settings.pool_kwargs)
         configure = pool_kwargs.pop("configure", None)
-        if "check" not in pool_kwargs and self.settings_dict["CONN_HEALTH_CHECKS"]:
-            pool_kwargs["check"] = ConnectionPool.check_connection
         pool_kwargs.setdefault("name", f"django_pooled_pg:{self.alias}:{os.getpid()}")
         connect_timeout = float(options.get("connect_timeout") or 0)
         return Pool(
@@ -315,10 +321,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         run); Django sends the signal on every connect, a pooled session got it once. So compare
         the OIDs this session was set up with, which costs a dict lookup when nothing changed.
         """
+        global _contrib_postgres_installed
         signals = sys.modules.get("django.contrib.postgres.signals")
         if signals is None or not apps.apps_ready:
             return
-        if not apps.is_installed("django.contrib.postgres"):
+        if _contrib_postgres_installed is None:
+            _contrib_postgres_installed = apps.is_installed("django.contrib.postgres")
+        if not _contrib_postgres_installed:
             return
         oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
         if getattr(conn, "_pooled_pg_type_oids", None) != oids:

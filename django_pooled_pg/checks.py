@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .settings import find_problems
+from .settings import find_problems, find_stats_problems
 
 ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
 MIDDLEWARE = "django_pooled_pg.middleware.PoolMiddleware"
@@ -43,6 +43,17 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 f"{problem.setting} {problem.message}", hint=problem.fix, id=problem.id
             ))
     return errors
+
+
+@register()
+def check_stats_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """``settings.POOLED_PG``: how often and where pool statistics are published."""
+    if not pooled_aliases() and getattr(settings, "POOLED_PG", None) is None:
+        return []
+    return [
+        Error(f"{p.setting} {p.message}", hint=p.fix, id=p.id)
+        for p in find_stats_problems(getattr(settings, "POOLED_PG", None), settings.DATABASES)
+    ]
 
 
 @register()

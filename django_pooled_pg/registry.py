@@ -16,11 +16,12 @@ alive so no finaliser runs); the child builds its own pools on first use.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ logger = logging.getLogger("django_pooled_pg")
 @dataclass
 class PoolEntry:
     alias: str
-    fingerprint: Hashable
+    fingerprint: Any
     pool: ConnectionPool
     pid: int = field(default_factory=os.getpid)
 
@@ -51,7 +52,7 @@ class PoolRegistry:
         self._inherited: list[Any] = []
 
     def pool_for(
-        self, alias: str, fingerprint: Hashable, build: Callable[[], ConnectionPool]
+        self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]
     ) -> ConnectionPool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
         entry = self._entries.get(alias)
@@ -60,12 +61,16 @@ class PoolRegistry:
         with self._lock:
             entry = self._entries.get(alias)
             if entry is None or entry.fingerprint != fingerprint or entry.pool.closed:
+                from .publisher import publisher
+
+                publisher.ensure_started()  # statistics for poolstats; a no-op once running
                 pool = build()  # may raise ImproperlyConfigured: leave the old pool alone then
                 if entry is not None:
                     logger.info("settings of database %r changed: replacing its pool", alias)
                     self._close_entry(entry)
                 pool.open(wait=False)
-                entry = self._entries[alias] = PoolEntry(alias, fingerprint, pool)
+                # A copy: the settings dicts may be edited in place later (tests do).
+                entry = self._entries[alias] = PoolEntry(alias, copy.deepcopy(fingerprint), pool)
         return entry.pool
 
     def get(self, alias: str) -> ConnectionPool | None:
@@ -107,6 +112,10 @@ class PoolRegistry:
         from .ledger import ledger
 
         ledger.after_fork_in_child()
+        from . import publisher, snapshot
+
+        snapshot.after_fork_in_child()
+        publisher.publisher.after_fork_in_child()
         # Django's connections of the thread that forked may hold a borrowed connection.
         if "django.db" not in sys.modules:
             return

@@ -8,6 +8,7 @@ be cleaned is closed, and the pool replaces it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import NamedTuple
 
 from psycopg import Connection
@@ -37,6 +38,7 @@ def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
+    conn._pooled_pg_returned_at = time.monotonic()  # type: ignore[attr-defined]
     if conn.closed:
         outcome = Outcome(outcome.rolled_back, discarded=True, reset=outcome.reset)
         check_soon = getattr(pool, "check_soon", None)

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 2,
     "release": "request",
     "leak_timeout": None,
+    "ping_after": 1.0,
 }
 
 #: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
@@ -90,6 +91,10 @@ PSYCOPG_POOL_OPTIONS: dict[str, OptionSpec] = {
 
 OWN_OPTIONS: dict[str, OptionSpec] = {
     "release": OptionSpec(lambda v: v in RELEASE_MODES, " or ".join(map(repr, RELEASE_MODES))),
+    "ping_after": OptionSpec(
+        lambda v: v is None or _number(0, strict=False).check(v),
+        "None or a number of seconds >= 0",
+    ),
     "leak_timeout": OptionSpec(
         lambda v: v is None or (_number(0).check(v)), "None or a number greater than 0 (seconds)"
     ),
@@ -127,6 +132,8 @@ class PoolSettings:
     release: str = "request"
     #: Seconds after which a borrowed connection is reported as leaked; None: never.
     leak_timeout: float | None = None
+    #: A connection idle longer than this many seconds is pinged before it is handed out.
+    ping_after: float | None = 1.0
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:
@@ -219,4 +226,104 @@ def read_pool_settings(alias: str, settings_dict: Mapping[str, Any]) -> PoolSett
         # psycopg_pool's rule (and so Django's): max_size defaults to min_size.
         merged["max_size"] = max(given["min_size"], 1)
     own = {key: merged.pop(key) for key in OWN_OPTIONS}
+    if settings_dict.get("CONN_HEALTH_CHECKS") and "ping_after" not in given:
+        own["ping_after"] = 0.0  # Django's health checks test every new request's connection
     return PoolSettings(enabled=True, pool_kwargs=merged, **own)
+
+
+# ----- Fleet statistics: settings.POOLED_PG ------------------------------------------------------
+
+#: ``settings.POOLED_PG`` keys, their defaults and meaning. ``STALE_AFTER`` defaults to three
+#: intervals. ``STATS_INTERVAL`` None or 0 turns publishing off (``poolstats`` still reads).
+STATS_DEFAULTS: dict[str, Any] = {
+    "STATS_INTERVAL": 5.0,  # seconds between two publications of this process's snapshot
+    "STATS_DATABASE": "default",  # alias whose database holds the snapshot table
+    "STALE_AFTER": None,  # seconds without a publication before a row is shown stale
+    "PRUNE_AFTER": 300.0,  # seconds without a publication before a row is deleted
+    "PUBLISH_TIMEOUT": 0.5,  # seconds a publication may wait for a connection / run its SQL
+}
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """The validated ``settings.POOLED_PG``."""
+
+    interval: float | None
+    database: str
+    stale_after: float
+    prune_after: float
+    publish_timeout: float
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.interval)
+
+
+def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]:
+    """Every problem in ``settings.POOLED_PG`` (``raw``), for ``manage.py check`` and for use."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        return [Problem(
+            "django_pooled_pg.E010", "POOLED_PG", f"must be a dict, got {type(raw).__name__} {raw!r}.",
+            'write e.g. POOLED_PG = {"STATS_INTERVAL": 5}.',
+        )]
+    problems: list[Problem] = []
+    for key in raw:
+        if key not in STATS_DEFAULTS:
+            close = difflib.get_close_matches(str(key), STATS_DEFAULTS, n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            problems.append(Problem(
+                "django_pooled_pg.E011", f'POOLED_PG["{key}"]', "is not a POOLED_PG setting.",
+                f"{hint}Valid settings: {', '.join(STATS_DEFAULTS)}.",
+            ))
+    numbers = {
+        "STATS_INTERVAL": (_number(0, strict=False), True),
+        "STALE_AFTER": (_number(0), True),
+        "PRUNE_AFTER": (_number(0), False),
+        "PUBLISH_TIMEOUT": (_number(0), False),
+    }
+    for key, (spec, none_ok) in numbers.items():
+        if key in raw and not ((none_ok and raw[key] is None) or spec.check(raw[key])):
+            expected = f"None or {spec.expected}" if none_ok else spec.expected
+            problems.append(Problem(
+                "django_pooled_pg.E012", f'POOLED_PG["{key}"]', f"must be {expected}, got {raw[key]!r}.",
+                f'give "{key}" {expected}.',
+            ))
+    alias = raw.get("STATS_DATABASE", STATS_DEFAULTS["STATS_DATABASE"])
+    if not isinstance(alias, str) or alias not in databases:
+        problems.append(Problem(
+            "django_pooled_pg.E013", 'POOLED_PG["STATS_DATABASE"]',
+            f"is {alias!r}, which is not an alias of DATABASES.",
+            f"use one of: {', '.join(map(repr, databases))}.",
+        ))
+    elif databases[alias].get("ENGINE") not in ("django_pooled_pg", "django_pooled_pg.base"):
+        problems.append(Problem(
+            "django_pooled_pg.E014", 'POOLED_PG["STATS_DATABASE"]',
+            f"is {alias!r}, whose ENGINE is not django_pooled_pg.",
+            'name an alias with "ENGINE": "django_pooled_pg" (where this app is migrated).',
+        ))
+    return problems
+
+
+def read_stats_settings() -> StatsSettings:
+    """``settings.POOLED_PG`` validated, or :class:`ImproperlyConfigured` listing every problem."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    raw = getattr(settings, "POOLED_PG", None)
+    problems = find_stats_problems(raw, settings.DATABASES)
+    if problems:
+        raise ImproperlyConfigured("\n".join(str(p) for p in problems))
+    merged = {**STATS_DEFAULTS, **(raw or {})}
+    interval = float(merged["STATS_INTERVAL"]) if merged["STATS_INTERVAL"] else None
+    stale = merged["STALE_AFTER"]
+    if stale is None:
+        stale = 3 * (interval or STATS_DEFAULTS["STATS_INTERVAL"])
+    return StatsSettings(
+        interval=interval,
+        database=merged["STATS_DATABASE"],
+        stale_after=float(stale),
+        prune_after=float(merged["PRUNE_AFTER"]),
+        publish_timeout=float(merged["PUBLISH_TIMEOUT"]),
+    )

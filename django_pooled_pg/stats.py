@@ -121,12 +121,17 @@ class AliasStats:
     #: Connection attempts by the pool that succeeded / failed.
     opened: int = 0
     failed: int = 0
+    #: Idle connections found dead when borrowed (and replaced at once).
+    lost: int = 0
+    #: Healthy connections the pool closed while open: past max_lifetime, idle above min_size
+    #: longer than max_idle, or drained.
+    recycled: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
 
     COUNTERS = (
         "borrows", "exhausted", "unavailable", "responses_503", "leaks", "reclaimed",
-        "rollbacks", "resets", "discarded", "opened", "failed",
+        "rollbacks", "resets", "discarded", "opened", "failed", "lost", "recycled",
     )
 
     def counters(self) -> dict[str, int]:

@@ -1,0 +1,381 @@
+"""The pools of every process, on every host, and the server's side: :func:`stats`.
+
+Reads the rows the publishers write (:mod:`django_pooled_pg.publisher`), the server's
+``pg_stat_activity`` (each pooled connection's ``application_name`` is ``dpp ALIAS HOST:PID``)
+and its connection limits, and puts them together per alias: one :class:`ProcessStats` per
+process, totals with merged percentiles, the server's count of each process's connections by
+state, and a :class:`Capacity` line per server. ``manage.py poolstats`` prints it; the admin page
+shows it.
+
+Reading uses short-lived connections of its own, outside any pool (named ``dpp-poolstats``), so
+it works when the pools are saturated and takes nobody's slot. Staleness is measured on the
+server's clock, so hosts whose clocks disagree still agree on which rows are stale.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .snapshot import WATCHED, PoolSnapshot, hostname, parse_application_name
+from .stats import Histogram
+
+#: Counters summed in the totals, in display order.
+COUNTERS = (
+    "borrows", "exhausted", "unavailable", "responses_503", "leaks", "reclaimed", "rollbacks",
+    "resets", "discarded", "opened", "failed", "lost", "recycled",
+)  # fmt: skip
+STATES = ("active", "idle", "idle in transaction", "other")
+
+
+@dataclass
+class ServerView:
+    """Connections the server reports, by state, and how long the oldest has been in it."""
+
+    total: int = 0
+    by_state: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    #: Seconds the longest-running connection of each state has been in it.
+    longest: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATES, 0.0))
+
+    def add(self, state: str | None, seconds: float | None) -> None:
+        if state in ("idle in transaction", "idle in transaction (aborted)"):
+            key = "idle in transaction"
+        elif state in ("active", "idle"):
+            key = state
+        else:
+            key = "other"
+        self.total += 1
+        self.by_state[key] += 1
+        self.longest[key] = max(self.longest[key], seconds or 0.0)
+
+
+@dataclass
+class ProcessStats:
+    """One process's pool of one alias, as it last published it."""
+
+    snapshot: PoolSnapshot
+    #: Seconds since it was published (server clock) and whether that is past its stale_after.
+    age: float
+    stale: bool
+    #: Its connections as the server sees them; None when they cannot be told apart (the user
+    #: set their own application_name) or the server could not be asked.
+    server: ServerView | None = None
+
+    @property
+    def host(self) -> str:
+        return self.snapshot.host
+
+    @property
+    def pid(self) -> int:
+        return self.snapshot.pid
+
+    def since(self, counter: str) -> float | None:
+        """Seconds since ``counter`` (one of WATCHED) was last seen to grow, or None."""
+        at = self.snapshot.last_increase.get(counter, 0.0)
+        if not at:
+            return None
+        return max(0.0, self.snapshot.taken_at - at) + self.age
+
+    @property
+    def saturated(self) -> bool:
+        s = self.snapshot
+        return s.waiting > 0 or s.in_use >= s.max_size
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.snapshot
+        return {
+            "host": s.host, "pid": s.pid, "started_at": s.started_at, "taken_at": s.taken_at,
+            "age": round(self.age, 3), "stale": self.stale, "saturated": self.saturated,
+            "application_name": s.application_name,
+            "min_size": s.min_size, "max_size": s.max_size, "timeout": s.timeout,
+            "size": s.size, "idle": s.idle, "in_use": s.in_use, "waiting": s.waiting,
+            "leaked_now": s.leaked_now, "counters": dict(s.counters),
+            "wait": Histogram.from_dict(s.wait).summary(), "hold": Histogram.from_dict(s.hold).summary(),
+            "server": asdict(self.server) if self.server is not None else None,
+        }  # fmt: skip
+
+
+@dataclass
+class AliasFleet:
+    """Every process's pool of one alias, and their sum."""
+
+    alias: str
+    database: str
+    server: str
+    processes: list[ProcessStats] = field(default_factory=list)
+    #: Sum over live (not stale) processes.
+    size: int = 0
+    idle: int = 0
+    in_use: int = 0
+    waiting: int = 0
+    max_size: int = 0
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    wait: Histogram = field(default_factory=Histogram)
+    hold: Histogram = field(default_factory=Histogram)
+    #: The server's view of every pooled connection of this alias, of live processes or not.
+    server_view: ServerView | None = None
+    #: Pooled connections of this alias whose process publishes no row (a process with
+    #: publishing off, or one that has not published yet), by "host:pid".
+    unpublished: dict[str, int] = field(default_factory=dict)
+    #: False when the pools' connections carry the user's application_name: the server view is
+    #: then per alias only.
+    split_by_process: bool = True
+
+    @property
+    def live(self) -> list[ProcessStats]:
+        return [p for p in self.processes if not p.stale]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alias": self.alias, "database": self.database, "server": self.server,
+            "processes": [p.to_dict() for p in self.processes],
+            "total": {
+                "processes": len(self.live), "size": self.size, "idle": self.idle,
+                "in_use": self.in_use, "waiting": self.waiting, "max_size": self.max_size,
+                "counters": dict(self.counters),
+                "wait": self.wait.summary(), "hold": self.hold.summary(),
+            },
+            "server_view": asdict(self.server_view) if self.server_view is not None else None,
+            "unpublished": dict(self.unpublished),
+            "split_by_process": self.split_by_process,
+        }  # fmt: skip
+
+
+@dataclass
+class Capacity:
+    """Can every live process open every connection its pools allow on this server?"""
+
+    server: str
+    max_connections: int
+    superuser_reserved: int
+    reserved: int
+    #: Sum of max_size over every live process and alias using this server.
+    fleet_max: int
+    #: Client connections open on the server right now (every database and application).
+    connected: int
+
+    @property
+    def available(self) -> int:
+        return self.max_connections - self.superuser_reserved - self.reserved
+
+    @property
+    def over(self) -> bool:
+        return self.fleet_max > self.available
+
+    def describe(self) -> str:
+        reserved = self.superuser_reserved + self.reserved
+        line = (
+            f"capacity {self.server}: pools may open {self.fleet_max} of {self.available} "
+            f"connections (max_connections {self.max_connections} - {reserved} reserved); "
+            f"{self.connected} connected now"
+        )
+        if self.over:
+            line += (
+                f". WARNING: the fleet can exceed the server by {self.fleet_max - self.available}: "
+                "lower max_size or the number of processes, or raise max_connections"
+            )
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "available": self.available, "over": self.over, "message": self.describe()}
+
+
+@dataclass
+class FleetStats:
+    """What :func:`stats` returns."""
+
+    taken_at: float
+    stats_database: str
+    aliases: dict[str, AliasFleet] = field(default_factory=dict)
+    capacity: list[Capacity] = field(default_factory=list)
+    #: Why something could not be read (missing table, unreachable server), in words.
+    errors: list[str] = field(default_factory=list)
+
+    def problems(self, window: float = 60.0) -> list[str]:
+        """What ``poolstats --check`` fails on, one line each: a pool saturated now, borrowers
+        that timed out (or found the database unavailable) or leaks reported within ``window``
+        seconds, connections held past leak_timeout now, a fleet over the server's capacity."""
+        found = []
+        for alias in self.aliases.values():
+            for p in alias.live:
+                s, where = p.snapshot, f"pool {alias.alias!r} of {p.host}:{p.pid}"
+                if p.saturated:
+                    found.append(
+                        f"{where} is saturated: {s.in_use}/{s.max_size} in use, {s.waiting} waiting"
+                    )
+                for counter, words in (
+                    ("exhausted", "borrowers timed out"),
+                    ("unavailable", "borrowers found the database unavailable"),
+                ):
+                    since = p.since(counter)
+                    if since is not None and since <= window:
+                        found.append(
+                            f"{where}: {words} {since:.0f}s ago ({s.counters.get(counter, 0)} in all)"
+                        )
+                since = p.since("leaks")
+                if s.leaked_now or (since is not None and since <= window):
+                    found.append(
+                        f"{where} is leaking: {s.leaked_now} connection(s) held past leak_timeout now, "
+                        f"{s.counters.get('leaks', 0)} reported in all"
+                    )
+        for capacity in self.capacity:
+            if capacity.over:
+                found.append(
+                    f"over capacity on {capacity.server}: pools may open {capacity.fleet_max} "
+                    f"connections, the server takes {capacity.available}"
+                )
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "taken_at": self.taken_at, "stats_database": self.stats_database,
+            "aliases": {name: a.to_dict() for name, a in self.aliases.items()},
+            "capacity": [c.to_dict() for c in self.capacity], "errors": list(self.errors),
+        }  # fmt: skip
+
+
+def _connect(alias: str) -> Any:
+    import psycopg
+
+    from .publisher import plain_connection_params
+
+    name = f"dpp-poolstats {hostname()}:{os.getpid()}"[:63]
+    return psycopg.connect(**plain_connection_params(alias, name, connect_timeout=5))
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+ROWS = """
+SELECT host, pid, alias, extract(epoch FROM now() - published_at)::float8, stale_after, data
+FROM django_pooled_pg_poolsnapshot {where} ORDER BY alias, host, pid
+"""
+ACTIVITY = """
+SELECT application_name, datname, state, extract(epoch FROM now() - state_change)::float8
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+"""
+LIMITS = """
+SELECT current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int,
+       coalesce(current_setting('reserved_connections', true), '0')::int,
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int
+"""
+
+
+def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
+    """Pool statistics of every process that publishes them, for ``alias`` or every alias.
+
+    ``using``: the alias whose database holds the snapshot table (default:
+    ``POOLED_PG["STATS_DATABASE"]``). Never raises for a missing table or an unreachable
+    server: those are listed in :attr:`FleetStats.errors`.
+    """
+    import psycopg
+    from django.db import connections
+
+    from .checks import pooled_aliases
+    from .settings import read_stats_settings
+
+    using = using or read_stats_settings().database
+    fleet = FleetStats(taken_at=time.time(), stats_database=using)
+    configured = pooled_aliases()
+
+    rows: list[tuple[Any, ...]] = []
+    try:
+        with _connect(using) as conn:
+            where, params = ("WHERE alias = %s", [alias]) if alias else ("", [])
+            rows = conn.execute(ROWS.format(where=where), params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        fleet.errors.append(
+            f"no statistics table in database {using!r}: run `manage.py migrate django_pooled_pg`"
+        )
+    except psycopg.Error as exc:
+        fleet.errors.append(f"could not read statistics from database {using!r}: {_describe_error(exc)}")
+
+    for host, pid, name, age, stale_after, data in rows:
+        snap = PoolSnapshot.from_dict(data)
+        entry = fleet.aliases.get(name)
+        if entry is None:
+            entry = fleet.aliases[name] = AliasFleet(name, snap.database, snap.server)
+        process = ProcessStats(snap, age=max(age, 0.0), stale=age > stale_after)
+        entry.processes.append(process)
+        if snap.own_application_name:
+            entry.split_by_process = False
+        if process.stale:
+            continue
+        entry.size += snap.size
+        entry.idle += snap.idle
+        entry.in_use += snap.in_use
+        entry.waiting += snap.waiting
+        entry.max_size += snap.max_size
+        for counter in COUNTERS:
+            entry.counters[counter] += snap.counters.get(counter, 0)
+        entry.wait.merge(Histogram.from_dict(snap.wait))
+        entry.hold.merge(Histogram.from_dict(snap.hold))
+
+    # Aliases configured here but not (yet) published still get a server view.
+    for name, settings_dict in configured.items():
+        if (alias is None or name == alias) and name not in fleet.aliases:
+            host, port = settings_dict.get("HOST") or "localhost", settings_dict.get("PORT") or "5432"
+            fleet.aliases[name] = AliasFleet(name, str(settings_dict.get("NAME") or ""), f"{host}:{port}")
+
+    # The server's side, once per server: asked through the first alias on it we can reach.
+    limits: dict[str, tuple[int, int, int, int]] = {}
+    asked: set[str] = set()
+    for name, entry in sorted(fleet.aliases.items()):
+        if name not in connections.settings or entry.server in asked:
+            continue
+        try:
+            with _connect(name) as conn:
+                activity = conn.execute(ACTIVITY).fetchall()
+                limits[entry.server] = conn.execute(LIMITS).fetchone()
+        except psycopg.Error as exc:
+            fleet.errors.append(f"could not ask the server of {name!r} ({entry.server}): {_describe_error(exc)}")
+            continue
+        asked.add(entry.server)
+        _assign_activity(fleet, entry.server, activity)
+
+    for server, (max_conn, su_reserved, reserved, connected) in sorted(limits.items()):
+        fleet_max = sum(a.max_size for a in fleet.aliases.values() if a.server == server)
+        fleet.capacity.append(Capacity(server, max_conn, su_reserved, reserved, fleet_max, connected))
+    return fleet
+
+
+def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, ...]]) -> None:
+    """Count the server's connections per alias and process (for aliases on ``server``)."""
+    on_server = {name: a for name, a in fleet.aliases.items() if a.server == server}
+    for entry in on_server.values():
+        entry.server_view = ServerView()
+        for process in entry.processes:
+            process.server = ServerView() if entry.split_by_process else None
+    user_names = {
+        p.snapshot.application_name: entry
+        for entry in on_server.values() if not entry.split_by_process
+        for p in entry.processes
+    }  # fmt: skip
+    for app_name, datname, state, seconds in activity:
+        parsed = parse_application_name(app_name)
+        if parsed is not None:
+            name, host, pid = parsed
+            entry = on_server.get(name)
+            if entry is None or (entry.database and datname != entry.database):
+                continue
+            entry.server_view.add(state, seconds)  # type: ignore[union-attr]
+            process = next((p for p in entry.processes if p.host == host and p.pid == pid), None)
+            if process is not None and process.server is not None:
+                process.server.add(state, seconds)
+            elif process is None:
+                key = f"{host}:{pid}"
+                entry.unpublished[key] = entry.unpublished.get(key, 0) + 1
+        elif app_name in user_names and datname == user_names[app_name].database:
+            user_names[app_name].server_view.add(state, seconds)  # type: ignore[union-attr]
+
+
+#: The public name (``django_pooled_pg.fleet_stats``): ``django_pooled_pg.stats`` is a module.
+fleet_stats = stats
+
+__all__ = ["stats", "fleet_stats", "FleetStats", "AliasFleet", "ProcessStats", "ServerView", "Capacity", "WATCHED"]

@@ -1,0 +1,153 @@
+"""This process's pools, as plain data: what the publisher writes and ``poolstats`` reads.
+
+A :class:`PoolSnapshot` is one row per process and alias: the pool's size right now (from
+psycopg_pool's ``get_stats()``: size, idle, waiting; in use from the ledger), the counters this
+package records on the borrow path (:class:`~django_pooled_pg.stats.AliasStats`), psycopg_pool's
+own counts of connections lost (``connections_lost`` + ``returns_bad``), and the wait and hold
+histograms. Building one reads counters that the borrow path updates without a lock; a value may
+be one borrow behind, which is fine for statistics, and the hot path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .ledger import ledger
+from .registry import registry
+
+#: When this process started, as the publisher sees it (reset in a forked child).
+STARTED_AT = time.time()
+
+#: Counters whose recent increase ``poolstats --check`` reports: the wall-clock time of the
+#: snapshot in which each was last seen to grow, per alias.
+WATCHED = ("exhausted", "unavailable", "responses_503", "leaks")
+_last_seen: dict[tuple[str, str], tuple[int, float]] = {}
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def application_name(alias: str, pid: int | None = None, host: str | None = None) -> str:
+    """The ``application_name`` of this process's pooled connections to ``alias``: ``dpp ALIAS
+    HOST:PID``, at most 63 bytes (the server's limit) with the host shortened first."""
+    pid = os.getpid() if pid is None else pid
+    host = hostname() if host is None else host
+    head, tail = f"dpp {alias} ", f":{pid}"
+    room = 63 - len(head.encode()) - len(tail.encode())
+    short = host.encode()[: max(room, 0)].decode(errors="ignore")
+    return (head + short + tail)[:63]
+
+
+def parse_application_name(name: str | None) -> tuple[str, str, int] | None:
+    """(alias, host, pid) from an :func:`application_name`, or None for any other name."""
+    if not name or not name.startswith("dpp "):
+        return None
+    try:
+        alias, rest = name[4:].split(" ", 1)
+        host, pid = rest.rsplit(":", 1)
+        return alias, host, int(pid)
+    except ValueError:
+        return None
+
+
+@dataclass
+class PoolSnapshot:
+    """One alias's pool in one process at one moment. JSON-serialisable via :meth:`to_dict`."""
+
+    host: str
+    pid: int
+    alias: str
+    started_at: float  # epoch seconds
+    taken_at: float  # epoch seconds (this process's clock; the table also keeps the server's)
+    database: str  # NAME
+    server: str  # HOST:PORT
+    application_name: str  # of the pool's connections; "" when unknown
+    own_application_name: bool  # the user set OPTIONS["application_name"]
+    min_size: int
+    max_size: int
+    timeout: float
+    size: int
+    idle: int
+    in_use: int
+    waiting: int
+    #: Borrows held now that were reported as leaks.
+    leaked_now: int
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Epoch seconds when each of WATCHED last grew (0: never seen growing).
+    last_increase: dict[str, float] = field(default_factory=dict)
+    wait: dict[str, Any] = field(default_factory=dict)  # Histogram.to_dict()
+    hold: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoolSnapshot:
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def _server(settings_dict: dict[str, Any]) -> str:
+    host = settings_dict.get("HOST") or "localhost"
+    port = settings_dict.get("PORT") or "5432"
+    return f"{host}:{port}"
+
+
+def take(alias: str | None = None) -> list[PoolSnapshot]:
+    """Snapshots of this process's open pools (of ``alias`` only, if given)."""
+    host, pid, now = hostname(), os.getpid(), time.time()
+    held = list(ledger.borrows.values())
+    snapshots = []
+    for name, pool in sorted(registry.pools().items()):
+        if (alias is not None and name != alias) or pool.closed:
+            continue
+        stats = ledger.stats_for(name)
+        measures = pool.get_stats()
+        counters = stats.counters()
+        counters["lost"] = measures.get("connections_lost", 0) + measures.get("returns_bad", 0)
+        last_increase = {}
+        for key in WATCHED:
+            value = counters.get(key, 0)
+            previous, at = _last_seen.get((name, key), (0, 0.0))
+            if value > previous:
+                at = now
+            _last_seen[(name, key)] = (value, at)
+            last_increase[key] = at
+        kwargs = getattr(pool, "kwargs", {}) or {}
+        settings_dict = _settings_dict(name)
+        app_name = str(kwargs.get("application_name") or "")
+        in_alias = [b for b in held if b.alias == name]
+        snapshots.append(PoolSnapshot(
+            host=host, pid=pid, alias=name, started_at=STARTED_AT, taken_at=now,
+            database=str(settings_dict.get("NAME") or kwargs.get("dbname") or ""),
+            server=_server(settings_dict),
+            application_name=app_name,
+            own_application_name=parse_application_name(app_name) is None,
+            min_size=pool.min_size, max_size=pool.max_size, timeout=pool.timeout,
+            size=measures.get("pool_size", 0), idle=measures.get("pool_available", 0),
+            in_use=len(in_alias), waiting=measures.get("requests_waiting", 0),
+            leaked_now=sum(1 for b in in_alias if b.reported),
+            counters=counters, last_increase=last_increase,
+            wait=stats.wait.to_dict(), hold=stats.hold.to_dict(),
+        ))  # fmt: skip
+    return snapshots
+
+
+def _settings_dict(alias: str) -> dict[str, Any]:
+    try:
+        from django.db import connections
+
+        return connections.settings[alias]
+    except Exception:  # an alias gone from settings (override_settings ended)
+        return {}
+
+
+def after_fork_in_child() -> None:
+    global STARTED_AT
+    STARTED_AT = time.time()
+    _last_seen.clear()
