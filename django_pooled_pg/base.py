@@ -120,15 +120,20 @@ class SessionSetup:
         settings_dict: dict[str, Any],
         alias: str,
         configure: Callable[[Connection], None] | None,
+        time_zone: str | None = None,
     ) -> None:
         self.wrapper_class = wrapper_class
         self.settings_dict = settings_dict
         self.alias = alias
         self.configure = configure
+        #: Set with SET when it cannot travel in the startup packet (behind PgBouncer).
+        self.time_zone = time_zone
 
     def __call__(self, conn: Connection) -> None:
         conn._pooled_pg_setup = self  # type: ignore[attr-defined]
         conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
+        if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
+            conn.execute("SELECT set_config('TimeZone', %s, false)", [self.time_zone])
         if connection_created.has_listeners(self.wrapper_class):
             wrapper = self.wrapper_class(self.settings_dict, self.alias)
             wrapper.connection = conn
@@ -218,7 +223,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             startup["TimeZone"] = self.timezone_name
         if options.get("assume_role"):
             startup["role"] = options["assume_role"]
-        if startup:
+        set_time_zone = None
+        if pool_settings.behind_pgbouncer:
+            # PgBouncer refuses startup options; it tracks TimeZone set in the session instead
+            # and applies it to whichever server connection serves this client.
+            set_time_zone = self.timezone_name
+        elif startup:
             kwargs["options"] = startup_options(kwargs.get("options"), startup)
 
         pool_kwargs = dict(pool_settings.pool_kwargs)
@@ -231,7 +241,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             connect_timeout=connect_timeout,
             kwargs=kwargs,
             open=False,
-            configure=SessionSetup(type(self), dict(self.settings_dict), self.alias, configure),
+            configure=SessionSetup(
+                type(self), dict(self.settings_dict), self.alias, configure, set_time_zone
+            ),
             **pool_kwargs,
         )
 

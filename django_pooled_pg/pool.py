@@ -148,8 +148,12 @@ class Pool(ConnectionPool):
         state = self.describe()
         if self.health.failing:
             cause = self.health.last_error
+            hint = ""
+            if "unsupported startup parameter" in str(cause):
+                hint = (' (behind PgBouncer? set OPTIONS["pool"]["behind_pgbouncer"] = True, '
+                        "see the README)")
             error: PoolError = DatabaseUnavailable(
-                f"database {self.alias!r} is unavailable: {cause}".rstrip(),
+                f"database {self.alias!r} is unavailable: {str(cause).strip()}{hint}",
                 alias=self.alias, state=state,
             )
             error.__cause__ = cause

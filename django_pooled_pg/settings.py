@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "release": "request",
     "leak_timeout": None,
     "ping_after": 1.0,
+    "behind_pgbouncer": False,
 }
 
 #: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
@@ -91,6 +92,7 @@ PSYCOPG_POOL_OPTIONS: dict[str, OptionSpec] = {
 
 OWN_OPTIONS: dict[str, OptionSpec] = {
     "release": OptionSpec(lambda v: v in RELEASE_MODES, " or ".join(map(repr, RELEASE_MODES))),
+    "behind_pgbouncer": OptionSpec(lambda v: isinstance(v, bool), "True or False"),
     "ping_after": OptionSpec(
         lambda v: v is None or _number(0, strict=False).check(v),
         "None or a number of seconds >= 0",
@@ -134,6 +136,8 @@ class PoolSettings:
     leak_timeout: float | None = None
     #: A connection idle longer than this many seconds is pinged before it is handed out.
     ping_after: float | None = 1.0
+    #: Connections go through PgBouncer in transaction mode: no startup options.
+    behind_pgbouncer: bool = False
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:
@@ -193,6 +197,9 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
                 f'give "{key}" {spec.expected}.',
             ))
 
+    if raw.get("behind_pgbouncer") is True:
+        problems += pgbouncer_problems(alias, settings_dict)
+
     min_size = raw.get("min_size", DEFAULTS["min_size"])
     max_size = raw.get("max_size")
     if (
@@ -205,6 +212,35 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
             "django_pooled_pg.E006", _pool_setting(alias, "min_size"),
             f"is {min_size}, larger than max_size {max_size}.",
             "make min_size <= max_size.",
+        ))
+    return problems
+
+
+def pgbouncer_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]:
+    """What PgBouncer's transaction mode cannot carry: each transaction may run on another server
+    connection, so nothing may live in the session between transactions."""
+    problems = []
+    options = settings_dict.get("OPTIONS") or {}
+    if not settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+        problems.append(Problem(
+            "django_pooled_pg.E020", f'DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"]',
+            "must be True behind PgBouncer in transaction mode: QuerySet.iterator()'s server-side "
+            "cursor outlives its transaction, and the next one may run on another server connection.",
+            f'set DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"] = True.',
+        ))
+    if options.get("assume_role"):
+        problems.append(Problem(
+            "django_pooled_pg.E021", f'DATABASES["{alias}"]["OPTIONS"]["assume_role"]',
+            "cannot be used behind PgBouncer in transaction mode: SET ROLE would stay on whichever "
+            "server connection ran it, for other clients.",
+            "connect as that role (USER), or set it in PgBouncer's database definition (user=).",
+        ))
+    if options.get("prepare_threshold") is not None:
+        problems.append(Problem(
+            "django_pooled_pg.E022", f'DATABASES["{alias}"]["OPTIONS"]["prepare_threshold"]',
+            "must be unset (None) behind PgBouncer in transaction mode: a statement prepared on "
+            "one server connection does not exist on the next.",
+            '"prepare_threshold": None, as Django\'s default.',
         ))
     return problems
 
