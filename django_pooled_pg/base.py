@@ -50,6 +50,7 @@ from psycopg_pool import ConnectionPool
 
 from . import signals
 from .errors import PoolError, PoolExhausted
+from .creation import DatabaseCreation
 from .features import DatabaseFeatures
 from .ledger import ledger
 from .pool import Pool
@@ -168,6 +169,7 @@ pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("p
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
+    creation_class = DatabaseCreation
     features_class = DatabaseFeatures
 
     #: The pool the current connection was borrowed from; None when not borrowed.

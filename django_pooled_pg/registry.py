@@ -88,6 +88,15 @@ class PoolRegistry:
             if entry is not None:
                 self._close_entry(entry)
 
+    def close_database(self, name: str) -> None:
+        """Close every pool connected to database ``name`` (a test database and its mirrors,
+        before it is dropped or used as a template)."""
+        with self._lock:
+            for alias, entry in list(self._entries.items()):
+                if entry.fingerprint[0] == name:
+                    del self._entries[alias]
+                    self._close_entry(entry)
+
     def close_all(self) -> None:
         with self._lock:
             entries, self._entries = list(self._entries.values()), {}
@@ -112,10 +121,10 @@ class PoolRegistry:
         from .ledger import ledger
 
         ledger.after_fork_in_child()
-        from . import publisher, snapshot
-
-        snapshot.after_fork_in_child()
-        publisher.publisher.after_fork_in_child()
+        # Statistics: only if loaded (an import in a fork handler could wait on a parent's lock).
+        if "django_pooled_pg.publisher" in sys.modules:
+            sys.modules["django_pooled_pg.snapshot"].after_fork_in_child()
+            sys.modules["django_pooled_pg.publisher"].publisher.after_fork_in_child()
         # Django's connections of the thread that forked may hold a borrowed connection.
         if "django.db" not in sys.modules:
             return

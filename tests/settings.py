@@ -6,6 +6,8 @@ TIME_ZONE = "UTC"
 DATABASES = {
     "default": database_settings("pooled_pg"),
     "other": database_settings("pooled_pg_other"),
+    # A read replica of default (in tests, the same database: Django's TEST MIRROR).
+    "replica": {**database_settings("pooled_pg"), "TEST": {"MIRROR": "default"}},
 }
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
@@ -20,3 +22,6 @@ MIDDLEWARE = [
 ROOT_URLCONF = "tests.app.urls"
 ALLOWED_HOSTS = ["*"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Pool statistics: tests publish with django_pooled_pg.publish_now() when they need a row, so no
+# background thread writes while other tests count connections and borrows.
+POOLED_PG = {"STATS_INTERVAL": None}
