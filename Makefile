@@ -7,8 +7,10 @@ DEMO_DATA := .pgdata-demo
 DEMO_VENV := .venv/demo
 DEMO_ARGS ?=
 DJANGO_SUITE_ARGS ?=
+BENCH_VENV := .venv/bench
+BENCH_ARGS ?=
 
-.PHONY: test test-django52 test-django6 demo django-suite clean
+.PHONY: test test-django52 test-django6 demo django-suite bench clean
 
 test: test-django52 test-django6
 
@@ -30,6 +32,13 @@ $(DEMO_VENV)/.done: pyproject.toml scripts/mkvenv
 
 demo: $(DEMO_VENV)/.done
 	$(DEMO_VENV)/bin/python testproject/demo.py --datadir $(DEMO_DATA) $(DEMO_ARGS)
+
+# `make bench`: every connection mode under gunicorn + wrk; writes bench/results/ (BENCH_ARGS: options).
+$(BENCH_VENV)/.done: pyproject.toml scripts/mkvenv
+	scripts/mkvenv $(BENCH_VENV) 3.12 "Django>=6.0,<7" -e ".[bench]"
+
+bench: $(BENCH_VENV)/.done
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)

@@ -91,7 +91,9 @@ class ProcessStats:
             "application_name": s.application_name,
             "min_size": s.min_size, "max_size": s.max_size, "timeout": s.timeout,
             "size": s.size, "idle": s.idle, "in_use": s.in_use, "waiting": s.waiting,
-            "leaked_now": s.leaked_now, "counters": dict(s.counters),
+            "leaked_now": s.leaked_now,
+            "counters": {k: s.counters.get(k, 0) for k in COUNTERS},
+            "last_increase": dict(s.last_increase),
             "wait": Histogram.from_dict(s.wait).summary(), "hold": Histogram.from_dict(s.hold).summary(),
             "server": asdict(self.server) if self.server is not None else None,
         }  # fmt: skip
@@ -153,7 +155,8 @@ class Capacity:
     reserved: int
     #: Sum of max_size over every live process and alias using this server.
     fleet_max: int
-    #: Client connections open on the server right now (every database and application).
+    #: Client connections open on the server right now (every database and application), not
+    #: counting the one reading this.
     connected: int
 
     @property
@@ -263,7 +266,8 @@ LIMITS = """
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int,
        coalesce(current_setting('reserved_connections', true), '0')::int,
-       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int
 """
 
 

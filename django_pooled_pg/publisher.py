@@ -30,6 +30,7 @@ import os
 import threading
 from typing import Any
 
+from . import snapshot
 from .settings import StatsSettings, read_stats_settings
 
 logger = logging.getLogger("django_pooled_pg")
@@ -137,8 +138,6 @@ class Publisher:
 
     def publish_now(self, config: StatsSettings | None = None) -> int:
         """Write this process's snapshots now; the number of rows written (0: skipped)."""
-        from . import snapshot
-
         config = config or read_stats_settings()
         snapshots = snapshot.take()  # before taking a connection: it must not see our own
         rows = [
@@ -153,8 +152,6 @@ class Publisher:
             return
         self.stop()
         try:
-            from . import snapshot
-
             config = read_stats_settings()
             self._write(config, [], snapshot.hostname(), os.getpid(), [], prune=False, idle_only=True)
         except Exception:

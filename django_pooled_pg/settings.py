@@ -273,7 +273,7 @@ def read_pool_settings(alias: str, settings_dict: Mapping[str, Any]) -> PoolSett
 #: intervals. ``STATS_INTERVAL`` None or 0 turns publishing off (``poolstats`` still reads).
 STATS_DEFAULTS: dict[str, Any] = {
     "STATS_INTERVAL": 5.0,  # seconds between two publications of this process's snapshot
-    "STATS_DATABASE": "default",  # alias whose database holds the snapshot table
+    "STATS_DATABASE": "default",  # alias holding the table (or the first alias with this ENGINE)
     "STALE_AFTER": None,  # seconds without a publication before a row is shown stale
     "PRUNE_AFTER": 300.0,  # seconds without a publication before a row is deleted
     "PUBLISH_TIMEOUT": 0.5,  # seconds a publication may wait for a connection / run its SQL
@@ -326,7 +326,9 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
                 "django_pooled_pg.E012", f'POOLED_PG["{key}"]', f"must be {expected}, got {raw[key]!r}.",
                 f'give "{key}" {expected}.',
             ))
-    alias = raw.get("STATS_DATABASE", STATS_DEFAULTS["STATS_DATABASE"])
+    if "STATS_DATABASE" not in raw:
+        return problems  # the default picks a suitable alias (default_stats_database)
+    alias = raw["STATS_DATABASE"]
     if not isinstance(alias, str) or alias not in databases:
         problems.append(Problem(
             "django_pooled_pg.E013", 'POOLED_PG["STATS_DATABASE"]',
@@ -340,6 +342,12 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
             'name an alias with "ENGINE": "django_pooled_pg" (where this app is migrated).',
         ))
     return problems
+
+
+def default_stats_database(databases: Mapping[str, Any]) -> str:
+    """``"default"`` if it uses this ENGINE, else the first alias that does."""
+    ours = [a for a, d in databases.items() if d.get("ENGINE") in ("django_pooled_pg", "django_pooled_pg.base")]
+    return "default" if "default" in ours or not ours else ours[0]
 
 
 def read_stats_settings() -> StatsSettings:
@@ -358,7 +366,7 @@ def read_stats_settings() -> StatsSettings:
         stale = 3 * (interval or STATS_DEFAULTS["STATS_INTERVAL"])
     return StatsSettings(
         interval=interval,
-        database=merged["STATS_DATABASE"],
+        database=merged["STATS_DATABASE"] if "STATS_DATABASE" in (raw or {}) else default_stats_database(settings.DATABASES),
         stale_after=float(stale),
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),

@@ -76,7 +76,8 @@ def three(request: HttpRequest) -> JsonResponse:
 
 def slow(request: HttpRequest) -> JsonResponse:
     p = random_product()
-    time.sleep(0.05)  # stands in for a call to another service
+    # Stands in for a call to another service; ?s=SECONDS (at most 5) to hold the connection longer.
+    time.sleep(min(max(float(request.GET.get("s", "0.05")), 0.0), 5.0))
     open_orders = Order.objects.filter(status=Order.Status.NEW).count()
     return JsonResponse({"product": product_json(p) if p else None, "open_orders": open_orders})
 

@@ -66,6 +66,13 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Pool statistics (manage.py poolstats). The environment overrides them for tests.
+POOLED_PG = {
+    "STATS_INTERVAL": float(os.environ.get("POOLED_PG_STATS_INTERVAL", "5")),
+    "STALE_AFTER": float(os.environ["POOLED_PG_STALE_AFTER"]) if "POOLED_PG_STALE_AFTER" in os.environ else None,
+    "PRUNE_AFTER": float(os.environ.get("POOLED_PG_PRUNE_AFTER", "300")),
+}
+
 ROOT_URLCONF = "testproject.urls"
 WSGI_APPLICATION = "testproject.wsgi.application"
 

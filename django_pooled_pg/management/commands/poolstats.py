@@ -1,0 +1,233 @@
+"""``manage.py poolstats``: the pools of every process, on every host, and the server's view.
+
+    manage.py poolstats                   # a table per alias: a row per process, a total line
+    manage.py poolstats --database ALIAS  # one alias
+    manage.py poolstats --json            # the same data for machines (django_pooled_pg.fleet_stats)
+    manage.py poolstats --watch 2         # refresh every 2 s until Ctrl-C
+    manage.py poolstats --check           # health probe: exit 1 with a one-line reason, else 0
+
+It prints aliases, database names and HOST:PORT, never a user, a password or a connection
+string. It reads through connections of its own outside the pool, so it never shows up as a
+process of the fleet, and works while every pool is saturated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from django_pooled_pg.fleet import AliasFleet, FleetStats, ProcessStats, ServerView, fleet_stats
+from django_pooled_pg.stats import Histogram
+
+EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
+COUNTER_COLUMNS = (
+    "borrows", "exhausted", "responses_503", "leaks", "reclaimed", "rollbacks", "opened", "failed",
+    "lost", "recycled",
+)  # fmt: skip
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    if value == 0:
+        return "0"
+    if value < 1:
+        return f"{value:.3f}"
+    if value < 100:
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def timing(h: dict[str, float]) -> list[str]:
+    return [ms(h["mean"]), ms(h["p50"]), ms(h["p95"]), ms(h["p99"]), ms(h["max"])]
+
+
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Left-aligned first column, right-aligned others."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        parts = [str(cells[0]).ljust(widths[0])]
+        parts += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return (indent + "  ".join(parts)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def server_cells(view: ServerView | None) -> list[str]:
+    if view is None:
+        return ["-", "-", "-", "-"]
+    oldest = view.longest["idle in transaction"]
+    return [
+        str(view.total), str(view.by_state["active"]), str(view.by_state["idle"]),
+        f"{view.by_state['idle in transaction']}" + (f" ({duration(oldest)})" if oldest else ""),
+    ]
+
+
+def render_alias(entry: AliasFleet) -> list[str]:
+    out = [f"{entry.alias}: database {entry.database or '?'} on {entry.server}"]
+    if not entry.processes:
+        out.append("  no process has published statistics for this alias")
+    else:
+        pool_headers = [
+            "process", "age", "size", "idle", "in use", "waiting", "max",
+            "server: conns", "active", "idle", "idle in tx",
+        ]  # fmt: skip
+        count_headers = [
+            "process", "borrows", "timeouts", "503s", "leaks", "reclaimed", "rollbacks",
+            "opened", "failed", "lost", "recycled",
+        ]  # fmt: skip
+        time_headers = [
+            "process", "wait mean", "p50", "p95", "p99", "max", "hold mean", "p50", "p95", "p99", "max",
+        ]  # fmt: skip
+        pool_rows, count_rows, time_rows = [], [], []
+
+        def counters(c: dict[str, int]) -> list[str]:
+            return [str(c.get(k, 0)) for k in COUNTER_COLUMNS]
+
+        for p in entry.processes:
+            s = p.snapshot
+            label = f"{s.host}:{s.pid}"
+            if p.stale:
+                label += " STALE"
+            elif p.saturated:
+                label += " SATURATED"
+            pool_rows.append([
+                label, duration(p.age), str(s.size), str(s.idle), str(s.in_use), str(s.waiting),
+                str(s.max_size), *server_cells(p.server),
+            ])  # fmt: skip
+            count_rows.append([label, *counters(s.counters)])
+            time_rows.append([
+                label, *timing(Histogram.from_dict(s.wait).summary()), *timing(Histogram.from_dict(s.hold).summary()),
+            ])  # fmt: skip
+        total = f"total ({len(entry.live)} live)"
+        pool_rows.append([
+            total, "", str(entry.size), str(entry.idle), str(entry.in_use), str(entry.waiting),
+            str(entry.max_size), *server_cells(entry.server_view),
+        ])  # fmt: skip
+        count_rows.append([total, *counters(entry.counters)])
+        time_rows.append([total, *timing(entry.wait.summary()), *timing(entry.hold.summary())])
+        out += table(pool_headers, pool_rows)
+        out.append("")
+        out += table(count_headers, count_rows)
+        out.append("")
+        out += table(time_headers, time_rows)
+    view = entry.server_view
+    if view is not None:
+        longest = ", ".join(
+            f"longest {state} {duration(view.longest[state])}"
+            for state in ("active", "idle in transaction") if view.longest[state]
+        )  # fmt: skip
+        out.append(
+            f"  server: {view.total} pooled connections: {view.by_state['active']} active, "
+            f"{view.by_state['idle']} idle, {view.by_state['idle in transaction']} idle in transaction"
+            + (f", {view.by_state['other']} other" if view.by_state["other"] else "")
+            + (f" ({longest})" if longest else "")
+        )
+    if not entry.split_by_process:
+        out.append(
+            '  note: OPTIONS["application_name"] is set, so the server view cannot be split per '
+            "process (only per alias)"
+        )
+    if entry.unpublished:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(entry.unpublished.items()))
+        out.append(f"  pooled connections of processes that publish no statistics: {listed}")
+    return out
+
+
+def render(fleet: FleetStats) -> str:
+    when = datetime.fromtimestamp(fleet.taken_at).strftime("%Y-%m-%d %H:%M:%S")
+    processes = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
+    out = [f"poolstats {when}: {len(processes)} live process(es), statistics in database alias {fleet.stats_database!r}"]
+    for entry in fleet.aliases.values():
+        out.append("")
+        out += render_alias(entry)
+    if fleet.capacity:
+        out.append("")
+        out += [c.describe() for c in fleet.capacity]
+    for error in fleet.errors:
+        out.append(f"error: {error}")
+    out.append("")
+    out.append(
+        "times in ms (wait: for a connection; hold: borrowed); counters since each process started; "
+        "totals leave stale rows out"
+    )
+    return "\n".join(out)
+
+
+class Command(BaseCommand):
+    help = "Pool statistics of every process (every gunicorn/uvicorn worker, every host) and the server's view."
+    requires_system_checks: Any = []  # a health probe must answer even when a check fails
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--database", metavar="ALIAS", help="only this alias")
+        parser.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
+        parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+        parser.add_argument(
+            "--check", action="store_true",
+            help="exit 1 with a one-line reason when a pool is saturated, timing out or leaking, or "
+            "the fleet is over the server's capacity; 2 when statistics cannot be read; else 0",
+        )  # fmt: skip
+        parser.add_argument(
+            "--window", type=float, default=60.0, metavar="SECONDS",
+            help="with --check: how recent a timeout or leak report must be to count (default 60)",
+        )  # fmt: skip
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        alias = options["database"]
+        if alias is not None:
+            from django.db import connections
+
+            if alias not in connections.settings:
+                raise CommandError(f"no database alias {alias!r} in DATABASES")
+        if options["check"]:
+            sys.exit(self.check_fleet(alias, options["window"]))
+        watch = options["watch"]
+        if watch is not None and watch <= 0:
+            raise CommandError("--watch takes a number of seconds greater than 0")
+        try:
+            while True:
+                fleet = fleet_stats(alias)
+                if options["json"]:
+                    self.stdout.write(json.dumps(fleet.to_dict(), indent=None if watch else 2))
+                else:
+                    if watch:
+                        self.stdout.write("\x1b[H\x1b[2J", ending="")  # clear the screen, cursor home
+                    self.stdout.write(render(fleet))
+                    if watch:
+                        self.stdout.write(f"\nrefreshing every {watch:g}s; Ctrl-C to stop")
+                self.stdout.flush()
+                if not watch:
+                    return
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            self.stdout.write("")
+
+    def check_fleet(self, alias: str | None, window: float) -> int:
+        fleet = fleet_stats(alias)
+        problems = fleet.problems(window)
+        if problems:
+            more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+            self.stdout.write(f"CRITICAL: {problems[0]}{more}")
+            return EXIT_PROBLEM
+        live = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
+        if fleet.errors:
+            self.stdout.write(f"UNKNOWN: {fleet.errors[0]}")
+            return EXIT_UNKNOWN
+        self.stdout.write(
+            f"OK: {len(live)} live process(es), {len(fleet.aliases)} alias(es); no pool saturated, "
+            "timing out or leaking; within capacity"
+        )
+        return EXIT_OK
