@@ -1,4 +1,6 @@
-from django.urls import path
+import importlib.util
+
+from django.urls import include, path
 
 from . import views
 
@@ -15,3 +17,6 @@ urlpatterns = [
     path("pool-state/", views.pool_state),
     path("query-wait-query/", views.query_wait_query),
 ]
+
+if importlib.util.find_spec("prometheus_client"):  # the [prometheus] extra
+    urlpatterns.append(path("metrics/", include("django_pooled_pg.prometheus")))

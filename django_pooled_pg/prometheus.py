@@ -1,0 +1,142 @@
+"""Prometheus metrics for every process's pools: ``pip install django-pooled-pg[prometheus]``.
+
+Include the URL where your scraper looks::
+
+    urlpatterns += [path("metrics/", include("django_pooled_pg.prometheus"))]
+
+Correct under gunicorn's many processes without ``prometheus_client``'s multiprocess mode: the
+metrics come from the snapshots every process publishes (:func:`~django_pooled_pg.fleet.fleet_stats`),
+so whichever worker answers the scrape reports the whole fleet, one series per ``host`` and ``pid``
+(stale processes are left out). Values are as fresh as ``POOLED_PG["STATS_INTERVAL"]``.
+
+Wait and hold times are histograms in seconds. They are rebuilt from the package's own
+microsecond histograms (8 buckets per power of two): a duration is counted under the first
+``le`` bound at or above the top of its bucket, so a bucket boundary is accurate to 12.5%.
+The endpoint has no authentication of its own: expose it only where your scraper can reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+
+try:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+except ImportError as exc:  # pragma: no cover - depends on the extra
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "django_pooled_pg.prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'"
+    ) from exc
+
+from .fleet import AliasFleet, FleetStats, fleet_stats
+from .stats import BUCKETS, Histogram, bucket_floor
+
+PREFIX = "django_pooled_pg"
+
+#: Histogram bounds (seconds): 100 us to 30 s.
+BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: Counters of :class:`~django_pooled_pg.stats.AliasStats`: (metric name, help).
+COUNTERS = {
+    "borrows": ("borrows", "Connections borrowed from the pool."),
+    "exhausted": ("exhausted", "Borrowers that got PoolExhausted (timeout or max_waiting)."),
+    "unavailable": ("unavailable", "Borrowers that got DatabaseUnavailable."),
+    "responses_503": ("responses_503", "HTTP 503 responses given by PoolMiddleware."),
+    "leaks": ("leaks", "Connections reported as held longer than leak_timeout."),
+    "reclaimed": ("reclaimed", "Connections returned for threads that ended holding them."),
+    "rollbacks": ("rollbacks", "Connections rolled back when given back."),
+    "resets": ("session_resets", "Sessions reset (DISCARD ALL) when given back."),
+    "discarded": ("discarded", "Connections discarded when given back (broken or not cleanable)."),
+    "opened": ("connections_opened", "Connections the pool opened."),
+    "failed": ("connections_failed", "Connection attempts that failed."),
+    "lost": ("connections_lost", "Connections found dead (and replaced)."),
+    "recycled": ("connections_recycled", "Healthy connections closed for max_lifetime or max_idle."),
+}
+GAUGES = {
+    "size": "Connections in the pool (idle, in use, being opened).",
+    "idle": "Idle connections in the pool.",
+    "in_use": "Connections borrowed right now.",
+    "waiting": "Borrowers waiting for a connection.",
+    "max_size": "The pool's max_size.",
+    "min_size": "The pool's min_size.",
+}
+
+
+def histogram_buckets(data: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative ``le`` buckets and the sum (seconds) of a published histogram."""
+    histogram = Histogram.from_dict(data)
+    per_bound = [0] * (len(BOUNDS) + 1)
+    for index in range(BUCKETS):
+        n = histogram.counts[index]
+        if not n:
+            continue
+        top = bucket_floor(index + 1) / 1_000_000  # every value in the bucket is below this
+        slot = next((i for i, bound in enumerate(BOUNDS) if top <= bound), len(BOUNDS))
+        per_bound[slot] += n
+    buckets, running = [], 0
+    for bound, n in zip((*map(str, BOUNDS), "+Inf"), per_bound):
+        running += n
+        buckets.append((bound, running))
+    return buckets, histogram.total_us / 1_000_000
+
+
+class FleetCollector:
+    """A prometheus_client collector over one :class:`FleetStats`."""
+
+    def __init__(self, fleet: FleetStats) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["alias", "host", "pid"]
+        gauges = {name: GaugeMetricFamily(f"{PREFIX}_pool_{name}", text, labels=labels) for name, text in GAUGES.items()}
+        counters = {
+            key: CounterMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
+            for key, (name, text) in COUNTERS.items()
+        }
+        wait = HistogramMetricFamily(f"{PREFIX}_wait_seconds", "Time borrowers waited for a connection.", labels=labels)
+        hold = HistogramMetricFamily(f"{PREFIX}_hold_seconds", "Time borrowers held a connection.", labels=labels)
+        server = GaugeMetricFamily(f"{PREFIX}_server_connections", "Pooled connections the server reports, by state.", labels=["alias", "state"])
+        for alias in self.fleet.aliases.values():
+            self._alias(alias, gauges, counters, wait, hold, server)
+        capacity_max = GaugeMetricFamily(f"{PREFIX}_capacity_available_connections", "max_connections minus reserved slots.", labels=["server"])
+        capacity_fleet = GaugeMetricFamily(f"{PREFIX}_capacity_fleet_max_size", "Sum of max_size over live processes and aliases.", labels=["server"])
+        capacity_over = GaugeMetricFamily(f"{PREFIX}_capacity_over", "1 when the fleet can open more connections than the server takes.", labels=["server"])
+        for capacity in self.fleet.capacity:
+            capacity_max.add_metric([capacity.server], capacity.available)
+            capacity_fleet.add_metric([capacity.server], capacity.fleet_max)
+            capacity_over.add_metric([capacity.server], int(capacity.over))
+        yield from gauges.values()
+        yield from counters.values()
+        yield from (wait, hold, server, capacity_max, capacity_fleet, capacity_over)
+
+    @staticmethod
+    def _alias(alias: AliasFleet, gauges: dict, counters: dict, wait: Any, hold: Any, server: Any) -> None:
+        for process in alias.live:
+            s = process.snapshot
+            values = [alias.alias, s.host, str(s.pid)]
+            for name, family in gauges.items():
+                family.add_metric(values, getattr(s, name))
+            for key, family in counters.items():
+                family.add_metric(values, s.counters.get(key, 0))
+            for family, data in ((wait, s.wait), (hold, s.hold)):
+                buckets, total = histogram_buckets(data)
+                family.add_metric(values, buckets, total)
+        if alias.server_view is not None:
+            for state, count in alias.server_view.by_state.items():
+                server.add_metric([alias.alias, state], count)
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """The Prometheus text format of :func:`fleet_stats`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet_stats()))
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+urlpatterns = [path("", metrics, name="django_pooled_pg_metrics")]
