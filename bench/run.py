@@ -1,0 +1,815 @@
+#!/usr/bin/env python
+"""``make bench``: the demo shop under gunicorn (gthread) and wrk, in every connection mode.
+
+One run on one machine measures, for each mode and endpoint, requests per second, p50/p99
+latency, non-2xx responses and the peak number of server backends (``pg_stat_activity``, sampled
+every 100 ms during the run); then an overload case (``max_connections=20``, 4 workers x 16
+threads, 128 clients); then ``bench/micro.py`` (borrow + SELECT 1 + return, in-process). It
+writes ``bench/results/RESULTS.md``, ``bench/results/chart.png`` and the raw figures under
+``bench/results/raw/``.
+
+Modes:
+
+* ``direct``: stock backend, ``CONN_MAX_AGE=0`` (a new connection per request);
+* ``persistent``: stock backend, ``CONN_MAX_AGE=None`` (one connection per thread);
+* ``django-pool``: stock backend, Django's ``OPTIONS["pool"]``;
+* ``pooled-request`` / ``pooled-transaction``: this ENGINE, ``release="request"`` / ``"transaction"``;
+* ``pgbouncer``: stock backend, ``CONN_MAX_AGE=0``, through a local PgBouncer in transaction mode.
+
+Every pool (ours, Django's, PgBouncer's) gets the same size per worker: ``--pool-size``
+(min = max), so PgBouncer's ``default_pool_size`` is workers x pool size.
+
+    python bench/run.py [--quick] [--modes a,b] [--endpoints product,slow] [--duration 8]
+                        [--workers 2] [--threads 16] [--connections N] [--skip-overload] ...
+
+Needs wrk and pgbouncer (installed with apt-get when missing and running as root), PostgreSQL
+server binaries (see testsupport/pgcluster.py), and in this interpreter Django, this package,
+gunicorn and matplotlib (``pip install -e '.[bench]'``; ``make bench`` makes the venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+TESTPROJECT = ROOT / "testproject"
+for p in (str(ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import psycopg  # noqa: E402
+
+from testsupport.pgcluster import PgCluster, _run_user  # noqa: E402
+
+HOST = "127.0.0.1"
+DB_NAME = "shop"
+# The site connects as an ordinary role, so that PostgreSQL's superuser_reserved_connections keep
+# room for the harness's own (superuser) monitoring connections when max_connections is reached.
+DB_USER = "shop"
+ALL_MODES = ("direct", "persistent", "django-pool", "pooled-request", "pooled-transaction", "pgbouncer")
+OURS = ("pooled-request", "pooled-transaction")
+# name: (title, path; {pid} is the first product's id)
+ENDPOINTS = {
+    "product": ("Single lookup", "/shop/product/{pid}/"),
+    "three": ("Three queries", "/shop/three/"),
+    "slow": ("The 50 ms wait", "/shop/slow/"),
+    "order": ("The write (order in a transaction)", "/shop/order/"),
+}
+COLORS = {
+    "direct": "#8c8c8c", "persistent": "#1f77b4", "django-pool": "#ff7f0e",
+    "pooled-request": "#2ca02c", "pooled-transaction": "#17becf", "pgbouncer": "#9467bd",
+}  # fmt: skip
+BACKENDS_SQL = (
+    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s"
+    " AND pid <> pg_backend_pid()"
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] bench: {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# ----- Tools -------------------------------------------------------------------------------------
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.is_file()), None
+    )
+
+
+def ensure_tools(need_pgbouncer: bool) -> dict[str, str]:
+    """Paths of wrk (and pgbouncer); apt-get installs what is missing when we are root."""
+    wanted = {"wrk": "wrk"} | ({"pgbouncer": "pgbouncer"} if need_pgbouncer else {})
+    missing = [pkg for tool, pkg in wanted.items() if find_tool(tool) is None]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            raise SystemExit(f"bench: missing {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})")
+        log(f"installing {' '.join(missing)} with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    return {tool: find_tool(tool) or tool for tool in wanted}
+
+
+# ----- Modes -------------------------------------------------------------------------------------
+
+
+def database(mode: str, cluster: PgCluster, pool_size: int, pool_timeout: float, bouncer_port: int | None) -> dict:
+    """DATABASES["default"] for a mode."""
+    db: dict[str, Any] = {
+        **cluster.django_settings(DB_NAME), "USER": DB_USER, "ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": 0,
+    }  # fmt: skip
+    pool = {"min_size": pool_size, "max_size": pool_size, "timeout": pool_timeout}
+    if mode == "persistent":
+        db["CONN_MAX_AGE"] = None
+    elif mode == "django-pool":
+        db["OPTIONS"] = {"pool": pool}
+    elif mode in OURS:
+        db["ENGINE"] = "django_pooled_pg"
+        db["OPTIONS"] = {"pool": {**pool, "release": mode.removeprefix("pooled-")}}
+    elif mode == "pgbouncer":
+        db["PORT"] = str(bouncer_port)
+        db["DISABLE_SERVER_SIDE_CURSORS"] = True
+    return db
+
+
+def django_env(db: dict) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(BENCH), str(TESTPROJECT), str(ROOT)]),
+        "DJANGO_SETTINGS_MODULE": "bench_settings",
+        "BENCH_DATABASE": json.dumps(db),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+PREFLIGHT = r"""
+import sys
+from django.core.exceptions import ImproperlyConfigured
+try:
+    import django
+    django.setup()
+    from django.db import connection
+    connection.ensure_connection()
+    connection.close()
+except ImproperlyConfigured as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def preflight(env: dict[str, str]) -> str | None:
+    """None when the mode's settings work; the ImproperlyConfigured message when they don't."""
+    res = subprocess.run([sys.executable, "-c", PREFLIGHT], env=env, capture_output=True, text=True, cwd=TESTPROJECT)
+    if res.returncode == 3:
+        return res.stdout.strip() or "ImproperlyConfigured"
+    if res.returncode != 0:
+        raise RuntimeError(f"preflight failed:\n{res.stdout}{res.stderr}")
+    return None
+
+
+def _no_control_socket() -> list[str]:
+    try:
+        from gunicorn.config import KNOWN_SETTINGS
+    except ImportError:
+        return []
+    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
+
+
+class Gunicorn:
+    def __init__(self, env: dict[str, str], workers: int, threads: int, logfile: Path) -> None:
+        self.env, self.workers, self.threads, self.logfile = env, workers, threads, logfile
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
+            "--chdir", str(TESTPROJECT), "--worker-class", "gthread",
+            "--workers", str(self.workers), "--threads", str(self.threads),
+            "--bind", f"{HOST}:{self.port}", "--log-level", "warning", "--timeout", "60",
+            "--graceful-timeout", "5", *_no_control_socket(),
+        ]  # fmt: skip
+        self._log = self.logfile.open("ab")
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, cwd=TESTPROJECT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, path: str, timeout: float = 60) -> None:
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited (log: {self.logfile})")
+            try:
+                with urllib.request.urlopen(self.base + path, timeout=10) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"gunicorn not ready on {self.base}{path} within {timeout:.0f} s: {last} (log: {self.logfile})")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        self._log.close()
+
+
+class PgBouncer:
+    """A private PgBouncer (transaction pooling) in front of the cluster, run as the server's user."""
+
+    def __init__(self, binary: str, cluster: PgCluster, pool_size: int, logdir: Path) -> None:
+        self.binary, self.cluster, self.pool_size, self.logdir = binary, cluster, pool_size, logdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: Path | None = None
+
+    def start(self) -> None:
+        user = _run_user()
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-pgbouncer-", dir="/tmp"))
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"{DB_NAME} = host={self.cluster.host} port={self.cluster.port} dbname={DB_NAME} user={DB_USER}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {HOST}\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            "auth_type = any\npool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
+            "max_client_conn = 2000\nignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
+            "log_connections = 0\nlog_disconnections = 0\n"
+        )
+        if user:
+            import pwd
+
+            pw = pwd.getpwnam(user)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            os.chown(ini, pw.pw_uid, pw.pw_gid)
+        cmd = [self.binary, str(ini)]
+        if user:
+            cmd = ["runuser", "-u", user, "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     cwd="/", start_new_session=True)  # fmt: skip
+        deadline, last = time.monotonic() + 15, None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                psycopg.connect(host=HOST, port=self.port, dbname=DB_NAME, user=DB_USER, connect_timeout=3).close()
+                return
+            except psycopg.OperationalError as exc:
+                last = exc
+                time.sleep(0.1)
+        log_text = (self.dir / "pgbouncer.log").read_text(errors="replace") if (self.dir / "pgbouncer.log").exists() else ""
+        self.stop()
+        raise RuntimeError(f"pgbouncer did not start: {last}\n{log_text[-2000:]}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # pgbouncer: SIGINT = safe shutdown
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if self.dir is not None:
+            if (self.dir / "pgbouncer.log").exists():
+                shutil.copy(self.dir / "pgbouncer.log", self.logdir / f"pgbouncer-{self.port}.log")
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+# ----- Measuring ---------------------------------------------------------------------------------
+
+
+class Sampler(threading.Thread):
+    """Counts the client backends on the benchmark database every ``interval`` seconds."""
+
+    def __init__(self, cluster: PgCluster, interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.conn = psycopg.connect(cluster.url("postgres"), autocommit=True, connect_timeout=10)
+        self.interval = interval
+        self.samples: list[int] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.samples.append(int(self.conn.execute(BACKENDS_SQL, [DB_NAME]).fetchone()[0]))
+            except psycopg.Error:
+                pass
+            self._done.wait(self.interval)
+
+    def finish(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        self.conn.close()
+        s = self.samples or [0]
+        return {"peak_backends": max(s), "mean_backends": round(statistics.fmean(s), 1), "samples": len(self.samples)}
+
+
+def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int, timeout: float) -> dict[str, Any]:
+    cmd = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+           f"--timeout={timeout:g}s", "--latency", "-s", str(BENCH / "report.lua"), url]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if res.returncode != 0 or line is None:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+    data = json.loads(line.removeprefix("BENCH_JSON "))
+    seconds = data["duration_us"] / 1e6
+    statuses = {int(k): v for k, v in data["statuses"].items()}
+    lat = data["latency_us"]
+    return {
+        "rps": data["requests"] / seconds if seconds else 0.0,
+        "requests": data["requests"],
+        "seconds": seconds,
+        "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
+        "max_ms": lat["max"] / 1000, "mean_ms": lat["mean"] / 1000,
+        "statuses": statuses,
+        "non2xx": sum(n for code, n in statuses.items() if not 200 <= code < 400),
+        "socket_errors": {k: v for k, v in data["errors"].items() if k != "status"},
+        "errors": sum(v for k, v in data["errors"].items() if k != "status"),
+        "command": shlex.join(cmd),
+        "wrk_output": res.stdout,
+    }  # fmt: skip
+
+
+def backends(cluster: PgCluster) -> int:
+    return int(cluster.execute(BACKENDS_SQL, [DB_NAME])[0][0])
+
+
+def wait_no_backends(cluster: PgCluster, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := backends(cluster)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if n:
+        log(f"{n} backends still open after {timeout:g} s: terminating them")
+        cluster.terminate_backends(DB_NAME)
+
+
+def reset_data(cluster: PgCluster, last_seeded_order: int) -> None:
+    """Drop the orders earlier runs wrote, so that every mode counts the same rows."""
+    cluster.execute("DELETE FROM shop_orderline WHERE order_id > %s", [last_seeded_order], dbname=DB_NAME)
+    cluster.execute("DELETE FROM shop_order WHERE id > %s", [last_seeded_order], dbname=DB_NAME)
+    cluster.execute("VACUUM ANALYZE shop_order, shop_orderline, shop_product", dbname=DB_NAME)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, cluster: PgCluster, tools: dict[str, str], rawdir: Path) -> None:
+        self.args, self.cluster, self.tools, self.rawdir = args, cluster, tools, rawdir
+        self.pid = int(cluster.execute("SELECT min(id) FROM shop_product", dbname=DB_NAME)[0][0])
+        self.last_seeded_order = int(cluster.execute("SELECT coalesce(max(id), 0) FROM shop_order", dbname=DB_NAME)[0][0])
+
+    def path(self, endpoint: str) -> str:
+        return ENDPOINTS[endpoint][1].format(pid=self.pid)
+
+    def run_mode(self, scenario: str, mode: str, endpoints: list[str], workers: int, threads: int,
+                 connections: int) -> dict[str, Any]:  # fmt: skip
+        """{endpoint: result} for one mode, or {"unavailable": reason} / {"failed": reason}."""
+        a = self.args
+        reset_data(self.cluster, self.last_seeded_order)
+        wait_no_backends(self.cluster)
+        bouncer = None
+        server = None
+        out: dict[str, Any] = {}
+        try:
+            if mode == "pgbouncer":
+                bouncer = PgBouncer(self.tools["pgbouncer"], self.cluster, workers * a.pool_size, self.rawdir)
+                bouncer.start()
+            db = database(mode, self.cluster, a.pool_size, a.pool_timeout, bouncer.port if bouncer else None)
+            env = django_env(db)
+            if "OPTIONS" in db:  # the pool modes: settings validation may refuse them
+                if (reason := preflight(env)) is not None:
+                    log(f"{scenario}/{mode}: not available: {reason.splitlines()[0]}")
+                    return {"unavailable": reason}
+                wait_no_backends(self.cluster)
+            server = Gunicorn(env, workers, threads, self.rawdir / f"gunicorn-{scenario}-{mode}.log")
+            server.start()
+            server.wait_ready(self.path(endpoints[0]))
+            for endpoint in endpoints:
+                url = server.base + self.path(endpoint)
+                if a.warmup > 0:
+                    run_wrk(self.tools["wrk"], url, a.warmup, connections, a.wrk_threads, a.wrk_timeout)
+                sampler = Sampler(self.cluster)
+                sampler.start()
+                try:
+                    result = run_wrk(self.tools["wrk"], url, a.duration, connections, a.wrk_threads, a.wrk_timeout)
+                finally:
+                    result_backends = sampler.finish()
+                result.update(result_backends)
+                out[endpoint] = result
+                log(f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
+                    f"p99 {result['p99_ms']:.1f} ms, non-2xx {result['non2xx']}, errors {result['errors']}, "
+                    f"peak backends {result['peak_backends']}")  # fmt: skip
+        except RuntimeError as exc:
+            log(f"{scenario}/{mode}: FAILED: {exc}")
+            out["failed"] = str(exc)
+        finally:
+            if server is not None:
+                server.stop()
+            if bouncer is not None:
+                bouncer.stop()
+            wait_no_backends(self.cluster)
+        return out
+
+
+# ----- Report ------------------------------------------------------------------------------------
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Of several rounds, the run with the median requests per second."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def collapse(rounds: list[dict[str, dict]], modes: list[str], endpoints: list[str]) -> dict[str, dict]:
+    """{mode: {endpoint: result | {"unavailable"/"failed": ...}}} from every round."""
+    out: dict[str, dict] = {}
+    for mode in modes:
+        per_mode = [r[mode] for r in rounds if mode in r]
+        entry: dict[str, Any] = {}
+        for flag in ("unavailable", "failed"):
+            if any(flag in r for r in per_mode):
+                entry[flag] = next(r[flag] for r in per_mode if flag in r)
+        for endpoint in endpoints:
+            runs = [r[endpoint] for r in per_mode if endpoint in r]
+            if runs:
+                entry[endpoint] = median_run(runs) | {"rounds_rps": [round(r["rps"], 1) for r in runs]}
+        out[mode] = entry
+    return out
+
+
+def fmt_statuses(statuses: dict) -> str:
+    odd = {k: v for k, v in sorted(statuses.items(), key=lambda kv: int(kv[0])) if not 200 <= int(k) < 400}
+    return ", ".join(f"{k}: {v}" for k, v in odd.items()) or "-"
+
+
+def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = False) -> list[str]:
+    base = results.get("persistent", {}).get(endpoint)
+    head = "| mode | req/s | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if statuses:
+        head += " non-2xx statuses |"
+        sep += "---|"
+    lines = [head, sep]
+    for mode, entry in results.items():
+        r = entry.get(endpoint)
+        if r is None:
+            why = "not available" if "unavailable" in entry else "failed" if "failed" in entry else "not run"
+            lines.append(f"| {mode} | {why} | | | | | | |" + (" |" if statuses else ""))
+            continue
+        ratio = f"{r['rps'] / base['rps']:.2f}x" if base and base["rps"] else "-"
+        row = (f"| {mode} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
+               f"{r['errors']} | {r['peak_backends']} |")  # fmt: skip
+        if statuses:
+            row += f" {fmt_statuses(r['statuses'])} |"
+        lines.append(row)
+    return lines
+
+
+def targets(main: dict[str, dict], overload: dict[str, dict] | None) -> list[str]:
+    def get(res: dict | None, mode: str, endpoint: str) -> dict | None:
+        return (res or {}).get(mode, {}).get(endpoint)
+
+    rows = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(target: str, measured: str, ok: bool | None) -> None:
+        rows.append(f"| {target} | {measured} | {'yes' if ok else 'no' if ok is not None else 'n/a'} |")
+
+    pr, pe, dp = get(main, "pooled-request", "product"), get(main, "persistent", "product"), get(main, "django-pool", "product")
+    if pr and pe:
+        ratio = pr["rps"] / pe["rps"]
+        add("single lookup: `pooled-request` >= 0.95x `persistent`", f"{ratio:.2f}x", ratio >= 0.95)
+        add("single lookup: `pooled-request` uses <= 1/4 of `persistent`'s backends",
+            f"{pr['peak_backends']} vs {pe['peak_backends']}", pr["peak_backends"] * 4 <= pe["peak_backends"])  # fmt: skip
+    else:
+        add("single lookup: `pooled-request` vs `persistent`", "not measured", None)
+    if pr and dp:
+        add("single lookup: `pooled-request` ahead of `django-pool`",
+            f"{pr['rps']:.0f} vs {dp['rps']:.0f} req/s ({pr['rps'] / dp['rps']:.2f}x)", pr["rps"] > dp["rps"])  # fmt: skip
+    pt, ps = get(main, "pooled-transaction", "slow"), get(main, "persistent", "slow")
+    if pt and ps:
+        ratio = pt["rps"] / ps["rps"]
+        add("50 ms wait: `pooled-transaction` >= 0.95x `persistent`", f"{ratio:.2f}x", ratio >= 0.95)
+    else:
+        why = "not available" if "unavailable" in (main or {}).get("pooled-transaction", {}) else "not measured"
+        add("50 ms wait: `pooled-transaction` >= 0.95x `persistent`", why, None)
+    if overload:
+        for mode in OURS:
+            entry = overload.get(mode, {})
+            runs = [v for k, v in entry.items() if k in ENDPOINTS]
+            if runs:
+                bad = sum(r["non2xx"] + r["errors"] for r in runs)
+                add(f"overload: zero non-2xx for `{mode}`", f"{bad} non-2xx/errors over {len(runs)} endpoint(s)", bad == 0)
+            else:
+                add(f"overload: zero non-2xx for `{mode}`", "not available" if "unavailable" in entry else "not measured", None)
+    return rows
+
+
+def chart(path: Path, scenarios: list[tuple[str, dict[str, dict], str]]) -> None:
+    """Req/s (top) and peak backends (bottom) per mode, one column per endpoint and scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols = [(title, res, ep) for title, res, ep in scenarios]
+    fig, axes = plt.subplots(2, len(cols), figsize=(3.3 * len(cols) + 0.8, 6.6), squeeze=False)
+    for i, (title, res, endpoint) in enumerate(cols):
+        modes = list(res)
+        for row, (key, label) in enumerate((("rps", "requests/s"), ("peak_backends", "peak backends"))):
+            ax = axes[row][i]
+            values = [res[m].get(endpoint, {}).get(key) for m in modes]
+            bars = ax.bar(range(len(modes)), [v or 0 for v in values], color=[COLORS.get(m, "#333") for m in modes])
+            for bar, v in zip(bars, values):
+                ax.annotate("n/a" if v is None else f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)  # fmt: skip
+            ax.set_xticks(range(len(modes)))
+            ax.set_xticklabels(modes if row == 1 else [], rotation=45, ha="right", fontsize=8)
+            if i == 0:
+                ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+            ax.margins(y=0.15)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict[str, str]:
+    info = {"cores": str(os.cpu_count()), "os": platform.platform()}
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), "?")
+        mem = Path("/proc/meminfo").read_text().split()
+        info["memory"] = f"{int(mem[mem.index('MemTotal:') + 1]) / 1024 / 1024:.1f} GiB"
+        info["os"] = next(ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
+                          if ln.startswith("PRETTY_NAME="))  # fmt: skip
+    except (OSError, StopIteration, ValueError):
+        pass
+    info["kernel"] = platform.release()
+    return info
+
+
+def versions(cluster: PgCluster, tools: dict[str, str]) -> dict[str, str]:
+    import django
+    import gunicorn
+    import psycopg_pool
+
+    out = {
+        "Python": platform.python_version(),
+        "Django": django.get_version(),
+        "psycopg": f"{psycopg.__version__} (libpq {psycopg.pq.version()})",
+        "psycopg_pool": psycopg_pool.__version__,
+        "gunicorn": gunicorn.__version__,
+        "PostgreSQL": str(cluster.execute("SHOW server_version")[0][0]),
+    }
+    try:
+        import django_pooled_pg
+
+        out["django-pooled-pg"] = django_pooled_pg.__version__
+    except (ImportError, AttributeError):
+        pass
+    for tool in ("pgbouncer", "wrk"):
+        if tool in tools:
+            res = subprocess.run([tools[tool], "--version"], capture_output=True, text=True, check=False)
+            out[tool] = ((res.stdout or res.stderr).splitlines() or ["?"])[0].strip()
+    return out
+
+
+def write_report(path: Path, data: dict[str, Any]) -> None:
+    a = data["args"]
+    lines = ["# Benchmark results", ""]
+    lines.append(f"`{data['command']}` on {data['date']} ({data['elapsed_min']:.1f} min). "
+                 f"Load average before / after: {data['load_before']} / {data['load_after']}.")  # fmt: skip
+    lines.append("")
+    lines.append(
+        f"gunicorn gthread, {a['workers']} workers x {a['threads']} threads; wrk `-t{a['wrk_threads']} -c{data['connections']}`, "
+        f"{a['duration']:g} s per endpoint and mode after {a['warmup']:g} s of warm-up"
+        + (f", median of {a['rounds']} rounds" if a["rounds"] > 1 else "")
+        + f". Every pool holds {a['pool_size']} connections per worker (min_size = max_size = {a['pool_size']}, "
+        f"timeout {a['pool_timeout']:g} s); PgBouncer (transaction mode) gets default_pool_size = workers x "
+        f"{a['pool_size']}. PostgreSQL runs on the same machine (max_connections {a['max_connections']}, "
+        "fsync off; the site connects as an ordinary role, so superuser_reserved_connections keep room for "
+        "the harness's monitoring). Peak backends: client backends on the database, from `pg_stat_activity` every 100 ms. "
+        "Orders written by earlier runs are deleted before each mode."
+    )
+    lines += ["", "## Targets", "", *targets(data["main"], data.get("overload")), ""]
+    for endpoint in a["endpoints"]:
+        title, path_ = ENDPOINTS[endpoint]
+        lines += [f"## {title}: `GET {path_.format(pid=data['pid'])}`", "", *endpoint_table(data["main"], endpoint), ""]
+    if data.get("overload"):
+        o = data["overload_setup"]
+        lines += [f"## Overload: max_connections={o['max_connections']}, {o['workers']} workers x {o['threads']} "
+                  f"threads, {o['connections']} clients", ""]  # fmt: skip
+        for endpoint in o["endpoints"]:
+            title, path_ = ENDPOINTS[endpoint]
+            lines += [f"### {title}: `GET {path_.format(pid=data['pid'])}`", "",
+                      *endpoint_table(data["overload"], endpoint, statuses=True), ""]  # fmt: skip
+    notes = []
+    for scenario in ("main", "overload"):
+        for mode, entry in (data.get(scenario) or {}).items():
+            for flag in ("unavailable", "failed"):
+                if flag in entry:
+                    first = entry[flag].strip().splitlines()[0] if entry[flag].strip() else flag
+                    notes.append(f"* {scenario} `{mode}`: {'not available' if flag == 'unavailable' else 'failed'}: {first}")
+    if notes:
+        lines += ["Modes that did not run:", "", *notes, ""]
+    if data.get("micro"):
+        m = data["micro"]
+        lines += [f"## Micro-benchmark (`bench/micro.py`, in-process, median of {m['rounds']} rounds x {m['n']})", "",
+                  "| mode | borrow + return (µs) | borrow + SELECT 1 + return (µs) |", "|---|---:|---:|"]  # fmt: skip
+        for mode, ops in m["results"].items():
+            lines.append(f"| {mode} | {ops['borrow']:.2f} | {ops['select']:.2f} |")
+        lines.append("")
+    lines += ["## Machine and versions", ""]
+    lines += [f"* {k}: {v}" for k, v in data["machine"].items()]
+    lines += [f"* {k} {v}" for k, v in data["versions"].items()]
+    lines += ["", "![requests per second and peak backends per mode](chart.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+# ----- Main --------------------------------------------------------------------------------------
+
+
+def csv_list(value: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
+    import micro
+
+    base = cluster.django_settings("postgres")
+    results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in micro.MODES}
+    for _ in range(rounds):
+        for mode in micro.MODES:
+            for op, value in micro.run(base, mode, n).items():
+                results[mode][op].append(value)
+    med = {mode: {op: statistics.median(v) for op, v in ops.items()} for mode, ops in results.items()}
+    text = [f"{'mode':<12} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}"]
+    text += [f"{mode:<12} {ops['borrow']:>20.2f} {ops['select']:>30.2f}" for mode, ops in med.items()]
+    print("\n".join(text), flush=True)
+    return {"rounds": rounds, "n": n, "results": med, "all": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", type=lambda v: csv_list(v, ALL_MODES), default=list(ALL_MODES))
+    parser.add_argument("--endpoints", type=lambda v: csv_list(v, list(ENDPOINTS)), default=list(ENDPOINTS))
+    parser.add_argument("--duration", type=float, default=8, help="seconds of measured load per endpoint and mode")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each measurement")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--connections", type=int, help="wrk connections (default: workers x threads)")
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--wrk-timeout", type=float, default=10, help="seconds before wrk counts a request as timed out")
+    parser.add_argument("--pool-size", type=int, default=4, help="connections per worker for every pool")
+    parser.add_argument("--pool-timeout", type=float, default=5)
+    parser.add_argument("--max-connections", type=int, default=100, help="PostgreSQL max_connections (main runs)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every mode; report the median run")
+    parser.add_argument("--skip-overload", action="store_true")
+    parser.add_argument("--overload-endpoints", type=lambda v: csv_list(v, list(ENDPOINTS)), default=["product", "slow"])
+    parser.add_argument("--overload-max-connections", type=int, default=20)
+    parser.add_argument("--overload-workers", type=int, default=4)
+    parser.add_argument("--overload-threads", type=int, default=16)
+    parser.add_argument("--overload-connections", type=int, default=128)
+    parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--micro-rounds", type=int, default=3)
+    parser.add_argument("--micro-n", type=int, default=10000)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s runs, 1 s warm-up, small micro")
+    parser.add_argument("--output", default=str(BENCH / "results"), help="where RESULTS.md, chart.png, raw/ go")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup = min(args.duration, 2), min(args.warmup, 1)
+        args.micro_rounds, args.micro_n = 1, 2000
+        args.overload_endpoints = args.overload_endpoints[:1]
+    connections = args.connections or args.workers * args.threads
+    command = "python bench/run.py" + ("" if not (argv if argv is not None else sys.argv[1:]) else
+                                       " " + shlex.join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
+
+    outdir = Path(args.output).absolute()
+    rawdir = outdir / "raw"
+    rawdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    tools = ensure_tools("pgbouncer" in args.modes)
+
+    data: dict[str, Any] = {
+        "command": command, "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "args": {k: v for k, v in vars(args).items()}, "connections": connections, "load_before": load_before,
+    }  # fmt: skip
+    log("starting PostgreSQL")
+    cluster = PgCluster(max_connections=args.max_connections, settings={"timezone": "UTC"})
+    interrupted = False
+    try:
+        cluster.start()
+        cluster.execute(f"CREATE ROLE {DB_USER} LOGIN")
+        cluster.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
+        # Migrate with this package's app installed (its own tables too), on our ENGINE when it
+        # can run at all, else on the stock one.
+        for mode in ("pooled-request", "direct"):
+            env = django_env(database(mode, cluster, args.pool_size, args.pool_timeout, None))
+            if mode == "direct":
+                env["BENCH_KEEP_APP"] = "1"
+            res = subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), "migrate", "--noinput", "-v", "0"],
+                                 env=env, cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+            if res.returncode == 0:
+                break
+            log(f"migrate with {mode} settings failed:\n{res.stdout}{res.stderr}")
+        else:
+            raise RuntimeError("manage.py migrate failed")
+        subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), "seed_shop"], env=env, check=True, cwd=ROOT)
+        data["machine"] = machine()
+        data["versions"] = versions(cluster, tools)
+        bench = Bench(args, cluster, tools, rawdir)
+        data["pid"] = bench.pid
+
+        if not args.skip_micro:
+            log(f"micro-benchmark: {args.micro_rounds} rounds x {args.micro_n}")
+            data["micro"] = run_micro(cluster, args.micro_rounds, args.micro_n)
+
+        rounds = []
+        for i in range(args.rounds):
+            round_: dict[str, dict] = {}
+            for mode in args.modes:
+                log(f"main{f' round {i + 1}' if args.rounds > 1 else ''}: {mode}")
+                round_[mode] = bench.run_mode("main", mode, args.endpoints, args.workers, args.threads, connections)
+            rounds.append(round_)
+        data["main"] = collapse(rounds, args.modes, args.endpoints)
+
+        if not args.skip_overload:
+            cluster.set_max_connections(args.overload_max_connections)
+            o = {"max_connections": args.overload_max_connections, "workers": args.overload_workers,
+                 "threads": args.overload_threads, "connections": args.overload_connections,
+                 "endpoints": args.overload_endpoints}  # fmt: skip
+            data["overload_setup"] = o
+            overload = {}
+            for mode in args.modes:
+                log(f"overload: {mode}")
+                overload[mode] = bench.run_mode("overload", mode, o["endpoints"], o["workers"], o["threads"], o["connections"])
+            data["overload"] = collapse([overload], args.modes, o["endpoints"])
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted")
+    finally:
+        cluster.cleanup()
+
+    if interrupted or "main" not in data:
+        return 1
+    data["elapsed_min"] = (time.monotonic() - started) / 60
+    data["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    raw = rawdir / f"bench-{stamp}.json"
+    raw.write_text(json.dumps(data, indent=1, default=str))
+    scenarios = [(f"{ENDPOINTS[e][0]}\n{args.workers}x{args.threads}, {connections} clients", data["main"], e)
+                 for e in args.endpoints]  # fmt: skip
+    if data.get("overload"):
+        o = data["overload_setup"]
+        scenarios += [(f"Overload: {ENDPOINTS[e][0]}\nmax_conn {o['max_connections']}, {o['workers']}x{o['threads']}, "
+                       f"{o['connections']} clients", data["overload"], e) for e in o["endpoints"]]  # fmt: skip
+    chart(outdir / "chart.png", scenarios)
+    write_report(outdir / "RESULTS.md", data)
+    log(f"wrote {outdir / 'RESULTS.md'}, {outdir / 'chart.png'}, {raw} in {data['elapsed_min']:.1f} min")
+    print((outdir / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
