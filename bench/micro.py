@@ -8,7 +8,9 @@ PostgreSQL cluster, alternating modes over several rounds, and prints the median
 * ``select``: the same with one ``SELECT 1`` in between, as a request that runs one query.
 
 Modes: ``pooled`` (this ENGINE), ``django-pool`` (Django's ``OPTIONS["pool"]``), ``persistent``
-(``CONN_MAX_AGE=None``: the connection stays open, so ``borrow`` is Django's bookkeeping only).
+(``CONN_MAX_AGE=None``: the connection stays open, so ``borrow`` is Django's bookkeeping only),
+and ``+receiver``: the pools again with a ``connection_created`` receiver that runs
+``SET search_path`` (Django's pool sends the signal on every borrow, ours once per session).
 
     python bench/micro.py [--rounds 5] [--n 20000]
 """
@@ -34,15 +36,24 @@ MODES = {
     },
     "persistent": {"ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": None},
 }
+#: The same modes with a connection_created receiver that sets session state (SET search_path),
+#: as many projects have: Django's pool runs it on every borrow, ours once per session.
+RECEIVER_MODES = ("pooled", "django-pool")
 
 CHILD = r"""
 import json, sys, time
 import django
 from django.conf import settings
-db = json.loads(sys.argv[1]); n = int(sys.argv[2])
+db = json.loads(sys.argv[1]); n = int(sys.argv[2]); with_receiver = sys.argv[3] == "1"
 settings.configure(DATABASES={"default": db}, USE_TZ=True)
 django.setup()
 from django.db import connection
+if with_receiver:
+    from django.db.backends.signals import connection_created
+    def set_search_path(sender, connection, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("SET search_path TO public")
+    connection_created.connect(set_search_path)
 # The end of a request: Django's request_finished handler, close_old_connections().
 end = connection.close_if_unusable_or_obsolete
 def borrow():
@@ -64,10 +75,11 @@ print(json.dumps(out))
 
 
 def run(url_parts: dict, mode: str, n: int) -> dict:
-    db = {**url_parts, **MODES[mode]}
+    name, _, receiver = mode.partition("+")
+    db = {**url_parts, **MODES[name]}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(db), str(n)],
+        [sys.executable, "-c", CHILD, json.dumps(db), str(n), "1" if receiver else "0"],
         env=env, capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout)
@@ -87,17 +99,18 @@ def main() -> None:
 
     with PgCluster() as cluster:
         base = {**cluster.django_settings("postgres")}
-        results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in MODES}
+        modes = [*MODES, *(f"{m}+receiver" for m in RECEIVER_MODES)]
+        results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in modes}
         for _ in range(args.rounds):
-            for mode in MODES:
+            for mode in modes:
                 for op, value in run(base, mode, args.n).items():
                     results[mode][op].append(value)
     print(f"Django {django.get_version()}, psycopg {psycopg.__version__}, "
           f"psycopg_pool {psycopg_pool.__version__}, Python {sys.version.split()[0]}; "
           f"median of {args.rounds} rounds x {args.n} operations")
-    print(f"{'mode':<12} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}")
+    print(f"{'mode':<22} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}")
     for mode, ops in results.items():
-        print(f"{mode:<12} {statistics.median(ops['borrow']):>20.2f} "
+        print(f"{mode:<22} {statistics.median(ops['borrow']):>20.2f} "
               f"{statistics.median(ops['select']):>30.2f}")
 
 

@@ -677,14 +677,15 @@ def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
     import micro
 
     base = cluster.django_settings("postgres")
-    results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in micro.MODES}
+    modes = [*micro.MODES, *(f"{m}+receiver" for m in micro.RECEIVER_MODES)]
+    results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in modes}
     for _ in range(rounds):
-        for mode in micro.MODES:
+        for mode in modes:
             for op, value in micro.run(base, mode, n).items():
                 results[mode][op].append(value)
     med = {mode: {op: statistics.median(v) for op, v in ops.items()} for mode, ops in results.items()}
-    text = [f"{'mode':<12} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}"]
-    text += [f"{mode:<12} {ops['borrow']:>20.2f} {ops['select']:>30.2f}" for mode, ops in med.items()]
+    text = [f"{'mode':<22} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}"]
+    text += [f"{mode:<22} {ops['borrow']:>20.2f} {ops['select']:>30.2f}" for mode, ops in med.items()]
     print("\n".join(text), flush=True)
     return {"rounds": rounds, "n": n, "results": med, "all": results}
 

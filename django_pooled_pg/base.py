@@ -294,16 +294,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # thread ends; one shared across threads (inc_thread_sharing) is not.
         owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
-        ledger.stats_for(self.alias).wait.record(self._borrow.started - started)
+        pool.stats.wait.record(self._borrow.started - started)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self._per_statement = False  # set below: the queries of connect() itself keep it
         self._open_cursors = 0
         self.connection = conn
-        level = self._isolation_level()
-        self.isolation_level = level
-        if "isolation_level" in self.settings_dict["OPTIONS"] and conn.isolation_level != level:
-            conn.isolation_level = level
+        if "isolation_level" in self.settings_dict["OPTIONS"]:
+            level = self.isolation_level = self._isolation_level()
+            if conn.isolation_level != level:
+                conn.isolation_level = level
+        else:
+            self.isolation_level = IsolationLevel.READ_COMMITTED
         if self.settings_dict["AUTOCOMMIT"]:
             self.autocommit = True  # pooled connections are kept in autocommit
         else:
@@ -361,7 +363,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return  # already given back for a thread that ended: never return twice
         with self.wrap_database_errors:
             outcome = release_connection(pool, conn)
-        stats = ledger.stats_for(self.alias)
+        stats = pool.stats
         stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded

@@ -17,13 +17,18 @@ import threading
 import time
 from typing import Any
 
-from psycopg import Connection
+from psycopg import Connection, OperationalError
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .ledger import ledger
 from .settings import PoolSettings
 from .stats import AliasStats
+
+
+#: A connection given back less than this many seconds ago is handed out unchecked.
+RECENT = 0.05
 
 
 class ConnectionHealth:
@@ -80,6 +85,9 @@ class Pool(ConnectionPool):
         #: How long a borrower waits while the server is failing: one connect attempt.
         self.fail_fast_timeout = max(1.0, connect_timeout)
         self._checking = threading.Lock()
+        self._probing = threading.Lock()
+        #: Slots of psycopg_pool's backed-off reconnection attempts that a borrower's probe filled.
+        self._adopted = 0
         kwargs["connection_class"] = health_tracking(kwargs.get("connection_class", Connection), self.health)
         super().__init__(**kwargs)
 
@@ -91,6 +99,8 @@ class Pool(ConnectionPool):
         try:
             while True:
                 remaining = deadline - time.monotonic()
+                if self.health.failing and self.probe():
+                    continue  # the server is back: the probe's connection is in the pool
                 try:
                     conn = self.getconn(min(remaining, self.fail_fast_timeout))
                 except PoolTimeout:
@@ -126,6 +136,9 @@ class Pool(ConnectionPool):
         """
         if conn.closed:
             return False
+        returned_at = getattr(conn, "_pooled_pg_returned_at", None)
+        if returned_at is not None and time.monotonic() - returned_at < RECENT:
+            return True  # under load: it worked a moment ago, skip even the poll
         readable = False
         try:
             poller = select.poll()
@@ -135,14 +148,88 @@ class Pool(ConnectionPool):
             readable = True
         ping_after = self.settings.ping_after
         if not readable:
-            returned_at = getattr(conn, "_pooled_pg_returned_at", None)
             if ping_after is None or returned_at is None or time.monotonic() - returned_at < ping_after:
                 return True
+        return self.ping(conn)
+
+    def ping(self, conn: Connection) -> bool:
+        """One round trip on an idle connection, bounded by ``fail_fast_timeout``; closes it
+        and returns False when it fails or gets no answer in time.
+
+        ``conn.execute("")`` would wait forever on a silent network (libpq has no read timeout),
+        in a borrower or in the pool's background check.
+        """
+        pgconn = conn.pgconn
+        deadline = time.monotonic() + self.fail_fast_timeout
         try:
-            conn.execute("")
+            with conn.lock:
+                if pgconn.transaction_status != TransactionStatus.IDLE:
+                    return False
+                pgconn.send_query(b"")
+                while pgconn.flush():
+                    if not _wait_socket(pgconn.socket, select.POLLOUT, deadline):
+                        raise TimeoutError
+                while True:
+                    pgconn.consume_input()
+                    if not pgconn.is_busy():
+                        break
+                    if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
+                        raise TimeoutError
+                ok = True
+                while (result := pgconn.get_result()) is not None:
+                    ok = ok and result.status == ExecStatus.EMPTY_QUERY
+                if ok:
+                    return True
         except Exception:
+            pass
+        conn.close()
+        return False
+
+    def check_connection(self, conn: Connection) -> None:  # type: ignore[override]
+        """Used by psycopg_pool's ``check()`` (our ``check_soon()``): the bounded ping."""
+        if not self.ping(conn):
+            raise OperationalError("the connection did not answer a ping")
+
+    def probe(self) -> bool:
+        """While the server is failing, a borrower tries one connection itself when the last
+        attempt is more than a second old, and adds it to the pool if it works.
+
+        psycopg_pool retries a failing server with a growing back-off (1, 2, 4, 8... s), so a
+        server down for 10 s was noticed back up to 8 s late; with this, within a second of the
+        first request after it is back. At most one probe at a time.
+        """
+        if (
+            self.closed
+            or time.monotonic() - self.health.failed_at < 1.0
+            or not self._probing.acquire(blocking=False)
+        ):
             return False
-        return True
+        try:
+            try:
+                conn = self._connect(timeout=self.fail_fast_timeout)
+            except Exception:
+                return False
+            with self._lock:
+                if self._nconns >= self.max_size:
+                    # Every slot belongs to a reconnection attempt waiting out its back-off:
+                    # this connection takes the place of one (see _add_connection).
+                    self._adopted += 1
+                else:
+                    self._nconns += 1
+            self._add_to_pool(conn)
+            return True
+        finally:
+            self._probing.release()
+
+    def _add_connection(self, attempt: Any, growing: bool = False) -> None:
+        if attempt is not None and self._adopted:  # a retry whose slot a probe filled
+            with self._lock:
+                if self._adopted:
+                    self._adopted -= 1
+                    if growing:
+                        self._growing = False
+                    return
+        super()._add_connection(attempt, growing)
 
     def timeout_error(self, waited: float) -> PoolError:
         state = self.describe()
@@ -195,3 +282,11 @@ class Pool(ConnectionPool):
                 self._checking.release()
 
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
+
+
+def _wait_socket(fd: int, events: int, deadline: float) -> bool:
+    """Wait until ``fd`` is ready for ``events``; False at ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, events | select.POLLERR | select.POLLHUP)
+    remaining = deadline - time.monotonic()
+    return remaining > 0 and bool(poller.poll(remaining * 1000))
