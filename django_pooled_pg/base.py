@@ -49,7 +49,7 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from . import signals
-from .errors import PoolError, PoolExhausted
+from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .creation import DatabaseCreation
 from .features import DatabaseFeatures
 from .ledger import ledger
@@ -363,6 +363,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return  # already given back for a thread that ended: never return twice
         with self.wrap_database_errors:
             outcome = release_connection(pool, conn)
+        if conn.closed and pool_error.get() is None:
+            # Lost mid-request: Django's atomic closes a connection whose rollback failed, and
+            # may borrow another before the error reaches the middleware, which answers 503.
+            pool_error.set(DatabaseUnavailable(f"lost the connection to database {self.alias!r}", alias=self.alias))
         stats = pool.stats
         stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset

@@ -361,6 +361,9 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
         for entry in on_server.values() if not entry.split_by_process
         for p in entry.processes
     }  # fmt: skip
+    # (alias, host, pid) -> process: one lookup per connection, not a scan (200 processes x 800
+    # connections per alias on the admin page).
+    by_key = {(name, p.host, p.pid): p for name, entry in on_server.items() for p in entry.processes}
     for app_name, datname, state, seconds in activity:
         parsed = parse_application_name(app_name)
         if parsed is not None:
@@ -369,7 +372,7 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
             if entry is None or (entry.database and datname != entry.database):
                 continue
             entry.server_view.add(state, seconds)  # type: ignore[union-attr]
-            process = next((p for p in entry.processes if p.host == host and p.pid == pid), None)
+            process = by_key.get((name, host, pid))
             if process is not None and process.server is not None:
                 process.server.add(state, seconds)
             elif process is None:

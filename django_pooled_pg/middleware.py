@@ -51,6 +51,13 @@ def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
             )
             error.__cause__ = exc
             return error
+    from .base import pool_error
+
+    lost = pool_error.get()  # a connection of this request was lost and already given back
+    if isinstance(lost, DatabaseUnavailable):
+        error = DatabaseUnavailable(f"{lost}: {exc}", alias=lost.alias)
+        error.__cause__ = exc
+        return error
     return None
 
 

@@ -86,8 +86,6 @@ class Pool(ConnectionPool):
         self.fail_fast_timeout = max(1.0, connect_timeout)
         self._checking = threading.Lock()
         self._probing = threading.Lock()
-        #: Slots of psycopg_pool's backed-off reconnection attempts that a borrower's probe filled.
-        self._adopted = 0
         kwargs["connection_class"] = health_tracking(kwargs.get("connection_class", Connection), self.health)
         super().__init__(**kwargs)
 
@@ -148,7 +146,9 @@ class Pool(ConnectionPool):
             readable = True
         ping_after = self.settings.ping_after
         if not readable:
-            if ping_after is None or returned_at is None or time.monotonic() - returned_at < ping_after:
+            # A connection never borrowed yet has been idle since psycopg_pool opened it.
+            used_at = returned_at if returned_at is not None else getattr(conn, "_created_at", None)
+            if ping_after is None or used_at is None or time.monotonic() - used_at < ping_after:
                 return True
         return self.ping(conn)
 
@@ -196,10 +196,13 @@ class Pool(ConnectionPool):
 
         psycopg_pool retries a failing server with a growing back-off (1, 2, 4, 8... s), so a
         server down for 10 s was noticed back up to 8 s late; with this, within a second of the
-        first request after it is back. At most one probe at a time.
+        first request after it is back. At most one probe at a time, and only while the pool
+        has room below ``max_size`` (with ``min_size == max_size`` every slot is already a
+        backed-off attempt, and recovery follows psycopg_pool's schedule).
         """
         if (
             self.closed
+            or self._nconns >= self.max_size
             or time.monotonic() - self.health.failed_at < 1.0
             or not self._probing.acquire(blocking=False)
         ):
@@ -210,26 +213,18 @@ class Pool(ConnectionPool):
             except Exception:
                 return False
             with self._lock:
-                if self._nconns >= self.max_size:
-                    # Every slot belongs to a reconnection attempt waiting out its back-off:
-                    # this connection takes the place of one (see _add_connection).
-                    self._adopted += 1
-                else:
+                room = self._nconns < self.max_size
+                if room:
                     self._nconns += 1
+            if not room:
+                # Every slot is taken by an attempt of psycopg_pool's (in flight or backed off):
+                # adding one more would exceed max_size. Those attempts bring the pool back.
+                conn.close()
+                return False
             self._add_to_pool(conn)
             return True
         finally:
             self._probing.release()
-
-    def _add_connection(self, attempt: Any, growing: bool = False) -> None:
-        if attempt is not None and self._adopted:  # a retry whose slot a probe filled
-            with self._lock:
-                if self._adopted:
-                    self._adopted -= 1
-                    if growing:
-                        self._growing = False
-                    return
-        super()._add_connection(attempt, growing)
 
     def timeout_error(self, waited: float) -> PoolError:
         state = self.describe()

@@ -30,7 +30,7 @@ import os
 import threading
 from typing import Any
 
-from . import snapshot
+from . import history, snapshot
 from .settings import StatsSettings, read_stats_settings
 
 logger = logging.getLogger("django_pooled_pg")
@@ -144,7 +144,8 @@ class Publisher:
             (s.host, s.pid, s.alias, s.started_at, config.stale_after, s.to_dict()) for s in snapshots
         ]
         host, pid = snapshot.hostname(), os.getpid()
-        return self._write(config, rows, host, pid, [s.alias for s in snapshots])
+        points = history.points(snapshots)  # the admin chart's, at most one per history.STEP
+        return self._write(config, rows, host, pid, [s.alias for s in snapshots], points=points)
 
     def retire(self) -> None:
         """At a clean exit: delete this process's rows (quickly, or not at all)."""
@@ -160,6 +161,7 @@ class Publisher:
     def _write(
         self, config: StatsSettings, rows: list[tuple[Any, ...]], host: str, pid: int,
         aliases: list[str], *, prune: bool = True, idle_only: bool = False,
+        points: list[tuple[Any, ...]] | None = None,
     ) -> int:
         import psycopg
         from psycopg.types.json import Jsonb
@@ -178,6 +180,8 @@ class Publisher:
                 conn.execute(GONE, (host, pid, aliases))
                 if prune:
                     conn.execute(PRUNE, (config.prune_after,))
+                if points:
+                    history.write(conn, points)  # in a savepoint: its table may be missing
 
         pool = registry.get(config.database)
         if pool is None or pool.closed:

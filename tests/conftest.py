@@ -10,6 +10,13 @@ from django_pooled_pg.registry import registry
 from tests import dbserver
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak-seconds", type=float, default=10.0,
+        help="how long tests/test_soak.py keeps its load running (default 10)",
+    )
+
+
 @pytest.fixture
 def server():
     """The cluster this run owns; tests that restart or reconfigure it need one."""
@@ -49,6 +56,25 @@ def pool_options():
     wrapper.close()
     wrapper.settings_dict["OPTIONS"] = saved
     wrapper.close_pool()
+
+
+@pytest.fixture
+def default_settings():
+    """Edit the default alias's connection settings (HOST, PORT, NAME, OPTIONS...) for one test;
+    the next query makes a pool from them. Restored, and that pool closed, at the end."""
+    wrapper = connections["default"]
+    sd = wrapper.settings_dict
+    saved = {key: sd[key] for key in ("NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS")}
+
+    def apply(*, pool: dict, options: dict | None = None, **keys):
+        wrapper.close()
+        sd.update(keys)
+        sd["OPTIONS"] = {**saved["OPTIONS"], **(options or {}), "pool": pool}
+
+    yield apply
+    wrapper.close()
+    registry.close("default")
+    sd.update(saved)
 
 
 def pool_in_use(alias: str = "default") -> int:

@@ -67,4 +67,302 @@ def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, ser
     elapsed = time.monotonic() - started
     assert response.status_code == 200, response.content
     assert elapsed < 2.0, f"first request after the restart took {elapsed:.2f}s"
+    figure("first request after a restart, 16 idle connections", elapsed)
     registry.close_all()  # other pools of this process hold connections the restart killed
+
+
+# ----- Issue 8: the reliability suite ----------------------------------------------------------
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import statistics  # noqa: E402
+
+import psycopg  # noqa: E402
+from django.db import connections  # noqa: E402
+
+from tests.conftest import pool_in_use  # noqa: E402
+from tests.tcpproxy import SilentProxy  # noqa: E402
+
+
+def figure(name: str, value: float, unit: str = "s") -> None:
+    """A measured figure, for the README's Reliability section (shown with ``pytest -s``)."""
+    print(f"\nFIGURE {name}: {value:.4g} {unit}")
+
+
+def timed_get(client: Client, path: str) -> tuple[int, float]:
+    started = time.monotonic()
+    status = client.get(path).status_code
+    return status, time.monotonic() - started
+
+
+def first_success(path: str = "/query/", within: float = 10.0) -> float:
+    """Seconds until ``path`` answers 200, polling; fails the test after ``within`` seconds."""
+    client = Client(raise_request_exception=False)
+    started = time.monotonic()
+    statuses = []
+    while time.monotonic() - started < within:
+        status = client.get(path).status_code
+        if status == 200:
+            return time.monotonic() - started
+        assert status == 503, f"a request failed with {status}, not 503"
+        statuses.append(status)
+        time.sleep(0.05)
+    pytest.fail(f"no success within {within}s: {statuses}")
+
+
+def concurrently(paths: list[str], join: float = 30.0) -> list[tuple[int, float]]:
+    """Each path requested from its own thread at once: [(status, seconds)]; every thread must
+    end within ``join`` seconds."""
+    results: list[tuple[int, float] | None] = [None] * len(paths)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = timed_get(Client(raise_request_exception=False), paths[i])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + join
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    hanging = [t for t in threads if t.is_alive()]
+    if hanging:
+        frames = sys._current_frames()
+        stacks = "\n".join("".join(traceback.format_stack(frames[t.ident])) for t in hanging)
+        pytest.fail(f"{len(hanging)} request thread(s) hang:\n{stacks}")
+    return results  # type: ignore[return-value]
+
+
+def test_in_flight_requests_fail_with_503_during_a_restart(pool_options, server):
+    """Requests holding a connection when the server restarts get 503 (not 500); the next
+    request succeeds."""
+    pool_options(min_size=4, max_size=4, timeout=5)
+    fill_pool(4)
+    results: list[tuple[int, float] | None] = []
+    worker = threading.Thread(
+        target=lambda: results.extend(concurrently(["/query-wait-query/?s=0.6"] * 4))
+    )
+    worker.start()
+    time.sleep(0.25)  # every request has run its first query and is "calling another service"
+    server.restart()
+    worker.join(30)
+    assert not worker.is_alive()
+    statuses = [status for status, _ in results]
+    assert statuses == [503] * 4, statuses
+    assert Client().get("/query/").status_code == 200
+    registry.close_all()  # other pools of this process hold connections the restart killed
+
+
+def test_liveness_check_costs_a_poll_not_a_round_trip(pool_options):
+    """What ``Pool.usable()`` costs on a connection used within ``ping_after``: one poll() of
+    its socket; against a round trip when it pings. Figures for the README."""
+    pool_options(min_size=1, max_size=1, timeout=5)
+    Item.objects.count()
+    connection.close()
+    pool = registry.get("default")
+    conn = pool.getconn()
+    try:
+        def per_call(fn, n: int) -> float:
+            rounds = []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                rounds.append((time.perf_counter() - started) / n)
+            return statistics.median(rounds)
+
+        def just_returned():  # given back < RECENT (50 ms) ago: not even a poll
+            conn._pooled_pg_returned_at = time.monotonic()
+            assert pool.usable(conn)
+
+        def recent():  # given back 0.2 s ago, within ping_after: a poll() of the socket
+            conn._pooled_pg_returned_at = time.monotonic() - 0.2
+            assert pool.usable(conn)
+
+        def stale():
+            conn._pooled_pg_returned_at = time.monotonic() - 3600
+            assert pool.usable(conn)
+
+        skip = per_call(just_returned, 5000)
+        poll = per_call(recent, 5000)
+        ping = per_call(stale, 500)
+        execute = per_call(lambda: conn.execute(""), 500)
+    finally:
+        pool.putconn(conn)
+    figure("usable() given back < 50 ms ago", skip * 1e6, "us")
+    figure("usable() with a poll", poll * 1e6, "us")
+    figure("usable() with ping", ping * 1e6, "us")
+    figure("conn.execute('')", execute * 1e6, "us")
+    assert poll < ping / 3, (poll, ping)
+
+
+def test_server_down_when_the_app_starts(pool_options, server):
+    """A fresh pool while the server is down: fast 503s, and recovery by itself, without
+    waiting out psycopg_pool's reconnection back-off (1, 2, 4, 8 s...)."""
+    server.stop()
+    try:
+        registry.close_all()
+        pool_options(min_size=2, max_size=4, timeout=10)
+        client = Client(raise_request_exception=False)
+        latencies = []
+        down_since = time.monotonic()
+        # psycopg_pool retries at about 0, 1, 3, 7 and 15 s: coming back at ~10.5 s, its next
+        # attempt is ~4 s away.
+        while time.monotonic() - down_since < 10:
+            response = client.get("/query/")
+            latencies.append(time.monotonic() - down_since - sum(latencies))
+            assert response.status_code == 503
+            assert response["Retry-After"] == "5"
+        assert max(latencies) < 2.5, latencies
+        figure("503 latency, server down (max)", max(latencies))
+    finally:
+        server.start()
+    recovered = first_success(within=5)
+    figure("first success after the server came up", recovered)
+    assert recovered < 2.5
+    registry.close_all()
+
+
+def test_silent_network(default_settings, server):
+    """A proxy that stops forwarding (sockets stay open): new borrowers get 503 within the
+    configured timeouts, no request thread is left hanging once the network is back, and the
+    pool recovers."""
+    proxy = SilentProxy(server.host, server.port)
+    try:
+        default_settings(
+            HOST="127.0.0.1", PORT=str(proxy.port), options={"connect_timeout": 2},
+            pool={"min_size": 2, "max_size": 4, "timeout": 3, "ping_after": 0.3},
+        )
+        fill_pool(2)
+        # One request is between its two queries when the network goes silent.
+        in_flight: list[tuple[int, float]] = []
+        worker = threading.Thread(target=lambda: in_flight.extend(concurrently(["/query-wait-query/?s=0.5"])))
+        worker.start()
+        time.sleep(0.2)
+        proxy.pause()
+        time.sleep(0.5)  # idle connections are now older than ping_after: a borrow pings them
+        results = concurrently(["/query/"] * 4, join=20)
+        statuses = [status for status, _ in results]
+        slowest = max(elapsed for _, elapsed in results)
+        assert statuses == [503] * 4, results
+        # timeout 3 s; a ping and a connect attempt bounded by connect_timeout (2 s) each.
+        assert slowest < 3 + 2 * 2 + 1, results
+        figure("503 latency, silent network (slowest of 4)", slowest)
+        # Its second query was sent into the silence: it waits for an answer. libpq has no read
+        # timeout; on a real network tcp_user_timeout ends it (README: recommended settings).
+        assert worker.is_alive()
+        proxy.resume()
+        worker.join(10)
+        assert not worker.is_alive(), "the in-flight request still hangs after the network came back"
+        assert in_flight[0][0] in (200, 503), in_flight
+        recovered = first_success(within=8)
+        figure("first success after the network came back", recovered)
+        assert recovered < 4
+        assert pool_in_use("default") == 0
+    finally:
+        proxy.resume()
+        connection.close()
+        registry.close("default")
+        proxy.close()
+
+
+def test_max_lifetime_and_max_idle_recycle_without_failures(pool_options):
+    pool_options(min_size=2, max_size=4, timeout=5, max_lifetime=0.6, max_idle=0.4)
+    stats = ledger.stats_for("default")
+    recycled, opened = stats.recycled, stats.opened
+    # Steady load from 4 threads for 2.5 s: every connection reaches max_lifetime several times.
+    stop = time.monotonic() + 2.5
+    statuses: list[int] = []
+
+    def load():
+        client = Client(raise_request_exception=False)
+        while time.monotonic() < stop:
+            statuses.append(client.get("/query/").status_code)
+        connection.close()
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert stats.recycled - recycled >= 4, (stats.recycled, recycled)
+    assert stats.opened - opened >= 4
+    # Light load: the connections above min_size are closed after max_idle.
+    pool = registry.get("default")
+    client = Client()
+    deadline = time.monotonic() + 5
+    while pool.get_stats()["pool_size"] > 2 and time.monotonic() < deadline:
+        assert client.get("/query/").status_code == 200
+        time.sleep(0.05)
+    assert pool.get_stats()["pool_size"] == 2, pool.get_stats()
+
+
+def test_max_connections_taken_by_others(pool_options, server, caplog):
+    """Every server slot taken by other clients: fast 503s with a log line naming the cause,
+    never a hang; recovery when the slots free up."""
+    others: list[psycopg.Connection] = []
+    server.set_max_connections(12)
+    try:
+        registry.close_all()  # the restart killed every pool's connections
+        for _ in range(30):
+            try:
+                others.append(psycopg.connect(server.url(), connect_timeout=5))
+            except psycopg.OperationalError as exc:
+                assert "too many clients" in str(exc)
+                break
+        else:
+            pytest.fail("max_connections was never reached")
+        pool_options(min_size=1, max_size=4, timeout=5)
+        client = Client(raise_request_exception=False)
+        with caplog.at_level(logging.WARNING, logger="django_pooled_pg"):
+            for _ in range(3):
+                status, elapsed = timed_get(client, "/query/")
+                assert status == 503
+                assert elapsed < 2.5, elapsed
+        assert "too many clients" in caplog.text, caplog.text
+        figure("503 latency, max_connections taken", elapsed)
+        for conn in others:
+            conn.close()
+        others.clear()
+        recovered = first_success(within=5)
+        figure("first success after slots freed", recovered)
+        assert recovered < 2.5
+    finally:
+        for conn in others:
+            conn.close()
+        connection.close()
+        registry.close_all()
+        server.set_max_connections(100)
+        registry.close_all()
+
+
+def test_atomic_writes_during_a_restart_fail_with_503(pool_options, server):
+    """Six threads creating orders in atomic blocks while the server restarts: each request
+    commits (200) or gets 503, never 500. (Django's atomic closes a connection whose rollback
+    failed and borrows a new one to restore autocommit, before the error reaches the middleware:
+    that was a 500.)"""
+    pool_options(min_size=4, max_size=4, timeout=5)
+    stop = time.monotonic() + 2.5
+    statuses: list[int] = []
+
+    def run():
+        client = Client(raise_request_exception=False)
+        while time.monotonic() < stop:
+            statuses.append(client.get(f"/order/?name=atomic-{threading.get_ident()}-{len(statuses)}").status_code)
+        connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.8)
+    server.restart()
+    for t in threads:
+        t.join(20)
+    registry.close_all()
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    assert set(counts) <= {200, 503}, counts
+    assert counts.get(200, 0) > 10, counts

@@ -4,143 +4,19 @@ publishing its pool's statistics every 0.5 s, read by ``poolstats`` in a separat
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-import psycopg
 import pytest
-from django.db import connections
-from psycopg import sql
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ROOT / "testproject"
-WORKERS = 3
+from tests.servers import WORKERS, Fleet, traffic, wait_for
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gunicorn") is None,
     reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout: float = 15) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            response.read()
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry))
-    return found
-
-
-class Fleet:
-    """The demo site on a fresh database of the test server, under gunicorn."""
-
-    def __init__(self) -> None:
-        params = connections["default"].settings_dict
-        self.server = {
-            "host": params["HOST"], "port": params["PORT"], "user": params["USER"],
-            "password": params["PASSWORD"] or None,
-        }  # fmt: skip
-        self.dbname = f"dpp_fleet_{os.getpid()}"
-        auth = params["USER"] + (f":{params['PASSWORD']}" if params["PASSWORD"] else "")
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"},
-            "DJANGO_SETTINGS_MODULE": "testproject.settings",
-            "DATABASE_URL": f"postgresql://{auth}@{params['HOST']}:{params['PORT']}/{self.dbname}",
-            "POOLED_PG_STATS_INTERVAL": "0.5",
-            "POOLED_PG_STALE_AFTER": "1.5",
-            "POOLED_PG_PRUNE_AFTER": "4",
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def admin(self, query: str, params: object = None, dbname: str = "postgres") -> list[tuple]:
-        with psycopg.connect(dbname=dbname, autocommit=True, **self.server) as conn:
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
-
-    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=self.env,
-            capture_output=True, text=True, timeout=60, check=check,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        self.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
-        self.manage("migrate", "--noinput")
-        self.manage("seed_shop")
-        from gunicorn.config import KNOWN_SETTINGS
-
-        extra = ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "testproject.wsgi:application", "-k", "gthread",
-             "--workers", str(WORKERS), "--threads", "8", "-b", f"127.0.0.1:{self.port}", *extra],
-            cwd=PROJECT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while get(self.base + "/shop/three/", timeout=2) != 200:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
-
-    def workers(self) -> set[int]:
-        return children(self.proc.pid)
-
-    def poolstats(self) -> dict:
-        return json.loads(self.manage("poolstats", "--json").stdout)
-
-    def check(self) -> tuple[int, str]:
-        done = self.manage("poolstats", "--check", check=False)
-        return done.returncode, done.stdout.strip()
-
-    def stop(self) -> str:
-        output = ""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                output, _ = self.proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.proc.poll() is None:
-                output, _ = self.proc.communicate()
-        self.admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
-        return output
 
 
 @pytest.fixture
@@ -151,28 +27,6 @@ def fleet():
         yield fleet
     finally:
         print(fleet.stop())  # gunicorn's log, shown when the test failed
-
-
-def traffic(base: str, paths: list[str], threads: int, stop: threading.Event) -> None:
-    def run(n: int) -> None:
-        i = n
-        while not stop.is_set():
-            get(base + paths[i % len(paths)])
-            i += 1
-
-    workers = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(threads)]
-    for w in workers:
-        w.start()
-
-
-def wait_for(what: str, test, timeout: float = 20.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = test()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def live(data: dict) -> dict[int, dict]:

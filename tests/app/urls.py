@@ -1,5 +1,6 @@
 import importlib.util
 
+from django.contrib import admin
 from django.urls import include, path
 
 from . import views
@@ -16,6 +17,9 @@ urlpatterns = [
     path("executor/", views.executor),
     path("pool-state/", views.pool_state),
     path("query-wait-query/", views.query_wait_query),
+    path("transfer/", views.transfer),  # the soak test
+    path("order/", views.order),
+    path("admin/", admin.site.urls),  # the pool status page
 ]
 
 if importlib.util.find_spec("prometheus_client"):  # the [prometheus] extra

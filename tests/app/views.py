@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
 from django_pooled_pg.ledger import ledger
 
-from .models import Item
+from .models import Account, Item
 
 
 def no_db(request):
@@ -73,7 +74,9 @@ def pool_state(request):
         for b in list(ledger.borrows.values())
     ]
     counters = {alias: stats.counters() for alias, stats in ledger.stats.items()}
-    return JsonResponse({"in_use": in_use, "counters": counters, "threads": threading.active_count()})
+    return JsonResponse({
+        "in_use": in_use, "counters": counters, "threads": threading.active_count(), "pid": os.getpid(),
+    })
 
 
 def query_wait_query(request):
@@ -81,3 +84,32 @@ def query_wait_query(request):
     first = Item.objects.count()
     time.sleep(float(request.GET.get("s", "0.3")))
     return JsonResponse({"first": first, "second": Item.objects.count()})
+
+
+def transfer(request):
+    """Move ``amount`` from one Account to another in one transaction (the soak test)."""
+    source, target, amount = (int(request.GET[k]) for k in ("from", "to", "amount"))
+    with transaction.atomic():
+        accounts = {a.pk: a for a in Account.objects.select_for_update().filter(pk__in=[source, target]).order_by("pk")}
+        accounts[source].balance -= amount
+        accounts[target].balance += amount
+        for account in accounts.values():
+            account.save(update_fields=["balance"])
+    return JsonResponse({"ok": True})
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def order(request):
+    """Create an Item named ``name`` in a transaction; with ``rollback=1`` the transaction is
+    rolled back after the insert (the soak test checks it never exists)."""
+    try:
+        with transaction.atomic():
+            Item.objects.create(name=request.GET["name"], value=1)
+            if request.GET.get("rollback") == "1":
+                raise _RolledBack
+    except _RolledBack:
+        return JsonResponse({"rolled_back": True})
+    return JsonResponse({"created": True})
