@@ -4,6 +4,7 @@ tests/test_fleet_gunicorn.py and tests/test_admin_browser.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -115,8 +117,8 @@ class Fleet:
     def poolstats(self) -> dict:
         return json.loads(self.manage("poolstats", "--json").stdout)
 
-    def check(self) -> tuple[int, str]:
-        done = self.manage("poolstats", "--check", check=False)
+    def check(self, *args: str) -> tuple[int, str]:
+        done = self.manage("poolstats", "--check", *args, check=False)
         return done.returncode, done.stdout.strip()
 
     def stop(self) -> str:
@@ -135,6 +137,23 @@ class Fleet:
                 output, _ = self.proc.communicate()
         self.admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
         return output
+
+
+@contextlib.contextmanager
+def running_fleet() -> Iterator[Fleet]:
+    """A started :class:`Fleet`, stopped at the end (its gunicorn log printed, so pytest shows it
+    when the test failed)."""
+    fleet = Fleet()
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        print(fleet.stop())
+
+
+def live(data: dict) -> dict[int, dict]:
+    """The live processes of the default alias in ``poolstats --json`` data, by pid."""
+    return {p["pid"]: p for p in data["aliases"]["default"]["processes"] if not p["stale"]}
 
 
 def traffic(base: str, paths: list[str], threads: int, stop: threading.Event) -> None:

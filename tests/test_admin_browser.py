@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import ROOT, WORKERS, Fleet, traffic, wait_for
+from tests.servers import ROOT, WORKERS, live, running_fleet, traffic, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "admin-status.png"
@@ -77,16 +77,8 @@ def ensure_playwright() -> None:
 def fleet():
     ensure_chromium()
     ensure_playwright()
-    fleet = Fleet()
-    try:
-        fleet.start()
+    with running_fleet() as fleet:
         yield fleet
-    finally:
-        print(fleet.stop())  # gunicorn's log, shown when the test failed
-
-
-def live(data: dict) -> dict[int, dict]:
-    return {p["pid"]: p for p in data["aliases"]["default"]["processes"] if not p["stale"]}
 
 
 def test_status_page_in_chromium(fleet):

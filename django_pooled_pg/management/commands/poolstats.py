@@ -21,7 +21,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_pooled_pg.fleet import AliasFleet, FleetStats, ProcessStats, ServerView, fleet_stats
+from django_pooled_pg.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
 from django_pooled_pg.stats import Histogram
 
 EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
