@@ -160,8 +160,8 @@ class SessionSetup:
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
 
 
-#: Whether django.contrib.postgres is in INSTALLED_APPS, looked up once (see _sync_postgres_types).
-_contrib_postgres_installed: bool | None = None
+#: (apps.app_configs, whether django.contrib.postgres is in it), see _sync_postgres_types.
+_contrib_postgres_installed: tuple[Any, bool] = (None, False)
 
 #: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
 #: have turned it into a plain 500 response before the middleware saw the exception.
@@ -339,11 +339,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """
         global _contrib_postgres_installed
         signals = sys.modules.get("django.contrib.postgres.signals")
-        if signals is None or not apps.apps_ready:
-            return
-        if _contrib_postgres_installed is None:
-            _contrib_postgres_installed = apps.is_installed("django.contrib.postgres")
-        if not _contrib_postgres_installed:
+        if signals is None or not apps.apps_ready or self.alias not in connections.settings:
+            return  # (its OID lookups go through connections[alias]: a copy's alias has none)
+        configs = apps.app_configs  # a new dict whenever INSTALLED_APPS changes (tests)
+        if _contrib_postgres_installed[0] is not configs:
+            _contrib_postgres_installed = (configs, apps.is_installed("django.contrib.postgres"))
+        if not _contrib_postgres_installed[1]:
             return
         oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
         if getattr(conn, "_pooled_pg_type_oids", None) != oids:

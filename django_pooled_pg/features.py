@@ -34,6 +34,12 @@ POOLED_TEST_SKIPS: dict[str, set[str]] = {
     "connect() directly and expects the raw PoolTimeout.": {
         "backends.postgresql.tests.Tests.test_connect_pool",
     },
+    "CONN_HEALTH_CHECKS=True makes the pool ping every borrowed connection in its own liveness "
+    "check (ping_after=0), which replaces a dead connection at once; it does not set "
+    "psycopg_pool's check callback, whose retries back off between dead connections. This "
+    "test inspects the psycopg_pool callback.": {
+        "backends.postgresql.tests.Tests.test_pooling_health_checks",
+    },
 }
 
 
