@@ -6,8 +6,11 @@ PostgreSQL cluster, alternating modes over several rounds, and prints the median
 * ``borrow``: ``connection.ensure_connection()`` then what Django runs when a request ends
   (``close_if_unusable_or_obsolete()``): the per-request overhead.
 * ``select``: the same with one ``SELECT 1`` in between, as a request that runs one query.
+* ``three``: three ``SELECT 1`` statements, each in its own cursor, then the end of the request:
+  with ``release="transaction"`` that is three borrows and returns, so the difference from
+  ``pooled`` over three is what per-statement release costs per statement.
 
-Modes: ``pooled`` (this ENGINE), ``django-pool`` (Django's ``OPTIONS["pool"]``), ``persistent``
+Modes: ``pooled`` (this ENGINE), ``pooled-transaction`` (with ``release="transaction"``), ``django-pool`` (Django's ``OPTIONS["pool"]``), ``persistent``
 (``CONN_MAX_AGE=None``: the connection stays open, so ``borrow`` is Django's bookkeeping only),
 and ``+receiver``: the pools again with a ``connection_created`` receiver that runs
 ``SET search_path`` (Django's pool sends the signal on every borrow, ours once per session).
@@ -30,6 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 MODES = {
     "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}}},
+    "pooled-transaction": {
+        "ENGINE": "django_pooled_pg",
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": 2, "release": "transaction"}},
+    },
     "django-pool": {
         "ENGINE": "django.db.backends.postgresql",
         "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},
@@ -62,8 +69,13 @@ def select():
     with connection.cursor() as c:
         c.execute("SELECT 1"); c.fetchone()
     end()
+def three():
+    for _ in range(3):
+        with connection.cursor() as c:
+            c.execute("SELECT 1"); c.fetchone()
+    end()
 out = {}
-for name, fn in (("borrow", borrow), ("select", select)):
+for name, fn in (("borrow", borrow), ("select", select), ("three", three)):
     for _ in range(1000):
         fn()
     t = time.perf_counter()
@@ -85,6 +97,31 @@ def run(url_parts: dict, mode: str, n: int) -> dict:
     return json.loads(out.stdout)
 
 
+OPS = {
+    "borrow": "borrow+return",
+    "select": "borrow+SELECT 1+return",
+    "three": "3 x SELECT 1+return",
+}
+
+
+def measure(base: dict, rounds: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """{mode: {op: [us per operation, one per round]}}, modes alternating within each round."""
+    modes = [*MODES, *(f"{m}+receiver" for m in RECEIVER_MODES)]
+    results: dict[str, dict[str, list[float]]] = {m: {op: [] for op in OPS} for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            for op, value in run(base, mode, n).items():
+                results[mode][op].append(value)
+    return results
+
+
+def table(medians: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'mode':<30}" + "".join(f"{title + ' (us)':>28}" for title in OPS.values())]
+    for mode, ops in medians.items():
+        lines.append(f"{mode:<30}" + "".join(f"{ops[op]:>28.2f}" for op in OPS))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -98,20 +135,11 @@ def main() -> None:
     from testsupport.pgcluster import PgCluster
 
     with PgCluster() as cluster:
-        base = {**cluster.django_settings("postgres")}
-        modes = [*MODES, *(f"{m}+receiver" for m in RECEIVER_MODES)]
-        results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in modes}
-        for _ in range(args.rounds):
-            for mode in modes:
-                for op, value in run(base, mode, args.n).items():
-                    results[mode][op].append(value)
+        results = measure(cluster.django_settings("postgres"), args.rounds, args.n)
     print(f"Django {django.get_version()}, psycopg {psycopg.__version__}, "
           f"psycopg_pool {psycopg_pool.__version__}, Python {sys.version.split()[0]}; "
           f"median of {args.rounds} rounds x {args.n} operations")
-    print(f"{'mode':<22} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}")
-    for mode, ops in results.items():
-        print(f"{mode:<22} {statistics.median(ops['borrow']):>20.2f} "
-              f"{statistics.median(ops['select']):>30.2f}")
+    print(table({m: {op: statistics.median(v) for op, v in ops.items()} for m, ops in results.items()}))
 
 
 if __name__ == "__main__":

@@ -651,9 +651,14 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
     if data.get("micro"):
         m = data["micro"]
         lines += [f"## Micro-benchmark (`bench/micro.py`, in-process, median of {m['rounds']} rounds x {m['n']})", "",
-                  "| mode | borrow + return (µs) | borrow + SELECT 1 + return (µs) |", "|---|---:|---:|"]  # fmt: skip
+                  "| mode | borrow + return (µs) | borrow + SELECT 1 + return (µs) | 3 x SELECT 1 + return (µs) |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
         for mode, ops in m["results"].items():
-            lines.append(f"| {mode} | {ops['borrow']:.2f} | {ops['select']:.2f} |")
+            lines.append(f"| {mode} | {ops['borrow']:.2f} | {ops['select']:.2f} | {ops.get('three', 0):.2f} |")
+        req, tx = m["results"].get("pooled"), m["results"].get("pooled-transaction")
+        if req and tx and "three" in req and "three" in tx:
+            lines += ["", f"Per-statement release costs {(tx['three'] - req['three']) / 3:.1f} µs per statement over "
+                      "`release=\"request\"` (the `three` column's difference, over three)."]  # fmt: skip
         lines.append("")
     lines += ["## Machine and versions", ""]
     lines += [f"* {k}: {v}" for k, v in data["machine"].items()]
@@ -676,17 +681,9 @@ def csv_list(value: str, allowed: tuple[str, ...] | list[str]) -> list[str]:
 def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
     import micro
 
-    base = cluster.django_settings("postgres")
-    modes = [*micro.MODES, *(f"{m}+receiver" for m in micro.RECEIVER_MODES)]
-    results: dict[str, dict[str, list[float]]] = {m: {"borrow": [], "select": []} for m in modes}
-    for _ in range(rounds):
-        for mode in modes:
-            for op, value in micro.run(base, mode, n).items():
-                results[mode][op].append(value)
+    results = micro.measure(cluster.django_settings("postgres"), rounds, n)
     med = {mode: {op: statistics.median(v) for op, v in ops.items()} for mode, ops in results.items()}
-    text = [f"{'mode':<22} {'borrow+return (us)':>20} {'borrow+SELECT 1+return (us)':>30}"]
-    text += [f"{mode:<22} {ops['borrow']:>20.2f} {ops['select']:>30.2f}" for mode, ops in med.items()]
-    print("\n".join(text), flush=True)
+    print(micro.table(med), flush=True)
     return {"rounds": rounds, "n": n, "results": med, "all": results}
 
 

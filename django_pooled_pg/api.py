@@ -80,6 +80,8 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
     """Give back ``wrapper``'s connection and forget any transaction state, so the thread's next
     borrow starts clean even if an ``atomic`` block was never exited."""
     if wrapper.connection is None:
+        if getattr(wrapper, "_parked", None) is not None:
+            wrapper.close()  # parked between statements (release="transaction"): clean, goes back
         return
     in_transaction = wrapper.in_atomic_block or not wrapper.get_autocommit()
     if not in_transaction:

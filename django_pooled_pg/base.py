@@ -53,7 +53,7 @@ from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .creation import DatabaseCreation
 from .features import DatabaseFeatures
 from .ledger import ledger
-from .pool import Pool
+from .pool import RECENT, Pool
 from .registry import registry
 from .release import release_connection
 from .session import changes_session, startup_options
@@ -90,6 +90,8 @@ class ReleaseOnCloseMixin:
     db: DatabaseWrapper
     cursor: Any
     borrow: Any
+    #: Still counted in the wrapper's open cursors (a second close() counts nothing).
+    counted: bool
 
     def close(self) -> None:
         try:
@@ -181,6 +183,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     #: Cursors open on the current borrow, and explicit pins (``pinned()``).
     _open_cursors: int = 0
     _pins: int = 0
+    #: release="transaction": the connection parked after the last statement (``Pool.park``);
+    #: ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
+    _parked: Connection | None = None
 
     # ----- The pool ---------------------------------------------------------------------------
 
@@ -270,6 +275,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """Borrow a connection: Django's ``connect()`` minus the per-session work."""
         if not self.pooled:
             return super().connect()
+        if self._parked is not None and self._take_back_parked():
+            return
         pool = self.pool
         # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
         self.in_atomic_block = False
@@ -372,12 +379,86 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
-        held = time.monotonic() - borrow.started
-        stats.hold.record(held)
+        if not borrow.parked:  # a parked connection's hold was recorded when it was parked
+            self._returned(borrow, time.monotonic(), outcome.rolled_back)
+
+    def _returned(self, borrow: Any, now: float, rolled_back: bool) -> None:
+        held = now - borrow.started
+        borrow.pool.stats.hold.record(held)
         signals.connection_returned.send(
-            sender=type(self), alias=self.alias, connection=self, held=held,
-            rolled_back=outcome.rolled_back,
+            sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
         )
+
+    def close(self) -> None:
+        if self._parked is not None:
+            self._return_parked()
+        super().close()
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        if self._parked is not None:
+            self._return_parked()  # the end of a request: a parked connection goes back
+        super().close_if_unusable_or_obsolete()
+
+    # ----- Parking between statements (release="transaction") -----------------------------------
+
+    def _park(self) -> None:
+        """After a statement, leave the connection free for any borrower to take, and take it
+        back at the next statement if nobody has (:meth:`Pool.park`). It is clean: nothing pins
+        it. If a borrower is waiting, it goes back to the pool for real instead."""
+        conn, pool, borrow = self.connection, self._borrowed_from, self._borrow
+        if not pool.park(conn, borrow):
+            return self._close()
+        now = time.monotonic()
+        conn._pooled_pg_returned_at = now
+        conn._pooled_pg_cursors.clear()  # every one closed (release_if_unpinned checked)
+        borrow.parked = True
+        self.connection = None
+        self._parked = conn
+        self._returned(borrow, now, False)
+
+    def _unpark(self) -> Connection | None:
+        """The parked connection, taken back from the pool; None if another borrower or the pool
+        took it meanwhile (or it is the parent's, inherited over fork)."""
+        conn, pool = self._parked, self._borrowed_from
+        self._parked = None
+        if pool is None or self._borrow_generation != registry.generation:
+            self._borrowed_from = None  # not ours to touch
+            return None
+        if not pool.unpark(conn):
+            ledger.discard(self._borrow)
+            self._borrowed_from = None
+            return None
+        return conn
+
+    def _take_back_parked(self) -> bool:
+        """Resume the parked connection for the next statement: True if it was still free and
+        alive; False (and a normal borrow follows) if not."""
+        conn = self._unpark()
+        if conn is None:
+            return False
+        self.connection = conn
+        now = time.monotonic()
+        if conn._expire_at <= now or (now - conn._pooled_pg_returned_at >= RECENT and not self._borrowed_from.usable(conn)):
+            self._close()  # past max_lifetime, or dead after a pause: the pool replaces it
+            return False
+        borrow = self._borrow
+        borrow.parked = False
+        borrow.started = now
+        stats = self._borrowed_from.stats
+        stats.borrows += 1
+        stats.parked_reused += 1
+        stats.wait.record(0.0)
+        self._open_cursors = 0
+        signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
+        return True
+
+    def _return_parked(self) -> None:
+        """Give the parked connection back to the pool (the request, or the thread's work, is
+        over) unless another borrower took it."""
+        conn = self._unpark()
+        if conn is not None:
+            self.connection = conn
+            self._close()
 
     # ----- release="transaction" ---------------------------------------------------------------
 
@@ -393,13 +474,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def _count_cursor(self, wrapped: Any) -> Any:
         wrapped.borrow = self._borrow
+        wrapped.counted = True
         self._open_cursors += 1
         return wrapped
 
     def cursor_closed(self, wrapped: Any) -> None:
-        if wrapped.borrow is not self._borrow or self._borrowed_from is None:
+        if wrapped.borrow is not self._borrow or self._borrowed_from is None or self._parked is not None:
             return  # a cursor of an earlier borrow, closed late
-        self._open_cursors -= 1
+        if wrapped.counted:
+            wrapped.counted = False  # closing twice counts once
+            self._open_cursors -= 1
         self.release_if_unpinned()
 
     def set_autocommit(self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False) -> None:
@@ -425,12 +509,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             or any(not cursor.closed for cursor in conn._pooled_pg_cursors)
         ):
             return
-        self._close()
+        self._park()
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""
         if self._borrowed_from is not None and self._borrow_generation != registry.generation:
             self.connection = None
+            self._parked = None
             self._borrowed_from = None
 
     def close_if_health_check_failed(self) -> None:
@@ -444,3 +529,4 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # QuerySet.iterator() cursors: closed at release if their iterator was abandoned.
             self.connection._pooled_pg_cursors.append(cursor)
         return cursor
+

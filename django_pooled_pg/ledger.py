@@ -51,6 +51,9 @@ class Borrow:
     view: str | None
     frames: Frames | None = None
     reported: bool = False
+    #: release="transaction": the borrower parked the connection between statements (see
+    #: :meth:`Pool.park <django_pooled_pg.pool.Pool.park>`); it is not in use.
+    parked: bool = False
 
     def stack(self) -> str:
         if not self.frames:
@@ -139,8 +142,20 @@ class BorrowLedger:
                 pass  # returned by another thread than the one that borrowed it
         return borrow
 
+    def discard(self, borrow: Borrow) -> None:
+        """Cross out ``borrow`` whose parked connection was taken by another borrower or the
+        pool: nobody returns it under this record any more."""
+        if self.borrows.get(id(borrow.conn)) is borrow:
+            self.borrows.pop(id(borrow.conn), None)
+        holder = self._local.__dict__.get("holder")
+        if holder is not None:
+            try:
+                holder.borrows.remove(borrow)
+            except ValueError:
+                pass
+
     def in_use(self, alias: str) -> int:
-        return sum(1 for b in list(self.borrows.values()) if b.alias == alias)
+        return sum(1 for b in list(self.borrows.values()) if b.alias == alias and not b.parked)
 
     # ----- Threads that ended holding a connection ----------------------------------------------
 
@@ -158,6 +173,15 @@ class BorrowLedger:
         from .release import release_connection
 
         if self.borrows.get(id(borrow.conn)) is not borrow:
+            return 0
+        if borrow.parked:
+            # Parked between statements: clean and not in use, so nothing to report. Return it
+            # unless another borrower took it meanwhile.
+            if borrow.pool.unpark(borrow.conn):
+                self.discard(borrow)
+                release_connection(borrow.pool, borrow.conn)
+            else:
+                self.discard(borrow)
             return 0
         del self.borrows[id(borrow.conn)]
         outcome = release_connection(borrow.pool, borrow.conn)
@@ -199,7 +223,7 @@ class BorrowLedger:
         reported = []
         for borrow in list(self.borrows.values()):
             limit = borrow.pool.settings.leak_timeout
-            if borrow.reported or not limit or now - borrow.started < limit:
+            if borrow.reported or borrow.parked or not limit or now - borrow.started < limit:
                 continue
             borrow.reported = True
             reported.append(borrow)

@@ -22,7 +22,7 @@ from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
-from .ledger import ledger
+from .ledger import Borrow, ledger
 from .settings import PoolSettings
 from .stats import AliasStats
 
@@ -86,6 +86,8 @@ class Pool(ConnectionPool):
         self.fail_fast_timeout = max(1.0, connect_timeout)
         self._checking = threading.Lock()
         self._probing = threading.Lock()
+        #: release="transaction": connections parked between statements, oldest first.
+        self._parked: dict[Connection, Borrow] = {}
         kwargs["connection_class"] = health_tracking(kwargs.get("connection_class", Connection), self.health)
         super().__init__(**kwargs)
 
@@ -225,6 +227,76 @@ class Pool(ConnectionPool):
             return True
         finally:
             self._probing.release()
+
+    # ----- Parking (release="transaction") ----------------------------------------------------
+
+    def park(self, conn: Connection, borrow: Borrow) -> bool:
+        """Keep a clean connection out of the pool but free for anyone to take, instead of
+        giving it back after a statement; False when it must go back now (a borrower is waiting,
+        or the pool is closed).
+
+        Parking is what makes per-statement release cheap. A borrower that runs statement after
+        statement takes its own connection back with :meth:`unpark` (a dict pop, not a
+        ``getconn()`` + ``putconn()`` and Django's per-borrow set-up); a borrower that finds no
+        idle connection takes the longest-parked one (:meth:`_get_ready_connection`), so a
+        connection whose borrower is busy elsewhere (waiting on another service) still serves
+        others. The decision is made under the pool's lock, where borrowers decide to wait, so a
+        connection is never parked while someone waits for one.
+        """
+        with self._lock:
+            if self._waiting or self._closed:
+                return False
+            self._parked[conn] = borrow
+        return True
+
+    def unpark(self, conn: Connection) -> bool:
+        """Take back a connection parked by :meth:`park`; False if someone else has taken it."""
+        with self._lock:
+            return self._parked.pop(conn, None) is not None
+
+    def release_parked(self, older_than: float = 0.0) -> int:
+        """Give connections parked longer than ``older_than`` seconds back to the pool, where
+        psycopg_pool's upkeep (``max_idle``, ``max_lifetime``, checks) reaches them again."""
+        from .release import release_connection
+
+        now = time.monotonic()
+        with self._lock:
+            old = [(c, b) for c, b in self._parked.items() if now - c._pooled_pg_returned_at >= older_than]
+            for conn, _ in old:
+                del self._parked[conn]
+        for conn, borrow in old:
+            ledger.discard(borrow)
+            release_connection(self, conn)
+        return len(old)
+
+    def _get_ready_connection(self, timeout: float | None) -> Connection | None:
+        # Called by getconn() under self._lock: with no idle connection, take a parked one
+        # (the longest parked: its borrower is most likely busy elsewhere) rather than wait.
+        if not self._pool and self._parked:
+            conn = next(iter(self._parked))
+            del self._parked[conn]
+            self.stats.parked_taken += 1
+            return conn
+        return super()._get_ready_connection(timeout)  # type: ignore[no-any-return]
+
+    def _get_measures(self) -> dict[str, int]:
+        measures = super()._get_measures()
+        measures[self._POOL_AVAILABLE] += len(self._parked)  # free to take: idle, for every reader
+        return measures
+
+    def _shrink_pool(self) -> None:
+        # psycopg_pool's periodic upkeep (every max_idle): a connection parked for a second or
+        # more belongs to a borrower that stopped querying without giving back (a long-lived
+        # thread between jobs); the pool takes it back so that its upkeep applies again.
+        self.release_parked(older_than=1.0)
+        super()._shrink_pool()
+
+    def close(self, timeout: float = 5.0) -> None:
+        super().close(timeout)
+        with self._lock:
+            parked, self._parked = list(self._parked), {}
+        for conn in parked:
+            self._close_connection(conn)
 
     def timeout_error(self, waited: float) -> PoolError:
         state = self.describe()

@@ -121,7 +121,7 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
         kwargs = getattr(pool, "kwargs", {}) or {}
         settings_dict = _settings_dict(name)
         app_name = str(kwargs.get("application_name") or "")
-        in_alias = [b for b in held if b.alias == name]
+        in_alias = [b for b in held if b.alias == name and not b.parked]
         snapshots.append(PoolSnapshot(
             host=host, pid=pid, alias=name, started_at=STARTED_AT, taken_at=now,
             database=str(settings_dict.get("NAME") or kwargs.get("dbname") or ""),

@@ -126,6 +126,10 @@ class AliasStats:
     #: Healthy connections the pool closed while open: past max_lifetime, idle above min_size
     #: longer than max_idle, or drained.
     recycled: int = 0
+    #: release="transaction": parked connections taken back by their own borrower / taken by
+    #: another borrower (counted in ``borrows`` too).
+    parked_reused: int = 0
+    parked_taken: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
 

@@ -12,6 +12,7 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import F, Sum
 from django.test import Client
+from django.test.utils import override_settings
 
 from django_pooled_pg import pinned
 from django_pooled_pg.ledger import ledger
@@ -36,11 +37,132 @@ def backend_pid() -> int:
         return cursor.fetchone()[0]
 
 
+def active_borrows() -> list:
+    return [b for b in ledger.borrows.values() if not b.parked]
+
+
 def test_each_statement_gives_back():
     Item.objects.create(name="a")
     assert not held() and pool_in_use() == 0
     assert Item.objects.count() == 1
-    assert not held() and not ledger.borrows
+    assert not held() and not active_borrows()
+
+
+def test_parked_connection_is_taken_back_by_the_next_statement():
+    stats = ledger.stats_for("default")
+    first = backend_pid()
+    reused = stats.parked_reused
+    for _ in range(5):
+        assert backend_pid() == first  # the same session, without a trip through the pool
+    assert stats.parked_reused == reused + 5
+    assert pool_in_use() == 0  # parked counts as idle: anyone may take it
+
+
+def test_parked_connection_serves_another_thread(pool_options):
+    """A thread that is busy elsewhere between statements does not keep its connection from
+    others: with every connection parked, a borrower takes one instead of waiting."""
+    pool_options(min_size=4, max_size=4, timeout=5, release="transaction")
+    connection.pool.wait(timeout=5)
+    pool_options_size = 4
+    parked_by, ready, done = [], threading.Barrier(pool_options_size + 1), threading.Event()
+
+    def park_and_wait():
+        parked_by.append(backend_pid())  # borrow, query, park
+        ready.wait()
+        done.wait(5)
+        backend_pid()  # its own connection may be gone: it borrows another
+        connection.close()
+
+    threads = [threading.Thread(target=park_and_wait) for _ in range(pool_options_size)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    assert len(set(parked_by)) == pool_options_size  # every connection of the pool is parked
+    taken = ledger.stats_for("default").parked_taken
+    started = time.monotonic()
+    pid = backend_pid()
+    assert time.monotonic() - started < 1  # no waiting for the pool's timeout (5 s)
+    assert pid in parked_by and ledger.stats_for("default").parked_taken == taken + 1
+    connection.close()
+    done.set()
+    for t in threads:
+        t.join()
+    assert pool_in_use() == 0 and not active_borrows()
+
+
+def test_a_waiting_borrower_gets_the_connection_instead_of_parking(superuser):
+    """While a borrower waits, a finished statement gives its connection back for real."""
+    pool = connection.pool
+    with transaction.atomic():  # holds one connection
+        Item.objects.count()
+        others = [threading.Thread(target=lambda: (Item.objects.count(), time.sleep(0.3), connection.close()))
+                  for _ in range(pool.max_size - 1)]
+        for t in others:
+            t.start()
+        for t in others:
+            t.join(0.1)
+        got = []
+        waiter = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
+        waiter.start()
+        time.sleep(0.1)
+        assert pool.get_stats().get("requests_waiting", 0) == 1 or got
+    waiter.join(5)
+    assert got
+    for t in others:
+        t.join()
+
+
+def test_request_end_returns_the_parked_connection():
+    response = Client().get("/query/")
+    assert response.status_code == 200
+    assert not any(b.parked for b in ledger.borrows.values() if b.thread is threading.current_thread())
+    pool = connection.pool
+    assert pool._parked == {}
+
+
+def test_thread_that_ends_with_a_parked_connection_gives_it_back():
+    pool = connection.pool
+    reclaimed = ledger.stats_for("default").reclaimed
+    thread = threading.Thread(target=Item.objects.count)  # queries, parks, ends without close()
+    thread.start()
+    thread.join()
+    deadline = time.monotonic() + 5
+    while pool._parked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool._parked == {} and not ledger.borrows
+    assert ledger.stats_for("default").reclaimed == reclaimed  # nothing was held: no warning
+
+
+def test_time_zone_override_between_statements_gets_a_new_pool():
+    """Django closes the pool when the time zone changes; that takes back parked connections."""
+    assert one_value("SELECT current_setting('TimeZone')") == "UTC"  # parked now
+    old_pool = connection.pool
+    assert connection._parked is not None
+    with override_settings(USE_TZ=False, TIME_ZONE="Asia/Tokyo"):
+        connection.__dict__.pop("timezone_name", None)
+        try:
+            assert one_value("SELECT current_setting('TimeZone')") == "Asia/Tokyo"
+            assert connection.pool is not old_pool
+        finally:
+            connection.close()
+            connection.__dict__.pop("timezone_name", None)
+    assert one_value("SELECT current_setting('TimeZone')") == "UTC"
+
+
+def one_value(sql: str):
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()[0]
+
+
+def test_the_pool_takes_back_connections_parked_for_long():
+    backend_pid()
+    pool = connection.pool
+    assert len(pool._parked) == 1
+    assert pool.release_parked(older_than=60) == 0
+    assert pool.release_parked(older_than=0) == 1
+    assert pool._parked == {} and not ledger.borrows
+    assert backend_pid()  # the next statement borrows normally
 
 
 def test_atomic_holds_until_the_outermost_block_ends():
