@@ -90,26 +90,39 @@ def test_parked_connection_serves_another_thread(pool_options):
     assert pool_in_use() == 0 and not active_borrows()
 
 
-def test_a_waiting_borrower_gets_the_connection_instead_of_parking(superuser):
+def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options):
     """While a borrower waits, a finished statement gives its connection back for real."""
+    pool_options(min_size=2, max_size=2, timeout=5, release="transaction")
     pool = connection.pool
-    with transaction.atomic():  # holds one connection
-        Item.objects.count()
-        others = [threading.Thread(target=lambda: (Item.objects.count(), time.sleep(0.3), connection.close()))
-                  for _ in range(pool.max_size - 1)]
-        for t in others:
-            t.start()
-        for t in others:
-            t.join(0.1)
-        got = []
-        waiter = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
+    pool.wait(timeout=5)
+    release_other, got = threading.Event(), []
+
+    def hold_in_atomic():
+        with transaction.atomic():
+            Item.objects.count()
+            release_other.wait(5)
+        connection.close()
+
+    def wait_for_one():
+        got.append(backend_pid())
+        connection.close()
+
+    holder = threading.Thread(target=hold_in_atomic)
+    holder.start()
+    with pinned():
+        mine = backend_pid()  # both connections are in use now
+        waiter = threading.Thread(target=wait_for_one)
         waiter.start()
-        time.sleep(0.1)
-        assert pool.get_stats().get("requests_waiting", 0) == 1 or got
+        deadline = time.monotonic() + 5
+        while pool.get_stats().get("requests_waiting", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.get_stats().get("requests_waiting", 0) == 1
+    # the end of pinned(): not parked, handed to the waiter
     waiter.join(5)
-    assert got
-    for t in others:
-        t.join()
+    assert connection._parked is None and not held()
+    assert got == [mine]
+    release_other.set()
+    holder.join()
 
 
 def test_request_end_returns_the_parked_connection():
