@@ -29,6 +29,7 @@ from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorWrapper
+from django.utils.asyncio import async_unsafe
 
 try:
     from django.db.backends.postgresql import base as postgresql
@@ -389,8 +390,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
         )
 
+    @async_unsafe
     def close(self) -> None:
         if self._parked is not None:
+            self.validate_thread_sharing()
             self._return_parked()
         super().close()
 
@@ -438,7 +441,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return False
         self.connection = conn
         now = time.monotonic()
-        if conn._expire_at <= now or (now - conn._pooled_pg_returned_at >= RECENT and not self._borrowed_from.usable(conn)):
+        paused = now - conn._pooled_pg_returned_at >= RECENT
+        if conn._expire_at <= now or (paused and not self._borrowed_from.usable(conn)):
             self._close()  # past max_lifetime, or dead after a pause: the pool replaces it
             return False
         borrow = self._borrow
@@ -492,10 +496,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.release_if_unpinned()  # the outermost atomic block has ended
 
     def release_if_unpinned(self) -> None:
-        """Give the connection back now unless something still needs this session: an open
-        cursor or transaction, an atomic block, autocommit turned off, an open
-        ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed session
-        state (which pins the connection until the request ends)."""
+        """Give the connection back now (park it: :meth:`_park`) unless something still needs
+        this session: an open cursor or transaction, an atomic block, autocommit turned off, an
+        open ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed
+        session state (which pins the connection until the request ends)."""
         conn = self.connection
         if (
             conn is None
@@ -529,4 +533,3 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # QuerySet.iterator() cursors: closed at release if their iterator was abandoned.
             self.connection._pooled_pg_cursors.append(cursor)
         return cursor
-

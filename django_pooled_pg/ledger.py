@@ -178,10 +178,8 @@ class BorrowLedger:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
             if borrow.pool.unpark(borrow.conn):
-                self.discard(borrow)
                 release_connection(borrow.pool, borrow.conn)
-            else:
-                self.discard(borrow)
+            self.discard(borrow)
             return 0
         del self.borrows[id(borrow.conn)]
         outcome = release_connection(borrow.pool, borrow.conn)

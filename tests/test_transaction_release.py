@@ -125,6 +125,14 @@ def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options)
     holder.join()
 
 
+def test_parked_connection_killed_meanwhile_is_replaced(superuser):
+    pid = backend_pid()  # parked now
+    superuser.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.1)  # longer than a connection given back just now is trusted unchecked
+    assert backend_pid() != pid  # no error: the dead session was noticed and another borrowed
+    assert pool_in_use() == 0
+
+
 def test_request_end_returns_the_parked_connection():
     response = Client().get("/query/")
     assert response.status_code == 200
