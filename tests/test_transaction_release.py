@@ -11,7 +11,8 @@ import psycopg
 import pytest
 from django.db import connection, transaction
 from django.db.models import F, Sum
-from django.test import Client
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient, Client
 from django.test.utils import override_settings
 
 from django_pooled_pg import pinned
@@ -139,6 +140,20 @@ def test_request_end_returns_the_parked_connection():
     assert not any(b.parked for b in ledger.borrows.values() if b.thread is threading.current_thread())
     pool = connection.pool
     assert pool._parked == {}
+
+
+def test_async_view_and_stream_give_back_their_parked_connection():
+    # The ORM of both runs on this thread (thread-sensitive), so its connection object is ours.
+    response = async_to_sync(AsyncClient().get)("/async/")
+    assert response.status_code == 200
+    assert connection._parked is None and connection.pool._parked == {}
+    response = Client().get("/stream/")
+    chunks = iter(response.streaming_content)
+    assert next(chunks) == b"0,1\n"
+    assert connection._parked is not None, "the stream parks between its statements"
+    assert b"".join(chunks) == b"1,1\n2,1\n"  # the last chunk closes the response
+    assert connection._parked is None and connection.pool._parked == {}
+    assert not ledger.borrows and pool_in_use() == 0
 
 
 def test_thread_that_ends_with_a_parked_connection_gives_it_back():
@@ -353,17 +368,20 @@ def test_concurrent_transfers_keep_the_total():
                     if rng.random() < 0.1:
                         transaction.set_rollback(True)
                 Item.objects.count()  # autocommit statements in between
+                time.sleep(0.001)  # busy elsewhere: the parked connection serves other threads
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
             connection.close()
 
+    taken = ledger.stats_for("default").parked_taken
     threads = [threading.Thread(target=transfer_many, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
+    assert ledger.stats_for("default").parked_taken > taken  # parked connections changed hands
     assert Account.objects.aggregate(total=Sum("balance"))["total"] == 10 * 1000
     assert min(Account.objects.values_list("balance", flat=True)) >= 0
     assert pool_in_use() == 0
