@@ -441,14 +441,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return False
         self.connection = conn
         now = time.monotonic()
-        paused = now - conn._pooled_pg_returned_at >= RECENT
-        if conn._expire_at <= now or (paused and not self._borrowed_from.usable(conn)):
-            self._close()  # past max_lifetime, or dead after a pause: the pool replaces it
+        pool = self._borrowed_from
+        if conn._expire_at <= now:
+            self._close()  # past max_lifetime: the pool replaces it
+            return False
+        if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):
+            pool.stats.lost += 1  # dead after a pause, as an idle connection can be
+            self._close()
             return False
         borrow = self._borrow
         borrow.parked = False
         borrow.started = now
-        stats = self._borrowed_from.stats
+        stats = pool.stats
         stats.borrows += 1
         stats.parked_reused += 1
         stats.wait.record(0.0)

@@ -128,10 +128,23 @@ def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options)
 
 def test_parked_connection_killed_meanwhile_is_replaced(superuser):
     pid = backend_pid()  # parked now
+    lost = ledger.stats_for("default").lost
     superuser.execute("SELECT pg_terminate_backend(%s)", [pid])
     time.sleep(0.1)  # longer than a connection given back just now is trusted unchecked
     assert backend_pid() != pid  # no error: the dead session was noticed and another borrowed
+    assert ledger.stats_for("default").lost == lost + 1
     assert pool_in_use() == 0
+
+
+def test_parked_connection_past_max_lifetime_is_replaced(pool_options, superuser):
+    pool_options(min_size=1, max_size=2, timeout=5, max_lifetime=0.5, release="transaction")
+    pid = backend_pid()  # parked now
+    time.sleep(0.6)
+    assert backend_pid() != pid
+    deadline = time.monotonic() + 5
+    while superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]:
+        assert time.monotonic() < deadline, "the expired session was not closed"
+        time.sleep(0.05)
 
 
 def test_request_end_returns_the_parked_connection():
