@@ -79,12 +79,13 @@ COLORS = {
     "pooled-request": "#2ca02c", "pooled-transaction": "#17becf", "pgbouncer": "#9467bd",
 }  # fmt: skip
 #: Why wrk sends ``Connection: close`` by default. Measured with ``ss`` during keep-alive runs of the
-#: 50 ms view: pooled-transaction 305 req/s at a 1/31 split of wrk's connections between the two
-#: workers, 420 at 8/24; persistent 544 at 16/16. With a new connection per request: 472-488.
+#: 50 ms view (split of wrk's 32 connections between the two workers): persistent 525 req/s at
+#: 16/16, 430 at 8/24; pooled-transaction 517 at 15/17, 305 at 1/31; pooled-request 142 at 10/22,
+#: 71 at 0/32. With a new connection per request, every mode's rounds agree within a few percent.
 KEEPALIVE_NOTE = (
     "wrk sends `Connection: close`, so every request opens a new connection and goes to whichever "
     "worker accepts it: with keep-alive, wrk's connections stay with the worker that accepted them "
-    "first, and splits of 32 as uneven as 1/31 were measured, which the run then measures instead of "
+    "first, and splits of 32 as uneven as 0/32 were measured, which the run then measures instead of "
     "the connection mode (`--keepalive` to keep them)."
 )
 BACKENDS_SQL = (
