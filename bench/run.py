@@ -81,7 +81,7 @@ COLORS = {
 #: Why wrk sends ``Connection: close`` by default. Measured with ``ss`` during keep-alive runs of the
 #: 50 ms view (split of wrk's 32 connections between the two workers): persistent 525 req/s at
 #: 16/16, 430 at 8/24; pooled-transaction 517 at 15/17, 305 at 1/31; pooled-request 142 at 10/22,
-#: 71 at 0/32. With a new connection per request, every mode's rounds agree within a few percent.
+#: 71 at 0/32. With a new connection per request, five rounds of each mode agreed within 4%.
 KEEPALIVE_NOTE = (
     "wrk sends `Connection: close`, so every request opens a new connection and goes to whichever "
     "worker accepts it: with keep-alive, wrk's connections stay with the worker that accepted them "
