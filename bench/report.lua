@@ -1,5 +1,7 @@
 -- wrk script for bench/run.py: counts responses per HTTP status over all threads and prints one
 -- line of JSON at the end (after wrk's own report), so the harness need not parse wrk's text.
+-- Argument (after --): N, send "Connection: close" on every Nth request of a thread, so that its
+-- connections reconnect now and then (0: never, 1: every request).
 local threads = {}
 
 function setup(thread)
@@ -8,6 +10,18 @@ end
 
 function init(args)
   statuses = {}
+  reconnect_every = tonumber(args[1] or "0") or 0
+  sent = 0
+  keep = wrk.format()
+  close = wrk.format(nil, nil, {["Connection"] = "close"})
+end
+
+function request()
+  sent = sent + 1
+  if reconnect_every > 0 and sent % reconnect_every == 0 then
+    return close
+  end
+  return keep
 end
 
 function response(status, headers, body)

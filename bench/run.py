@@ -78,15 +78,18 @@ COLORS = {
     "direct": "#8c8c8c", "persistent": "#1f77b4", "django-pool": "#ff7f0e",
     "pooled-request": "#2ca02c", "pooled-transaction": "#17becf", "pgbouncer": "#9467bd",
 }  # fmt: skip
-#: Why wrk sends ``Connection: close`` by default. Measured with ``ss`` during keep-alive runs of the
-#: 50 ms view (split of wrk's 32 connections between the two workers): persistent 525 req/s at
-#: 16/16, 430 at 8/24; pooled-transaction 517 at 15/17, 305 at 1/31; pooled-request 142 at 10/22,
-#: 71 at 0/32. With a new connection per request, five rounds of each mode agreed within 4%.
-KEEPALIVE_NOTE = (
-    "wrk sends `Connection: close`, so every request opens a new connection and goes to whichever "
-    "worker accepts it: with keep-alive, wrk's connections stay with the worker that accepted them "
-    "first, and splits of 32 as uneven as 0/32 were measured, which the run then measures instead of "
-    "the connection mode (`--keepalive` to keep them)."
+#: Why wrk reconnects now and then (``--reconnect-every``, default 10). With connections kept open
+#: for the whole run, they stay with the gunicorn worker that accepted them first, and which one
+#: that is is a race. Measured with ``ss`` during such runs of the 50 ms view (split of wrk's 32
+#: connections between the two workers): persistent 525 req/s at 16/16, 430 at 8/24;
+#: pooled-transaction 517 at 15/17, 305 at 1/31; pooled-request 142 at 10/22, 71 at 0/32. A
+#: connection closed after every 10th request is accepted again by whichever worker gets to it
+#: first, the less busy one, so the load evens out: pooled-request 141 req/s in every round.
+RECONNECT_NOTE = (
+    "wrk closes each connection after every {n}th request and opens another, as clients do: with "
+    "connections kept open for the whole run, they stay with the gunicorn worker that accepted them "
+    "first, splits of 32 as uneven as 0/32 were measured, and the run then measures the split, not "
+    "the connection mode."
 )
 BACKENDS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s"
@@ -347,11 +350,9 @@ class Sampler(threading.Thread):
 
 
 def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int, timeout: float,
-            keepalive: bool = True) -> dict[str, Any]:  # fmt: skip
+            reconnect_every: int = 0) -> dict[str, Any]:  # fmt: skip
     cmd = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-           f"--timeout={timeout:g}s", "--latency", "-s", str(BENCH / "report.lua"), url]  # fmt: skip
-    if not keepalive:
-        cmd[1:1] = ["-H", "Connection: close"]
+           f"--timeout={timeout:g}s", "--latency", "-s", str(BENCH / "report.lua"), url, "--", str(reconnect_every)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if res.returncode != 0 or line is None:
@@ -430,12 +431,12 @@ class Bench:
             for endpoint in endpoints:
                 url = server.base + self.path(endpoint)
                 if a.warmup > 0:
-                    run_wrk(self.tools["wrk"], url, a.warmup, connections, a.wrk_threads, a.wrk_timeout, a.keepalive)
+                    run_wrk(self.tools["wrk"], url, a.warmup, connections, a.wrk_threads, a.wrk_timeout, a.reconnect_every)
                 sampler = Sampler(self.cluster)
                 sampler.start()
                 try:
                     result = run_wrk(self.tools["wrk"], url, a.duration, connections, a.wrk_threads, a.wrk_timeout,
-                                     a.keepalive)  # fmt: skip
+                                     a.reconnect_every)  # fmt: skip
                 finally:
                     result_backends = sampler.finish()
                 result.update(result_backends)
@@ -644,7 +645,8 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         "fsync off; the site connects as an ordinary role, so superuser_reserved_connections keep room for "
         "the harness's monitoring). Peak backends: client backends on the database, from `pg_stat_activity` every 100 ms. "
         "Orders written by earlier runs are deleted before each mode. "
-        + (KEEPALIVE_NOTE if not a.get("keepalive") else "wrk keeps its connections open (`--keepalive`).")
+        + (RECONNECT_NOTE.format(n=a["reconnect_every"]) if a.get("reconnect_every")
+           else "wrk keeps its connections open for the whole run (`--reconnect-every 0`).")
     )
     lines += ["", "## Targets", "", *targets(data["main"], data.get("overload")), ""]
     for endpoint in a["endpoints"]:
@@ -717,8 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, help="wrk connections (default: workers x threads)")
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--wrk-timeout", type=float, default=10, help="seconds before wrk counts a request as timed out")
-    parser.add_argument("--keepalive", action="store_true",
-                        help="let wrk keep its connections open (by default every request opens a new one: see KEEPALIVE_NOTE)")  # fmt: skip
+    parser.add_argument("--reconnect-every", type=int, default=10,
+                        help="wrk closes a connection after every Nth request and opens another (0: never; see RECONNECT_NOTE)")  # fmt: skip
     parser.add_argument("--pool-size", type=int, default=4, help="connections per worker for every pool")
     parser.add_argument("--pool-timeout", type=float, default=5)
     parser.add_argument("--max-connections", type=int, default=100, help="PostgreSQL max_connections (main runs)")
