@@ -84,7 +84,7 @@ COLORS = {
 #: connections between the two workers): persistent 525 req/s at 16/16, 430 at 8/24;
 #: pooled-transaction 517 at 15/17, 305 at 1/31; pooled-request 142 at 10/22, 71 at 0/32. A
 #: connection closed after every 10th request is accepted again by whichever worker gets to it
-#: first, the less busy one, so the load evens out: pooled-request 141 req/s in every round.
+#: first, the less busy one, so the load evens out: pooled-request 134-141 req/s in every round.
 RECONNECT_NOTE = (
     "wrk closes each connection after every {n}th request and opens another, as clients do: with "
     "connections kept open for the whole run, they stay with the gunicorn worker that accepted them "
