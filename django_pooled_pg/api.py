@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.transaction import TransactionManagementError
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -62,18 +63,69 @@ def pinned(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
             wrapper.release_if_unpinned()
 
 
-def release_connections(view: str | None = None) -> int:
+#: What a request found held when it began: alias -> (depth of the atomic blocks around it,
+#: autocommit). See :func:`held_connections`.
+Held = dict[str, tuple[int, bool]]
+
+
+def held_connections() -> Held | None:
+    """The connections this thread already holds as a request begins, and the transaction state
+    around them; None when it holds none (every request a server handles: Django's
+    ``request_started`` closes what an earlier request left).
+
+    They belong to the code around the request, not to it: a test case's transaction, a
+    ``borrow()`` block or ``atomic`` around a test-client call, a management command using
+    ``Client``. The request gives back only what it borrowed and undoes only what it opened.
+    """
+    held = None
+    for wrapper in connections.all(initialized_only=True):
+        if wrapper.connection is not None and getattr(wrapper, "_borrowed_from", None) is not None:
+            if held is None:
+                held = {}
+            held[wrapper.alias] = (len(wrapper.atomic_blocks), wrapper.autocommit)
+    return held
+
+
+def release_connections(view: str | None = None, held: Held | None = None) -> int:
     """Give back every connection this thread borrowed; returns how many.
 
     A connection left inside a transaction (an open ``atomic`` block, ``set_autocommit(False)``)
-    is rolled back, and that is logged as a WARNING naming ``view``.
+    is rolled back, and that is logged as a WARNING naming ``view``. Connections in ``held``
+    (from :func:`held_connections` at the start of a request) stay with their holder; only the
+    transactions the request opened on them are undone.
     """
     released = 0
     for wrapper in connections.all(initialized_only=True):
-        if getattr(wrapper, "_borrowed_from", None) is not None:
-            release_connection_of(wrapper, view)
-            released += 1
+        if getattr(wrapper, "_borrowed_from", None) is None:
+            continue
+        if held and wrapper.alias in held and wrapper.connection is not None:
+            undo_request_transactions(wrapper, *held[wrapper.alias], view)
+            continue
+        release_connection_of(wrapper, view)
+        released += 1
     return released
+
+
+def undo_request_transactions(wrapper: BaseDatabaseWrapper, depth: int, autocommit: bool, view: str | None) -> None:
+    """Roll back what a request left open on a connection it did not borrow: the atomic blocks
+    it entered and never left (each exited as on an exception, so Django rolls back to its
+    savepoint), or a transaction it began with ``set_autocommit(False)``. The holder's own
+    transaction and blocks stay as they were."""
+    if len(wrapper.atomic_blocks) > depth:
+        logger.warning(
+            "%s left %d atomic block(s) open on database %r; rolled back to where the request began",
+            f"view {view}" if view else "a request", len(wrapper.atomic_blocks) - depth, wrapper.alias,
+        )
+        error = TransactionManagementError("atomic block left open by a request")
+        while len(wrapper.atomic_blocks) > depth:
+            wrapper.atomic_blocks[-1].__exit__(TransactionManagementError, error, None)
+    elif autocommit and not wrapper.in_atomic_block and not wrapper.autocommit:
+        logger.warning(
+            "%s left a transaction open on database %r; it was rolled back",
+            f"view {view}" if view else "a request", wrapper.alias,
+        )
+        wrapper.rollback()
+        wrapper.set_autocommit(True)
 
 
 def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None) -> None:

@@ -86,20 +86,23 @@ class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
 
 class ReleaseOnCloseMixin:
     """With ``release="transaction"``: closing the last cursor of a connection that nothing pins
-    gives the connection back (see :meth:`DatabaseWrapper.release_if_unpinned`)."""
+    gives the connection back (see :meth:`DatabaseWrapper.release_if_unpinned`).
+
+    The open cursors are counted by their psycopg cursor, not by this wrapper: tools that wrap
+    cursors (django-debug-toolbar) build a wrapper of their own around ``wrapper.cursor``, from a
+    subclass of this class and without calling our constructor, and drop ours unclosed. Closing
+    theirs closes the same psycopg cursor, and that is what counts.
+    """
 
     db: DatabaseWrapper
     cursor: Any
-    borrow: Any
-    #: Still counted in the wrapper's open cursors (a second close() counts nothing).
-    counted: bool
 
     def close(self) -> None:
         try:
             with self.db.wrap_database_errors:
                 self.cursor.close()
         finally:
-            self.db.cursor_closed(self)
+            self.db.cursor_closed(self.cursor)
 
 
 class ReleasingCursorWrapper(ReleaseOnCloseMixin, CursorWrapper):
@@ -181,8 +184,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     _borrow_generation: int = -1
     #: release="transaction": give back after each statement / outermost transaction.
     _per_statement: bool = False
-    #: Cursors open on the current borrow, and explicit pins (``pinned()``).
-    _open_cursors: int = 0
+    #: The psycopg cursors of the current borrow whose wrapper is not closed yet (a set made per
+    #: borrow), and explicit pins (``pinned()``).
+    _open_cursors: set[Any] = frozenset()  # type: ignore[assignment]
     _pins: int = 0
     #: release="transaction": the connection parked after the last statement (``Pool.park``);
     #: ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
@@ -306,7 +310,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self._per_statement = False  # set below: the queries of connect() itself keep it
-        self._open_cursors = 0
+        self._open_cursors = set()
         self.connection = conn
         if "isolation_level" in self.settings_dict["OPTIONS"]:
             level = self.isolation_level = self._isolation_level()
@@ -456,7 +460,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats.borrows += 1
         stats.parked_reused += 1
         stats.wait.record(0.0)
-        self._open_cursors = 0
+        self._open_cursors.clear()  # (the set of this connect())
         signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
         return True
 
@@ -481,17 +485,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return self._count_cursor(ReleasingCursorDebugWrapper(cursor, self))
 
     def _count_cursor(self, wrapped: Any) -> Any:
-        wrapped.borrow = self._borrow
-        wrapped.counted = True
-        self._open_cursors += 1
+        self._open_cursors.add(wrapped.cursor)
         return wrapped
 
-    def cursor_closed(self, wrapped: Any) -> None:
-        if wrapped.borrow is not self._borrow or self._borrowed_from is None or self._parked is not None:
-            return  # a cursor of an earlier borrow, closed late
-        if wrapped.counted:
-            wrapped.counted = False  # closing twice counts once
-            self._open_cursors -= 1
+    def cursor_closed(self, cursor: Any) -> None:
+        """The wrapper of ``cursor`` was closed: give the connection back if that was the last
+        open one. A cursor of an earlier borrow, closed late, or a second close, counts nothing."""
+        open_cursors = self._open_cursors
+        if cursor not in open_cursors:
+            return
+        open_cursors.discard(cursor)
         self.release_if_unpinned()
 
     def set_autocommit(self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False) -> None:
@@ -508,7 +511,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if (
             conn is None
             or self._borrowed_from is None
-            or self._open_cursors > 0
+            or self._cursors_open()
             or self._pins > 0
             or self.in_atomic_block
             or not self.autocommit
@@ -518,6 +521,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         ):
             return
         self._park()
+
+    def _cursors_open(self) -> bool:
+        """Whether a cursor of this borrow is still open. One that something else closed (a
+        wrapper that closes the psycopg cursor itself) no longer counts."""
+        open_cursors = self._open_cursors
+        if not open_cursors:
+            return False
+        for cursor in [c for c in open_cursors if c.closed]:
+            open_cursors.discard(cursor)
+        return bool(open_cursors)
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""

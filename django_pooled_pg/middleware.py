@@ -22,7 +22,7 @@ from django.db import connections
 from django.db.utils import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
-from .api import release_connections
+from .api import held_connections, release_connections
 from .errors import DatabaseUnavailable, PoolError
 from .ledger import current_view, ledger
 
@@ -78,6 +78,7 @@ class PoolMiddleware:
 
         token = pool_error.set(None)
         view_token = current_view.set(request.path)
+        held = held_connections()  # None unless code around the request holds one (tests)
         try:
             response = self.get_response(request)
             response = self.finish(request, response, pool_error.get())
@@ -86,9 +87,9 @@ class PoolMiddleware:
             pool_error.reset(token)
         if getattr(response, "streaming", False):
             # Given back when the server closes the response, after the last chunk.
-            response._resource_closers.append(lambda: release_connections(self.view_name(request)))
+            response._resource_closers.append(lambda: release_connections(self.view_name(request), held))
         else:
-            release_connections(self.view_name(request))
+            release_connections(self.view_name(request), held)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -96,6 +97,7 @@ class PoolMiddleware:
 
         token = pool_error.set(None)
         view_token = current_view.set(request.path)
+        held = held_connections()
         try:
             response = await self.get_response(request)
             response = self.finish(request, response, pool_error.get())
@@ -104,10 +106,10 @@ class PoolMiddleware:
             pool_error.reset(token)
         view = self.view_name(request)
         if getattr(response, "streaming", False):
-            response._resource_closers.append(lambda: release_connections(view))
+            response._resource_closers.append(lambda: release_connections(view, held))
         else:
             # The ORM ran on this request's thread-sensitive executor thread: give back there.
-            await sync_to_async(release_connections, thread_sensitive=True)(view)
+            await sync_to_async(release_connections, thread_sensitive=True)(view, held)
         return response
 
     def process_view(self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any) -> None:

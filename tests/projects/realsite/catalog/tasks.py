@@ -1,0 +1,29 @@
+"""Celery tasks of the sample project (found by app.autodiscover_tasks())."""
+
+import os
+
+from celery import shared_task
+from django.db import connection
+
+from .models import Product
+
+
+@shared_task
+def backend_pid():
+    """Which server session ran this task, in which worker process and thread."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    return {"backend": pid, "worker": os.getpid(), "products": Product.objects.count()}
+
+
+@shared_task
+def pool_state():
+    """Connections checked out of this process's pool while the task runs (only its own)."""
+    Product.objects.exists()
+    pool = getattr(connection, "pool", None)
+    stats = pool.get_stats() if pool is not None else {}
+    return {
+        "worker": os.getpid(),
+        "in_use": stats.get("pool_size", 0) - stats.get("pool_available", 0),
+    }
