@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +47,11 @@ if not is_psycopg3:
         "(psycopg2 can stay installed; psycopg 3 is preferred when both are present)."
     )
 
+import psycopg
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
-from . import signals
+from . import apm, signals
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .creation import DatabaseCreation
 from .features import DatabaseFeatures
@@ -82,6 +84,31 @@ class Cursor(SessionTrackingMixin, postgresql.Cursor):
 
 class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
     pass
+
+
+#: Cursor classes with session tracking, by the class they track for (see tracking_cursor_class).
+_tracking_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary(
+    {postgresql.Cursor: Cursor, postgresql.ServerBindingCursor: ServerBindingCursor}
+)
+
+
+def tracking_cursor_class(factory: Any) -> type:
+    """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
+    subclass of this backend put in ``get_connection_params()``, as django-prometheus does) with
+    session tracking in front of it. A cursor class of one's own never turns the reset off."""
+    if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
+        raise ImproperlyConfigured(
+            f"cursor_factory {factory!r} is not a psycopg.Cursor subclass; django_pooled_pg needs "
+            "one to track what a borrower leaves in the session. Subclass Django's "
+            "django.db.backends.postgresql.base.Cursor instead."
+        )
+    if issubclass(factory, SessionTrackingMixin):
+        return factory
+    tracking = _tracking_classes.get(factory)
+    if tracking is None:
+        tracking = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
+        _tracking_classes[factory] = tracking
+    return tracking
 
 
 class ReleaseOnCloseMixin:
@@ -174,6 +201,11 @@ _contrib_postgres_installed: tuple[Any, bool] = (None, False)
 pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)
 
 
+def _called_from(module: str) -> bool:
+    """Whether the caller of the function calling this is code of ``module``."""
+    return sys._getframe(2).f_globals.get("__name__") == module
+
+
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     creation_class = DatabaseCreation
     features_class = DatabaseFeatures
@@ -191,6 +223,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     #: release="transaction": the connection parked after the last statement (``Pool.park``);
     #: ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
     _parked: Connection | None = None
+    #: How long the current borrow waited for its connection.
+    _wait: float = 0.0
 
     # ----- The pool ---------------------------------------------------------------------------
 
@@ -225,11 +259,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not options.get("application_name"):
             # Lets poolstats tell this process's connections apart in pg_stat_activity.
             kwargs["application_name"] = application_name(self.alias)
-        # Django's cursor classes, plus session tracking; a user's own factory is kept.
-        if kwargs["cursor_factory"] is postgresql.Cursor:
-            kwargs["cursor_factory"] = Cursor
-        elif kwargs["cursor_factory"] is postgresql.ServerBindingCursor:
-            kwargs["cursor_factory"] = ServerBindingCursor
+        kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
         startup = {}
         if self.timezone_name:
             startup["TimeZone"] = self.timezone_name
@@ -260,6 +290,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
 
     def close_pool(self) -> None:
+        """Close this alias's pool in this process (Django's backend has the same method).
+
+        Not when Celery's Django fix-up asks, after every task of a prefork worker: it does so
+        because Django's own pool is not fork-safe. Ours is (each child process has its own), and
+        the fix-up's ``close()`` just before gave the task's connection back; closing the pool
+        as well would open a new server session for every task.
+        """
+        if _called_from("celery.fixups.django"):
+            return
         registry.close(self.alias)
 
     def _isolation_level(self) -> IsolationLevel:
@@ -277,23 +316,35 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     # ----- Borrow and return --------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Borrow a connection: Django's ``connect()`` minus the per-session work."""
+        """Borrow a connection: Django's ``connect()`` minus the per-session work.
+
+        The borrow itself is :meth:`get_new_connection` and the per-borrow state
+        :meth:`init_connection_state`, as in Django. When an APM tool has wrapped Django's
+        ``BaseDatabaseWrapper.connect`` to time it (sentry-sdk does), the borrow goes through
+        that wrapper, so the tool sees the wait for a pool connection (:mod:`.apm`).
+        """
         if not self.pooled:
             return super().connect()
         if self._parked is not None and self._take_back_parked():
             return
-        pool = self.pool
+        if apm.connect_is_wrapped():
+            return apm.connect_through_wrapper(self)
         # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
         self.in_atomic_block = False
         self.savepoint_ids = []
         self.atomic_blocks = []
         self.needs_rollback = False
-        self.health_check_enabled = False  # the pool checks connections, not Django
-        self.health_check_done = True
-        self.close_at = 0  # CONN_MAX_AGE = 0: request_finished gives the connection back
         self.closed_in_transaction = False
         self.errors_occurred = False
+        self.connection = self.get_new_connection(None)
+        self.init_connection_state()
 
+    def get_new_connection(self, conn_params: Any) -> Connection:
+        """A connection borrowed from the pool (the pool opened it with this alias's settings,
+        so ``conn_params`` is not needed); Django's new connection when not pooled."""
+        if not self.pooled:
+            return super().get_new_connection(conn_params)
+        pool = self.pool
         if not ledger.orphans.empty():
             ledger.reclaim_orphans()  # slots of threads that ended without closing
         started = time.monotonic()
@@ -306,12 +357,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # thread ends; one shared across threads (inc_thread_sharing) is not.
         owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
-        pool.stats.wait.record(self._borrow.started - started)
+        self._wait = self._borrow.started - started
+        pool.stats.wait.record(self._wait)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
-        self._per_statement = False  # set below: the queries of connect() itself keep it
+        self._per_statement = False  # set by init_connection_state: its own queries keep it
         self._open_cursors = set()
-        self.connection = conn
+        return conn
+
+    def init_connection_state(self) -> None:
+        """Per-borrow state; the per-session work (time zone, role, ``connection_created``) was
+        done once, when the pool opened the connection (:class:`SessionSetup`)."""
+        if self._borrowed_from is None:
+            return super().init_connection_state()
+        conn = self.connection
+        self.health_check_enabled = False  # the pool checks connections, not Django
+        self.health_check_done = True
+        self.close_at = 0  # CONN_MAX_AGE = 0: request_finished gives the connection back
         if "isolation_level" in self.settings_dict["OPTIONS"]:
             level = self.isolation_level = self._isolation_level()
             if conn.isolation_level != level:
@@ -327,10 +389,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             RAN_DB_VERSION_CHECK.add(self.alias)
         self.run_on_commit = []
         self._sync_postgres_types(conn)
-        self._per_statement = pool.settings.release == "transaction"
-        signals.connection_borrowed.send(
-            sender=type(self), alias=self.alias, connection=self, wait=self._borrow.started - started
-        )
+        self._per_statement = self._borrowed_from.settings.release == "transaction"
+        signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=self._wait)
 
     def _pool_failed(self, error: PoolError) -> None:
         stats = ledger.stats_for(self.alias)

@@ -19,10 +19,11 @@ def backend_pid():
 
 @shared_task
 def pool_state():
-    """Connections checked out of this process's pool while the task runs (only its own)."""
-    Product.objects.exists()
+    """Connections checked out of this process's pool as the task starts, before it queries:
+    none, if every earlier task's connection went back when it ended."""
     pool = getattr(connection, "pool", None)
     stats = pool.get_stats() if pool is not None else {}
+    Product.objects.exists()
     return {
         "worker": os.getpid(),
         "in_use": stats.get("pool_size", 0) - stats.get("pool_available", 0),
