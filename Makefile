@@ -10,7 +10,7 @@ DJANGO_SUITE_ARGS ?=
 BENCH_VENV := .venv/bench
 BENCH_ARGS ?=
 
-.PHONY: test test-django52 test-django6 demo django-suite bench clean
+.PHONY: test test-django52 test-django6 demo django-suite bench screenshot clean
 
 test: test-django52 test-django6
 
@@ -39,6 +39,11 @@ $(BENCH_VENV)/.done: pyproject.toml scripts/mkvenv
 
 bench: $(BENCH_VENV)/.done
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# `make screenshot`: the browser test again, then its screenshot becomes the README's picture.
+screenshot: $(VENV_DJ6)/.done
+	$(VENV_DJ6)/bin/python -m pytest tests/test_admin_browser.py
+	cp build/admin-status.png docs/admin-status.png
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)

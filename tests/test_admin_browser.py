@@ -4,7 +4,7 @@ Playwright, against the demo site under gunicorn (3 workers publishing every 0.5
 A staff user with only ``view_poolsnapshot`` logs in through the admin's login form, opens the
 page, sees one row per gunicorn worker, and watches the borrows total change under traffic
 without a reload; a hostile ``application_name`` shows as text. The screenshot is saved to
-docs/admin-status.png (the README shows it).
+build/admin-status.png; ``make screenshot`` makes it the README's picture, docs/admin-status.png.
 
 What it needs it installs: ``chromium`` with apt-get when /usr/bin/chromium is missing (as
 root), and ``playwright`` with pip into the running environment when it is not importable (it is
@@ -30,7 +30,9 @@ import pytest
 from tests.servers import ROOT, WORKERS, live, running_fleet, traffic, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = ROOT / "docs" / "admin-status.png"
+#: Written under build/ (ignored by git), so `make test` changes no tracked file; `make screenshot`
+#: copies it over docs/admin-status.png, the README's picture.
+SCREENSHOT = ROOT / "build" / "admin-status.png"
 PAGE = "/admin/django_pooled_pg/poolsnapshot/"
 ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -166,7 +168,7 @@ def test_status_page_in_chromium(fleet):
             time.sleep(2)  # the slow requests finish
             page.reload()
             page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
-            SCREENSHOT.parent.mkdir(exist_ok=True)
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
             assert not errors, errors

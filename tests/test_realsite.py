@@ -1,6 +1,7 @@
 """The ENGINE inside an ordinary project (tests/projects/realsite): the project's own test suite
-under pytest-django and Django's runner, debug-toolbar, Sentry, django-prometheus, and a Celery
-worker loaded through DJANGO_SETTINGS_MODULE, in both release modes, against real servers."""
+under pytest-django and Django's runner, debug-toolbar, Sentry, django-prometheus, OpenTelemetry's
+instrumentation, and a Celery worker loaded through DJANGO_SETTINGS_MODULE, in both release
+modes, against real servers."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "tests" / "projects" / "realsite"
-ALL_TOOLS = "toolbar,sentry,prometheus"
+ALL_TOOLS = "toolbar,sentry,prometheus,otel"
 
 
 @pytest.fixture
@@ -194,6 +195,8 @@ def test_celery_worker_keeps_its_pool(site_env, redis_url, celery_db, pool, rele
     assert len(runs) == 60
     backends = {r["backend"] for r in runs}
     workers = {r["worker"] for r in runs}
+    print(f"celery {pool}/{release}: {len(runs)} tasks, {len(workers)} worker processes, "
+          f"{len(backends)} server sessions")
     # Each worker process has one pool of at most max_size (4) connections, usually just 1-2.
     assert len(backends) <= 4 * len(workers), (len(backends), len(workers))
     assert len(backends) < 10, backends

@@ -5,7 +5,7 @@ runner), a Celery worker and the tools projects run beside us. The environment p
 
 * ``REALSITE_ENGINE``: ``ours`` (default) or ``stock`` (Django's own backend, the control);
 * ``REALSITE_RELEASE``: ``request`` (default) or ``transaction``;
-* ``REALSITE_TOOLS``: a comma-separated list of ``toolbar``, ``sentry``, ``prometheus``;
+* ``REALSITE_TOOLS``: a comma-separated list of ``toolbar``, ``sentry``, ``prometheus``, ``otel``;
 * ``PGHOST``/``PGPORT``/``PGUSER``: the server; ``REALSITE_BROKER``: Celery's broker.
 """
 
@@ -89,6 +89,21 @@ if "sentry" in TOOLS:
         integrations=[DjangoIntegration()],
         default_integrations=False,
     )
+
+if "otel" in TOOLS:
+    # OpenTelemetry's psycopg instrumentation, before any connection is opened; the Django
+    # instrumentation is switched on in catalog.apps (it edits MIDDLEWARE, so not from here).
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    OTEL_SPANS = InMemorySpanExporter()
+    _provider = TracerProvider()
+    _provider.add_span_processor(SimpleSpanProcessor(OTEL_SPANS))
+    trace.set_tracer_provider(_provider)
+    PsycopgInstrumentor().instrument(enable_commenter=False)
 
 CELERY_BROKER_URL = os.environ.get("REALSITE_BROKER", "redis://127.0.0.1:6379/15")
 CELERY_RESULT_BACKEND = CELERY_BROKER_URL

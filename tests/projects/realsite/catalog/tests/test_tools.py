@@ -10,7 +10,7 @@ from django.db import connection
 from catalog.models import Product
 
 needs = {tool: pytest.mark.skipif(tool not in settings.TOOLS, reason=f"REALSITE_TOOLS has no {tool}")
-         for tool in ("toolbar", "sentry", "prometheus")}
+         for tool in ("toolbar", "sentry", "prometheus", "otel")}
 
 
 def sql_panel_forms(page: str) -> list[str]:
@@ -149,3 +149,19 @@ def test_sentry_borrows_do_not_resend_connection_created(client):
         connection_created.disconnect(receiver)
     if settings.ENGINE == "ours":
         assert len(calls) <= len(pids) - 1 or calls == [], (calls, pids)
+
+
+@needs["otel"]
+@pytest.mark.django_db(transaction=True)
+def test_opentelemetry_query_spans(client):
+    """OpenTelemetry's psycopg and Django instrumentation: a server span for the request and a
+    span with db.statement for each of its queries, in both release modes."""
+    exporter = settings.OTEL_SPANS
+    exporter.clear()
+    Product.objects.create(name="lamp")
+    assert client.get("/products/").json()["names"] == ["lamp"]
+    spans = exporter.get_finished_spans()
+    statements = [s.attributes.get("db.statement") or s.attributes.get("db.query.text") or "" for s in spans]
+    assert any("catalog_product" in text and text.lstrip().upper().startswith("SELECT") for text in statements), statements
+    assert any("INSERT" in text for text in statements), statements
+    assert any(s.kind.name == "SERVER" for s in spans), [(s.name, s.kind) for s in spans]

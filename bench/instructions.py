@@ -1,0 +1,122 @@
+"""Client-side cost per operation in CPU instructions, counted by ``valgrind --tool=callgrind``.
+
+Wall-clock figures on a shared 2-core machine move by 20-50% between runs; an instruction count
+does not. Each (mode, operation) runs in a child process under callgrind twice, with N1 and N2
+iterations after the same warm-up; the difference divided by N2 - N1 is the cost of one
+operation with the start-up (Python, Django, the first connection) cancelled out.
+
+Operations are those of ``bench/micro.py`` (``borrow``, ``select``, ``three``) and ``long``: one
+statement of a 1.9 KB SELECT of 40 columns, an ordinary ORM shape, then the end of the request.
+
+    python bench/instructions.py [--modes pooled,django-pool] [--ops borrow,select] [--tree DIR]
+
+``--tree DIR`` measures the package of another checkout (for a before/after comparison of the
+borrow path: ``git worktree add /tmp/before HEAD~1``). Needs Debian's ``valgrind``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.micro import MODES  # noqa: E402
+
+LONG_SQL = "SELECT " + ", ".join(f"{i} AS product_attribute_column_number_{i:02d}" for i in range(40))
+
+CHILD = r"""
+import json, sys
+import django
+from django.conf import settings
+db = json.loads(sys.argv[1]); op = sys.argv[2]; n = int(sys.argv[3]); long_sql = sys.argv[4]
+settings.configure(DATABASES={"default": db}, USE_TZ=True)
+django.setup()
+from django.db import connection
+end = connection.close_if_unusable_or_obsolete
+def borrow():
+    connection.ensure_connection(); end()
+def select():
+    with connection.cursor() as c:
+        c.execute("SELECT 1"); c.fetchone()
+    end()
+def three():
+    for _ in range(3):
+        with connection.cursor() as c:
+            c.execute("SELECT 1"); c.fetchone()
+    end()
+def long():
+    with connection.cursor() as c:
+        c.execute(long_sql); c.fetchone()
+    end()
+fn = {"borrow": borrow, "select": select, "three": three, "long": long}[op]
+for _ in range(200):
+    fn()
+for _ in range(n):
+    fn()
+"""
+
+OPS = ("borrow", "select", "three", "long")
+
+
+def instructions(db: dict, op: str, n: int, tree: Path) -> int:
+    """Instructions callgrind counted for the whole child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+             sys.executable, "-c", CHILD, json.dumps(db), op, str(n), LONG_SQL],
+            env=env, check=True, capture_output=True, text=True,
+        )
+        summary = re.search(r"^summary:\s+(\d+)", out.read_text(), re.M)
+        assert summary, "callgrind wrote no summary"
+        return int(summary.group(1))
+
+
+def per_operation(db: dict, op: str, n1: int, n2: int, tree: Path) -> float:
+    return (instructions(db, op, n2, tree) - instructions(db, op, n1, tree)) / (n2 - n1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="persistent,django-pool,pooled,pooled-transaction")
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--n1", type=int, default=200)
+    parser.add_argument("--n2", type=int, default=1200)
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed: apt-get install -y valgrind")
+
+    import django
+
+    from testsupport.pgcluster import PgCluster
+
+    modes, ops = args.modes.split(","), args.ops.split(",")
+    results: dict[str, dict[str, float]] = {}
+    with PgCluster() as cluster:
+        base = cluster.django_settings("postgres")
+        for mode in modes:
+            for op in ops:
+                value = per_operation({**base, **MODES[mode]}, op, args.n1, args.n2, args.tree)
+                results.setdefault(mode, {})[op] = value
+                print(f"{mode:<20} {op:<8} {value / 1000:10.1f}k instructions", file=sys.stderr)
+    print(f"Django {django.get_version()}, Python {sys.version.split()[0]}, tree {args.tree}; "
+          f"instructions per operation, ({args.n2} - {args.n1}) iterations")
+    print(f"{'mode':<20}" + "".join(f"{op:>12}" for op in ops))
+    for mode, values in results.items():
+        print(f"{mode:<20}" + "".join(f"{values[op] / 1000:>11.1f}k" for op in ops))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
