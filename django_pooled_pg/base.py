@@ -59,23 +59,37 @@ from .ledger import ledger
 from .pool import RECENT, Pool
 from .registry import registry
 from .release import release_connection
-from .session import changes_session, startup_options
+from .session import BASELINE_QUERY, RESET_SQL, pins_session, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
 
 
 class SessionTrackingMixin:
-    """Marks the connection when a statement may change session state (see :mod:`.session`)."""
+    """Marks the connection as used by a statement, so that it is reset when it goes back, and
+    with ``release="transaction"`` as pinned when the statement's command tag says it changed
+    the session (see :mod:`.session`). Constant time: the statement's text is never read."""
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        if changes_session(query):
-            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
-        return super().execute(query, params, **kwargs)  # type: ignore[misc]
+        conn = self.connection  # type: ignore[attr-defined]
+        conn._pooled_pg_used = True
+        result = super().execute(query, params, **kwargs)  # type: ignore[misc]
+        if conn._pooled_pg_pin_tags:
+            pgresult = self.pgresult  # type: ignore[attr-defined]
+            if pgresult is not None and pins_session(pgresult.command_status):
+                conn._pooled_pg_changed = True
+        return result
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-        if changes_session(query):
-            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
+        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
         return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
+        return super().copy(*args, **kwargs)  # type: ignore[misc]
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
+        return super().stream(*args, **kwargs)  # type: ignore[misc]
 
 
 class Cursor(SessionTrackingMixin, postgresql.Cursor):
@@ -84,6 +98,15 @@ class Cursor(SessionTrackingMixin, postgresql.Cursor):
 
 class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
     pass
+
+
+class ServerCursor(psycopg.ServerCursor):
+    """Named cursors (``QuerySet.iterator()``, or a raw one inside ``pinned()``) mark the
+    connection as used too."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        self.connection._pooled_pg_used = True
+        return super().execute(*args, **kwargs)
 
 
 #: Cursor classes with session tracking, by the class they track for (see tracking_cursor_class).
@@ -141,11 +164,12 @@ class ReleasingCursorDebugWrapper(ReleaseOnCloseMixin, postgresql.CursorDebugWra
 
 
 class SessionSetup:
-    """Prepares a database session: once when the pool opens a connection, again after a reset.
+    """Prepares a database session, once, when the pool opens a connection.
 
     Time zone and role arrive with the startup packet, so what is left is what other code wants:
     Django's ``connection_created`` signal (sent with a wrapper bound to the new connection, so
-    receivers that run ``SET ...`` keep working) and the pool's ``configure`` option.
+    receivers that run ``SET ...`` keep working) and the pool's ``configure`` option. What they
+    set is the session's baseline, which every reset restores (:func:`.session.reset_statement`).
     """
 
     def __init__(
@@ -155,6 +179,7 @@ class SessionSetup:
         alias: str,
         configure: Callable[[Connection], None] | None,
         time_zone: str | None = None,
+        pin_tags: bool = False,
     ) -> None:
         self.wrapper_class = wrapper_class
         self.settings_dict = settings_dict
@@ -162,13 +187,21 @@ class SessionSetup:
         self.configure = configure
         #: Set with SET when it cannot travel in the startup packet (behind PgBouncer).
         self.time_zone = time_zone
+        #: release="transaction": statements that change the session pin the connection.
+        self.pin_tags = pin_tags
 
     def __call__(self, conn: Connection) -> None:
         conn._pooled_pg_setup = self  # type: ignore[attr-defined]
         conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
+        conn._pooled_pg_pin_tags = self.pin_tags  # type: ignore[attr-defined]
+        if conn.server_cursor_factory is psycopg.ServerCursor:
+            conn.server_cursor_factory = ServerCursor
+        baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
             conn.execute("SELECT set_config('TimeZone', %s, false)", [self.time_zone])
+            baseline = True
         if connection_created.has_listeners(self.wrapper_class):
+            baseline = True
             wrapper = self.wrapper_class(self.settings_dict, self.alias)
             wrapper.connection = conn
             # Receivers that query through connections[alias] (django.contrib.postgres reads the
@@ -188,9 +221,16 @@ class SessionSetup:
                 conn.commit()
                 conn.autocommit = True
         if self.configure is not None:
+            baseline = True
             self.configure(conn)
+        if baseline:
+            rows = conn.execute(BASELINE_QUERY).fetchall()
+            conn._pooled_pg_reset = reset_statement(rows)  # type: ignore[attr-defined]
+        else:
+            conn._pooled_pg_reset = RESET_SQL  # type: ignore[attr-defined]
         # What ran here is the session's baseline, not a borrower's change.
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+        conn._pooled_pg_used = False  # type: ignore[attr-defined]
 
 
 #: (apps.app_configs, whether django.contrib.postgres is in it), see _sync_postgres_types.
@@ -284,7 +324,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             kwargs=kwargs,
             open=False,
             configure=SessionSetup(
-                type(self), dict(self.settings_dict), self.alias, configure, set_time_zone
+                type(self), dict(self.settings_dict), self.alias, configure, set_time_zone,
+                pin_tags=pool_settings.release == "transaction",
             ),
             **pool_kwargs,
         )

@@ -23,6 +23,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .ledger import Borrow, ledger
+from .release import reset_session
+from .session import RESET_SQL
 from .settings import PoolSettings
 from .stats import AliasStats
 
@@ -60,6 +62,13 @@ def health_tracking(base: type[Connection], health: ConnectionHealth) -> type[Co
     every connection through ``connection_class.connect``."""
 
     class HealthTrackingConnection(base):  # type: ignore[valid-type, misc]
+        # Per-session state, set by base.SessionSetup when the pool opens the connection; these
+        # defaults hold until then (a connection that was never set up is reset if used).
+        _pooled_pg_used = True
+        _pooled_pg_changed = False
+        _pooled_pg_pin_tags = False
+        _pooled_pg_reset = RESET_SQL
+
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -107,7 +116,7 @@ class Pool(ConnectionPool):
                     if self.health.failing or remaining <= self.fail_fast_timeout:
                         raise
                     continue
-                if self.usable(conn):
+                if self.usable(conn) and self._clean(conn):
                     return conn
                 # Dead (a server restart, pg_terminate_backend): drop it and take the next one
                 # at once. psycopg_pool's own check backs off between failures, which is how 8
@@ -124,6 +133,18 @@ class Pool(ConnectionPool):
             ) from exc
         except PoolTimeout as exc:
             raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
+
+    def _clean(self, conn: Connection) -> bool:
+        """A connection taken from a parked borrower (release="transaction") carries that
+        borrower's session: reset it before anyone else uses it. Connections from the pool's
+        queue were reset when they went back, and pass at the cost of an attribute read."""
+        if not conn._pooled_pg_used:  # type: ignore[attr-defined]
+            return True
+        try:
+            reset_session(conn)
+            return True
+        except Exception:
+            return False  # dropped below, like a dead one
 
     def usable(self, conn: Connection) -> bool:
         """Whether an idle connection still works, without a round trip when possible.

@@ -1,8 +1,9 @@
 """Giving a connection back: the one place a borrowed connection returns to its pool.
 
 The rule is that nothing is handed on dirty: a connection goes back rolled back, in autocommit,
-with no cursor left open and its session reset if its borrower changed it; anything that cannot
-be cleaned is closed, and the pool replaces it.
+with no cursor left open and, if its borrower ran anything at all, its session reset (without
+reading what it ran: :mod:`.session`); anything that cannot be cleaned is closed, and the pool
+replaces it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from .session import RESET_SQL
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -66,13 +66,18 @@ def clean_connection(conn: Connection) -> Outcome:
         cursors.clear()
     if not conn.autocommit:
         conn.autocommit = True
-    reset = getattr(conn, "_pooled_pg_changed", False)
+    reset = conn._pooled_pg_used  # type: ignore[attr-defined]
     if reset:
-        conn.execute(RESET_SQL)
-        setup = getattr(conn, "_pooled_pg_setup", None)
-        if setup is not None:
-            setup(conn)  # a reset session is a new session: prepare it again
-        conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+        reset_session(conn)
     if rolled_back or reset:
         return Outcome(rolled_back=rolled_back, reset=reset)
     return CLEAN
+
+
+def reset_session(conn: Connection) -> None:
+    """Bring the session back to its defaults and baseline (:func:`.session.reset_statement`),
+    whatever its borrower did: one round trip, whose statement was made when the session was
+    set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
+    conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
+    conn._pooled_pg_used = False  # type: ignore[attr-defined]
+    conn._pooled_pg_changed = False  # type: ignore[attr-defined]

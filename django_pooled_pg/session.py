@@ -2,75 +2,88 @@
 
 A pooled connection outlives the code that borrowed it, so anything that lives in the database
 *session* rather than in a transaction would leak to the next borrower: ``SET`` and ``SET ROLE``,
-``WITH HOLD`` cursors, temporary tables, session advisory locks, ``LISTEN``, ``PREPARE``.
+``set_config()``, ``WITH HOLD`` cursors, temporary tables, session advisory locks, ``LISTEN``,
+``PREPARE``, whether a statement says so or a function, a ``DO`` block or a comment hides it.
 
-Two ideas keep this cheap:
+So the reset does not read SQL. Every connection that ran a statement is reset on its way back
+(:func:`reset_statement`), in one round trip:
 
 * The settings the pool applies to every connection (time zone, ``assume_role``) travel in the
   connection's startup packet (libpq ``options``), so they are the session's *defaults*:
   ``DISCARD ALL`` (which includes ``RESET ALL``) brings them back instead of wiping them.
-* Statements are classified on the way out (:func:`changes_session`). Only a connection whose
-  borrower ran one pays for ``DISCARD ALL``; the common case returns with no round trip at all.
+* What ``connection_created`` receivers and the ``configure`` option set on a new session is its
+  *baseline*, read once when the session is set up (:data:`BASELINE_QUERY`) and set again by the
+  same statement that resets the rest: ``DISCARD ALL``'s steps one by one (it may not run in a
+  multi-statement string) and a ``set_config()`` per baseline setting.
+* A borrow that ran no statement costs nothing: the cursor classes mark a connection as used
+  (:mod:`.base`), whether the statement came through Django or a raw psycopg cursor.
+
+With ``release="transaction"`` a statement whose command tag says it changed the session
+(:func:`pins_session`: ``SET``, ``LISTEN``, ``PREPARE``, ``CREATE TEMP TABLE``...) keeps the
+connection for the rest of the request; a tag is read in constant time, whatever the length of
+the statement. Session state made inside a ``SELECT`` (``set_config()``, ``pg_advisory_lock()``,
+a function) has no such tag: it lasts while the thread keeps the connection, and never reaches
+another borrower, who resets a connection it takes from a parked borrower first.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
-#: Statements whose effect outlives the transaction they run in. Matched at the start of the
-#: text or after a ``;``, case-insensitively. ``SET LOCAL``, ``SET CONSTRAINTS`` and
-#: ``SET TRANSACTION`` end with the transaction and are not listed.
-_SESSION_STATEMENT = re.compile(
-    r"""
-    (?:^|;)\s*(?:
-        SET\s+(?!LOCAL\b|CONSTRAINTS\b|TRANSACTION\b)
-      | RESET\b
-      | LISTEN\b
-      | PREPARE\b
-      | LOAD\b
-      | DECLARE\b[^;]*\bWITH\s+HOLD\b
-      | CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?TEMP(?:ORARY)?\b
-    )
-    | \bINTO\s+TEMP(?:ORARY)?\b
-    | \bpg_(?:try_)?advisory_lock
-    | \bset_config\s*\(
-    """,
-    re.IGNORECASE | re.VERBOSE,
-)
-
-#: What :func:`changes_session` looks for, as the README lists it.
-SESSION_CHANGES = (
-    "SET (not SET LOCAL / SET CONSTRAINTS / SET TRANSACTION), including SET ROLE and "
-    "SET SESSION AUTHORIZATION",
-    "RESET",
-    "set_config(...)",
-    "LISTEN",
-    "PREPARE",
-    "LOAD",
-    "DECLARE ... WITH HOLD, and QuerySet.iterator() cursors left open",
-    "CREATE TEMP/TEMPORARY ..., SELECT ... INTO TEMP",
-    "pg_advisory_lock / pg_try_advisory_lock (session-level advisory locks)",
-)
+from collections.abc import Iterable
 
 #: One statement that resets a session: CLOSE ALL, SET SESSION AUTHORIZATION DEFAULT, RESET ALL,
 #: DEALLOCATE ALL, UNLISTEN *, pg_advisory_unlock_all(), DISCARD PLANS/TEMP/SEQUENCES.
 RESET_SQL = "DISCARD ALL"
 
+#: DISCARD ALL's steps, as its documentation lists them, for a string with more statements after
+#: it (DISCARD ALL itself cannot run inside the implicit transaction of a multi-statement query).
+DISCARD_ALL_STEPS = (
+    "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); DISCARD PLANS; DISCARD TEMP; DISCARD SEQUENCES"
+)
 
-def changes_session(query: Any) -> bool:
-    """True when ``query`` may leave state in the session that outlives its transaction."""
-    if isinstance(query, str):
-        text = query
-    elif isinstance(query, (bytes, bytearray, memoryview)):
-        text = bytes(query).decode("utf-8", "replace")
-    else:
-        # psycopg.sql.Composable: render it without a connection.
-        try:
-            text = query.as_string(None)
-        except Exception:
-            return True
-    return _SESSION_STATEMENT.search(text) is not None
+#: The settings a session's set-up made with SET or set_config(): its baseline.
+BASELINE_QUERY = "SELECT name, setting FROM pg_settings WHERE source = 'session' ORDER BY name"
+
+#: Command tags of statements that change the session and so pin the connection with
+#: release="transaction" (matched on the tag's first word, or the whole tag where given).
+_PINNING_TAGS = frozenset({
+    b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"LOAD", b"DO",
+    b"DECLARE CURSOR", b"CREATE TABLE", b"CREATE TABLE AS", b"SELECT INTO", b"CREATE SEQUENCE",
+    b"CREATE VIEW", b"CREATE FUNCTION", b"CREATE TYPE", b"CREATE INDEX",
+})
+
+#: What pins, as the README lists it.
+SESSION_CHANGES = (
+    "SET and RESET (not SET LOCAL / SET CONSTRAINTS / SET TRANSACTION, which end with the "
+    "transaction), including SET ROLE and SET SESSION AUTHORIZATION",
+    "LISTEN, UNLISTEN, PREPARE, DEALLOCATE, LOAD, DO",
+    "DECLARE ... CURSOR, and QuerySet.iterator() cursors left open",
+    "CREATE TABLE (temporary tables), CREATE ... AS",
+)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def reset_statement(baseline: Iterable[tuple[str, str]] = ()) -> str:
+    """The statement that brings a session back to its defaults and ``baseline``."""
+    settings = list(baseline)
+    if not settings:
+        return RESET_SQL
+    again = "; ".join(f"SELECT set_config({_quote(name)}, {_quote(value)}, false)" for name, value in settings)
+    return f"{DISCARD_ALL_STEPS}; {again}"
+
+
+def pins_session(command_status: bytes | None) -> bool:
+    """True when a statement with this command tag changed the session (release="transaction"
+    then keeps the connection until the request ends). SET LOCAL has the tag SET too: it pins
+    until the request ends, harmlessly."""
+    if not command_status:
+        return False
+    if command_status in _PINNING_TAGS:
+        return True
+    return command_status.split(b" ", 1)[0] in _PINNING_TAGS
 
 
 def quote_option(value: str) -> str:

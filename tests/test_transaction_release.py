@@ -300,7 +300,8 @@ def test_abandoned_iterator_is_closed_when_the_connection_goes_back():
 PINNING = {
     "SET": "SET work_mem = '7MB'",
     "temp table": "CREATE TEMP TABLE pinned_scratch (id int)",
-    "advisory lock": "SELECT pg_advisory_lock(99)",
+    "DO block": "DO $$ BEGIN PERFORM pg_advisory_lock(99); END $$",
+    "WITH HOLD cursor": "DECLARE pinned_held CURSOR WITH HOLD FOR SELECT 1",
     "LISTEN": "LISTEN pinned_channel",
     "PREPARE": "PREPARE pinned_stmt AS SELECT 1",
 }

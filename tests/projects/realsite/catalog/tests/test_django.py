@@ -37,7 +37,7 @@ class CatalogViewTests(TestCase):
         self.assertEqual(response.json()["names"], ["async", "fixture"])
 
 
-class CatalogTransactionTests(TransactionTestCase):
+class SerializedCatalogTests(TransactionTestCase):
     serialized_rollback = True
 
     def test_create_through_the_view(self):

@@ -18,8 +18,9 @@ def names():
 
 # Serialized-rollback tests first: a plain transactional test's flush re-creates content types
 # with new ids, which a later deserialization collides with (a Django limitation, stock backend
-# included), so files run with --dist loadfile under xdist. With --reuse-db the rows are gone
-# after the first run's flush (stock backend too): deselect them with -k 'not migration_rows'.
+# included). Under xdist a worker may run another file's transactional tests first, and with
+# --reuse-db the rows are gone after the first run's flush (stock backend too): deselect them
+# there (-k 'not migration_rows' with --reuse-db, -k 'not serialized' under xdist).
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_serialized_rollback_of_migration_rows(client):
     assert Category.objects.count() == 3

@@ -1,0 +1,161 @@
+"""The session reset does not read SQL: whatever a borrower left in its session never reaches the
+next borrower of that server session, in both release modes, and the baseline the pool set up
+(time zone, connection_created receivers' settings) stays."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+from django.db.backends.signals import connection_created
+
+from django_pooled_pg import pinned
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = "SELECT current_setting('statement_timeout')"
+
+
+def one(sql: str):
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()[0]
+
+
+def backend_pid() -> int:
+    return one("SELECT pg_backend_pid()")
+
+
+@pytest.fixture(params=["request", "transaction"])
+def one_connection(request, pool_options, superuser):
+    """A pool of one connection, so the next borrower gets the same server session."""
+    superuser.execute(
+        "CREATE OR REPLACE FUNCTION pooled_sneaky() RETURNS text LANGUAGE sql AS "
+        "$$ SELECT set_config('statement_timeout', '1234ms', false) $$"
+    )
+    pool_options(min_size=1, max_size=1, timeout=5, release=request.param)
+    return request.param
+
+
+def leave(kind: str) -> None:
+    """What a careless borrower does, the way the reset used to miss it."""
+    with pinned():
+        with connection.cursor() as cursor:
+            if kind == "comment before SET":
+                cursor.execute("/* tuning */ SET statement_timeout = '1234ms'")
+            elif kind == "line comment before SET":
+                cursor.execute("-- tuning\nSET statement_timeout = '1234ms'")
+            elif kind == "SET after another statement":
+                cursor.execute("SELECT 1; /* x */ SET statement_timeout = '1234ms'")
+            elif kind == "callproc set_config":
+                cursor.callproc("set_config", ["statement_timeout", "1234ms", False])
+            elif kind == "DO block":
+                cursor.execute("DO $$ BEGIN EXECUTE 'SET statement_timeout = ''1234ms'''; END $$")
+            elif kind == "function":
+                cursor.execute("SELECT pooled_sneaky()")
+            elif kind == "raw psycopg":
+                connection.connection.execute("SET statement_timeout = '1234ms'")
+            else:
+                raise AssertionError(kind)
+        assert one(TIMEOUT) == "1234ms"
+
+
+@pytest.mark.parametrize("kind", [
+    "comment before SET", "line comment before SET", "SET after another statement",
+    "callproc set_config", "DO block", "function", "raw psycopg",
+])
+def test_hidden_session_settings_do_not_reach_the_next_borrower(one_connection, kind):
+    pid = backend_pid()
+    connection.close()
+    leave(kind)
+    connection.close()  # the end of the request
+    assert backend_pid() == pid, "the same server session serves the next borrower"
+    assert one(TIMEOUT) == "0"
+
+
+STATE = {
+    "temp table": ("CREATE TEMP TABLE scratch (id int)",
+                   "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"),
+    "advisory lock": ("SELECT pg_advisory_lock(4242)",
+                      "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"),
+    "LISTEN": ("LISTEN pooled_channel", "SELECT count(*) FROM pg_listening_channels()"),
+    "prepared statement": ("PREPARE pooled_stmt AS SELECT 1",
+                           "SELECT count(*) FROM pg_prepared_statements WHERE name = 'pooled_stmt'"),
+    "WITH HOLD cursor": ("DECLARE pooled_held CURSOR WITH HOLD FOR SELECT 1",
+                         "SELECT count(*) FROM pg_cursors WHERE name = 'pooled_held'"),
+    "role": ("SET ROLE pg_read_all_data", "SELECT (current_user = 'pg_read_all_data')::int"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STATE))
+def test_session_objects_do_not_reach_the_next_borrower(one_connection, kind):
+    statement, probe = STATE[kind]
+    with pinned(), connection.cursor() as cursor:
+        cursor.execute(statement)
+        cursor.execute(probe)
+        assert cursor.fetchone()[0] == 1
+    connection.close()
+    assert one(probe) == 0
+
+
+def test_the_baseline_stays(one_connection):
+    """A receiver's SET and the pool's time zone survive the reset; the receiver runs once."""
+    calls = []
+
+    def receiver(sender, connection, **kwargs):
+        calls.append(1)
+        with connection.cursor() as cursor:
+            cursor.execute("SET application_name = 'from_receiver'")
+
+    connection_created.connect(receiver)
+    try:
+        connection.close_pool()
+        with pinned(), connection.cursor() as cursor:
+            cursor.execute("SET application_name = 'dirty'; SET TIME ZONE 'Asia/Tokyo'")
+            cursor.execute("SELECT pooled_sneaky()")
+        connection.close()
+        assert one("SELECT current_setting('application_name')") == "from_receiver"
+        assert one("SELECT current_setting('TimeZone')") == "UTC"
+        assert one(TIMEOUT) == "0"
+        assert len(calls) == 1
+    finally:
+        connection_created.disconnect(receiver)
+        connection.close()
+        connection.close_pool()
+
+
+def test_a_borrow_that_ran_nothing_costs_no_reset(one_connection):
+    one("SELECT 1")
+    connection.close()
+    stats = connection.pool.stats
+    resets = stats.resets
+    for _ in range(5):
+        connection.ensure_connection()
+        connection.close()
+    assert stats.resets == resets
+    one("SELECT 1")
+    connection.close()
+    assert stats.resets == resets + 1
+
+
+def test_a_parked_connection_taken_by_another_borrower_is_reset_first(pool_options):
+    """release="transaction": a statement's session state without a pinning tag (set_config in
+    a SELECT) stays with its thread while it keeps the connection; another thread that takes the
+    parked connection gets it reset."""
+    pool_options(min_size=1, max_size=1, timeout=5, release="transaction")
+    one("SELECT set_config('statement_timeout', '1234ms', false)")
+    assert connection.connection is None  # parked: no tag pins it
+    assert one(TIMEOUT) == "1234ms"  # the thread took its own connection back
+    seen = []
+
+    def other():
+        seen.append((one(TIMEOUT), backend_pid()))
+        connection.close()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen and seen[0][0] == "0"
+    assert one(TIMEOUT) == "0"  # the thread's connection was taken: it has a reset one now
+    connection.close()
