@@ -57,7 +57,7 @@ class ConnectionHealth:
         self.stats.opened += 1
 
 
-def health_tracking(base: type[Connection], health: ConnectionHealth) -> type[Connection]:
+def health_tracking(base: type[Connection], health: ConnectionHealth, pipelined: bool = True) -> type[Connection]:
     """A subclass of ``base`` whose ``connect()`` reports to ``health``; psycopg_pool opens
     every connection through ``connection_class.connect``."""
 
@@ -68,6 +68,11 @@ def health_tracking(base: type[Connection], health: ConnectionHealth) -> type[Co
         _pooled_pg_changed = False
         _pooled_pg_pin_tags = False
         _pooled_pg_reset = RESET_SQL
+        #: The reset is sent on return and its answer read by the next taker (Pool.getconn);
+        #: not with a ``reset`` callback of the user's, which psycopg_pool runs on return.
+        _pooled_pg_pipelined = pipelined
+        #: A reset is on the wire, its answer not read yet.
+        _pooled_pg_pending = False
 
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:
@@ -97,8 +102,59 @@ class Pool(ConnectionPool):
         self._probing = threading.Lock()
         #: release="transaction": connections parked between statements, oldest first.
         self._parked: dict[Connection, Borrow] = {}
-        kwargs["connection_class"] = health_tracking(kwargs.get("connection_class", Connection), self.health)
+        kwargs["connection_class"] = health_tracking(
+            kwargs.get("connection_class", Connection), self.health, pipelined=kwargs.get("reset") is None
+        )
+        user_check = kwargs.get("check")
+        if user_check is not None:
+            def check(conn: Connection) -> None:  # psycopg_pool runs it before getconn() returns
+                if conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
+                    raise OperationalError("the connection's session reset failed")
+                user_check(conn)
+
+            kwargs["check"] = check
         super().__init__(**kwargs)
+
+    # ----- Resets sent on return (release.send_reset) -------------------------------------------
+
+    def getconn(self, timeout: float | None = None) -> Connection:
+        conn = super().getconn(timeout)
+        if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+            self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
+        return conn
+
+    def finish_reset(self, conn: Connection) -> bool:
+        """Read the answer of the reset sent when ``conn`` went back (normally there already:
+        no wait). False, and the connection closed, if the reset failed or no answer came within
+        ``fail_fast_timeout``."""
+        conn._pooled_pg_pending = False  # type: ignore[attr-defined]
+        pgconn = conn.pgconn
+        deadline = time.monotonic() + self.fail_fast_timeout
+        ok = True
+        try:
+            with conn.lock:
+                while True:
+                    pgconn.consume_input()
+                    if not pgconn.is_busy():
+                        break
+                    if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
+                        raise TimeoutError
+                while (result := pgconn.get_result()) is not None:
+                    ok = ok and result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+            ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
+        except Exception:
+            ok = False
+        if ok:
+            # The reset ran DEALLOCATE ALL behind psycopg's back: forget its prepared statements.
+            conn._prepared.clear()  # type: ignore[attr-defined]
+        else:
+            conn.close()
+        return ok
+
+    def _reset_connection(self, conn: Connection) -> None:
+        if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+            return  # clean, with its reset on the wire: psycopg_pool would close it as busy
+        super()._reset_connection(conn)
 
     def borrow(self) -> Connection:
         """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
@@ -210,6 +266,8 @@ class Pool(ConnectionPool):
 
     def check_connection(self, conn: Connection) -> None:  # type: ignore[override]
         """Used by psycopg_pool's ``check()`` (our ``check_soon()``): the bounded ping."""
+        if conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
+            raise OperationalError("the connection's session reset failed")
         if not self.ping(conn):
             raise OperationalError("the connection did not answer a ping")
 

@@ -9,6 +9,7 @@ replaces it.
 from __future__ import annotations
 
 import logging
+import select
 import time
 from typing import NamedTuple
 
@@ -68,7 +69,10 @@ def clean_connection(conn: Connection) -> Outcome:
         conn.autocommit = True
     reset = conn._pooled_pg_used  # type: ignore[attr-defined]
     if reset:
-        reset_session(conn)
+        if conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
+            send_reset(conn)
+        else:
+            reset_session(conn)
     if rolled_back or reset:
         return Outcome(rolled_back=rolled_back, reset=reset)
     return CLEAN
@@ -79,5 +83,20 @@ def reset_session(conn: Connection) -> None:
     whatever its borrower did: one round trip, whose statement was made when the session was
     set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
     conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
+    conn._pooled_pg_used = False  # type: ignore[attr-defined]
+    conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+
+
+def send_reset(conn: Connection) -> None:
+    """Send the reset without waiting for its answer: the connection goes back to the pool with
+    the reset on the wire, and whoever takes it next reads the answer first
+    (``Pool.finish_reset``), by when it has long arrived. The round trip costs no borrower a
+    wait; the server does the same work as for :func:`reset_session`."""
+    pgconn = conn.pgconn
+    with conn.lock:
+        pgconn.send_query(conn._pooled_pg_reset.encode())  # type: ignore[attr-defined]
+        while pgconn.flush():  # (non-blocking libpq: a short statement is sent at once)
+            select.select([], [pgconn.socket], [], 1.0)
+    conn._pooled_pg_pending = True  # type: ignore[attr-defined]
     conn._pooled_pg_used = False  # type: ignore[attr-defined]
     conn._pooled_pg_changed = False  # type: ignore[attr-defined]
