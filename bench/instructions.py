@@ -38,7 +38,9 @@ import json, sys
 import django
 from django.conf import settings
 db = json.loads(sys.argv[1]); op = sys.argv[2]; n = int(sys.argv[3]); long_sql = sys.argv[4]
-settings.configure(DATABASES={"default": db}, USE_TZ=True)
+# No statistics publisher: its thread's periodic work would be counted in proportion to how
+# long each run takes under valgrind, not per operation.
+settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
 django.setup()
 from django.db import connection
 end = connection.close_if_unusable_or_obsolete
@@ -75,7 +77,7 @@ def instructions(db: dict, op: str, n: int, tree: Path) -> int:
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
              sys.executable, "-c", CHILD, json.dumps(db), op, str(n), LONG_SQL],
-            env=env, capture_output=True, text=True,
+            env=env, capture_output=True, text=True, cwd=tree,  # (-c puts the cwd first on sys.path)
         )
         if done.returncode != 0:
             sys.exit(f"the measured process failed:\n{done.stderr[-3000:]}")
