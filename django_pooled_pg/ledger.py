@@ -177,9 +177,10 @@ class BorrowLedger:
         if borrow.parked:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
-            if borrow.pool.unpark(borrow.conn):
+            taken = borrow.pool.unpark(borrow.conn)
+            self.discard(borrow)  # (first: once the pool has it, nobody holds it)
+            if taken:
                 release_connection(borrow.pool, borrow.conn)
-            self.discard(borrow)
             return 0
         del self.borrows[id(borrow.conn)]
         outcome = release_connection(borrow.pool, borrow.conn)
