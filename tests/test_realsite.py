@@ -181,9 +181,8 @@ def _run_worker(env: dict[str, str], pool: str, concurrency: int, tasks: int) ->
     return result
 
 
-@pytest.mark.parametrize("pool, release", [
-    ("prefork", "request"), ("prefork", "transaction"), ("threads", "request"), ("gevent", "request"),
-])
+@pytest.mark.parametrize("release", ["request", "transaction"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "gevent"])
 def test_celery_worker_keeps_its_pool(site_env, redis_url, celery_db, pool, release):
     """60 tasks on a worker loaded the way projects load Celery: the fix-up runs around every
     task. Each worker process keeps its pool (a handful of server sessions, not one per task)
