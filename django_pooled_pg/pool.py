@@ -130,18 +130,12 @@ class Pool(ConnectionPool):
         conn._pooled_pg_pending = False  # type: ignore[attr-defined]
         pgconn = conn.pgconn
         deadline = time.monotonic() + self.fail_fast_timeout
-        ok = True
         try:
             with conn.lock:
-                while True:
-                    pgconn.consume_input()
-                    if not pgconn.is_busy():
-                        break
-                    if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
-                        raise TimeoutError
-                while (result := pgconn.get_result()) is not None:
-                    ok = ok and result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
-            ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
+                statuses = _read_results(pgconn, deadline)
+            ok = pgconn.transaction_status == TransactionStatus.IDLE and all(
+                status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) for status in statuses
+            )
         except Exception:
             ok = False
         if ok:
@@ -248,16 +242,7 @@ class Pool(ConnectionPool):
                 while pgconn.flush():
                     if not _wait_socket(pgconn.socket, select.POLLOUT, deadline):
                         raise TimeoutError
-                while True:
-                    pgconn.consume_input()
-                    if not pgconn.is_busy():
-                        break
-                    if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
-                        raise TimeoutError
-                ok = True
-                while (result := pgconn.get_result()) is not None:
-                    ok = ok and result.status == ExecStatus.EMPTY_QUERY
-                if ok:
+                if all(status == ExecStatus.EMPTY_QUERY for status in _read_results(pgconn, deadline)):
                     return True
         except Exception:
             pass
@@ -428,6 +413,21 @@ class Pool(ConnectionPool):
                 self._checking.release()
 
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
+
+
+def _read_results(pgconn: Any, deadline: float) -> list[ExecStatus]:
+    """Wait until ``deadline`` for the answer to the command in flight and read it: the status of
+    each of its results. TimeoutError if it did not come in time (libpq has no read timeout)."""
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
+            raise TimeoutError
+    statuses = []
+    while (result := pgconn.get_result()) is not None:
+        statuses.append(result.status)
+    return statuses
 
 
 def _wait_socket(fd: int, events: int, deadline: float) -> bool:
