@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .ledger import Borrow, ledger
-from .release import reset_session
+from .release import release_connection, reset_session
 from .session import RESET_SQL
 from .settings import PoolSettings
 from .stats import AliasStats
@@ -321,8 +321,6 @@ class Pool(ConnectionPool):
     def release_parked(self, older_than: float = 0.0) -> int:
         """Give connections parked longer than ``older_than`` seconds back to the pool, where
         psycopg_pool's upkeep (``max_idle``, ``max_lifetime``, checks) reaches them again."""
-        from .release import release_connection
-
         now = time.monotonic()
         with self._lock:
             old = [(c, b) for c, b in self._parked.items() if now - c._pooled_pg_returned_at >= older_than]
