@@ -5,8 +5,10 @@ does not. Each (mode, operation) runs in a child process under callgrind twice, 
 iterations after the same warm-up; the difference divided by N2 - N1 is the cost of one
 operation with the start-up (Python, Django, the first connection) cancelled out.
 
-Operations are those of ``bench/micro.py`` (``borrow``, ``select``, ``three``) and ``long``: one
-statement of a 1.9 KB SELECT of 40 columns, an ordinary ORM shape, then the end of the request.
+Operations are those of ``bench/micro.py`` (``borrow``, ``select``, ``three``) and, each followed
+by the end of the request: ``long``, one 1.7 KB SELECT of 40 columns (an ordinary ORM shape);
+``long3``, three of them; ``huge3``, three 20 KB statements (the same SELECT with the long
+``IN (...)`` list that ``prefetch_related`` and admin actions send).
 
     python bench/instructions.py [--modes pooled,django-pool] [--ops borrow,select] [--tree DIR]
 
@@ -32,12 +34,14 @@ sys.path.insert(0, str(ROOT))
 from bench.micro import MODES  # noqa: E402
 
 LONG_SQL = "SELECT " + ", ".join(f"{i} AS product_attribute_column_number_{i:02d}" for i in range(40))
+HUGE_SQL = LONG_SQL + " WHERE 1 IN (" + ", ".join(str(1000000 + i) for i in range(2050)) + ", 1)"
 
 CHILD = r"""
 import json, sys
 import django
 from django.conf import settings
-db = json.loads(sys.argv[1]); op = sys.argv[2]; n = int(sys.argv[3]); long_sql = sys.argv[4]
+db = json.loads(sys.argv[1]); op = sys.argv[2]; n = int(sys.argv[3])
+long_sql = sys.argv[4]; huge_sql = sys.argv[5]
 # No statistics publisher: its thread's periodic work would be counted in proportion to how
 # long each run takes under valgrind, not per operation.
 settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
@@ -59,14 +63,25 @@ def long():
     with connection.cursor() as c:
         c.execute(long_sql); c.fetchone()
     end()
-fn = {"borrow": borrow, "select": select, "three": three, "long": long}[op]
+def long3():
+    for _ in range(3):
+        with connection.cursor() as c:
+            c.execute(long_sql); c.fetchone()
+    end()
+def huge3():
+    for _ in range(3):
+        with connection.cursor() as c:
+            c.execute(huge_sql); c.fetchone()
+    end()
+fn = {"borrow": borrow, "select": select, "three": three, "long": long, "long3": long3,
+      "huge3": huge3}[op]
 for _ in range(200):
     fn()
 for _ in range(n):
     fn()
 """
 
-OPS = ("borrow", "select", "three", "long")
+OPS = ("borrow", "select", "three", "long", "long3", "huge3")
 
 
 def instructions(db: dict, op: str, n: int, tree: Path) -> int:
@@ -76,7 +91,7 @@ def instructions(db: dict, op: str, n: int, tree: Path) -> int:
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             sys.executable, "-c", CHILD, json.dumps(db), op, str(n), LONG_SQL],
+             sys.executable, "-c", CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL],
             env=env, capture_output=True, text=True, cwd=tree,  # (-c puts the cwd first on sys.path)
         )
         if done.returncode != 0:

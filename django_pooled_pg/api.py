@@ -96,8 +96,8 @@ def release_connections(view: str | None = None, held: Held | None = None) -> in
     """
     released = 0
     for wrapper in connections.all(initialized_only=True):
-        if getattr(wrapper, "_borrowed_from", None) is None:
-            continue
+        if getattr(wrapper, "_borrowed_from", None) is None or getattr(wrapper, "_kept", False):
+            continue  # nothing borrowed, or given back already (kept for the thread's next borrow)
         if held and wrapper.alias in held and wrapper.connection is not None:
             undo_request_transactions(wrapper, *held[wrapper.alias], view)
             continue

@@ -55,10 +55,10 @@ from . import apm, signals
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .creation import DatabaseCreation
 from .features import DatabaseFeatures
-from .ledger import ledger
+from .ledger import capture_frames, current_view, ledger
 from .pool import RECENT, Pool
 from .registry import registry
-from .release import release_connection
+from .release import prepare_return
 from .session import BASELINE_QUERY, RESET_SQL, pins_session, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
@@ -260,9 +260,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     #: borrow), and explicit pins (``pinned()``).
     _open_cursors: set[Any] = frozenset()  # type: ignore[assignment]
     _pins: int = 0
-    #: release="transaction": the connection parked after the last statement (``Pool.park``);
-    #: ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
+    #: The connection parked after the last statement (release="transaction") or kept after the
+    #: last borrow (``Pool.park``); ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
     _parked: Connection | None = None
+    #: ``_parked`` was kept at the end of a borrow (:meth:`_keep`), not parked between
+    #: statements: taking it back is a new borrow.
+    _kept: bool = False
+    #: The current borrow's wrapper lives in its thread's local storage (see get_new_connection).
+    _owned: bool = False
     #: How long the current borrow waited for its connection.
     _wait: float = 0.0
 
@@ -366,8 +371,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """
         if not self.pooled:
             return super().connect()
-        if self._parked is not None and self._take_back_parked():
-            return
+        if self._parked is not None and not self._kept and self._take_back_parked():
+            return  # mid-request (release="transaction"): Django's bookkeeping still holds
         if apm.connect_is_wrapped():
             return apm.connect_through_wrapper(self)
         # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
@@ -386,6 +391,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not self.pooled:
             return super().get_new_connection(conn_params)
         pool = self.pool
+        if self._kept:
+            conn = self._take_back_kept(pool)
+            if conn is not None:
+                return conn
         if not ledger.orphans.empty():
             ledger.reclaim_orphans()  # slots of threads that ended without closing
         started = time.monotonic()
@@ -396,7 +405,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             raise
         # A connection object that lives in this thread's local storage is lost when the
         # thread ends; one shared across threads (inc_thread_sharing) is not.
-        owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
+        owned = self._owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
         self._wait = self._borrow.started - started
         pool.stats.wait.record(self._wait)
@@ -464,19 +473,27 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             signals.register_type_handlers(self)
             conn._pooled_pg_type_oids = oids  # type: ignore[attr-defined]
 
-    def _close(self) -> None:
-        """Give the connection back to its pool, clean, or discard it."""
+    def _close(self, keep: bool = True) -> None:
+        """Give the connection back to its pool, clean, or discard it.
+
+        With ``keep`` a clean connection stays with this wrapper, free for any borrower to take,
+        and this thread's next borrow takes it back without psycopg_pool's queue (:meth:`_keep`).
+        """
         pool = self._borrowed_from
         if pool is None:
             return super()._close()
         conn, self.connection, self._borrowed_from = self.connection, None, None
         if conn is None or self._borrow_generation != registry.generation:
             return  # borrowed by the parent process before a fork: not ours to return
-        borrow = ledger.forget(conn)
+        borrow = ledger.borrows.get(id(conn))
         if borrow is None:
             return  # already given back for a thread that ended: never return twice
+        was_parked = borrow.parked  # (a parked connection's hold was recorded when it was parked)
         with self.wrap_database_errors:
-            outcome = release_connection(pool, conn)
+            outcome = prepare_return(pool, conn)
+            if not (keep and self._keep(pool, conn, borrow)):
+                ledger.forget(conn)
+                pool.putconn(conn)
         if conn.closed and pool_error.get() is None:
             # Lost mid-request: Django's atomic closes a connection whose rollback failed, and
             # may borrow another before the error reaches the middleware, which answers 503.
@@ -485,8 +502,65 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
-        if not borrow.parked:  # a parked connection's hold was recorded when it was parked
-            self._returned(borrow, time.monotonic(), outcome.rolled_back)
+        if not was_parked:
+            self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back)
+
+    def _keep(self, pool: Pool, conn: Connection, borrow: Any) -> bool:
+        """Keep a clean, returned connection for this thread's next borrow (HikariCP keeps a
+        thread's last connections the same way): parked in its pool, where any borrower that
+        finds no idle connection takes it (:meth:`Pool.park`), and taken back by
+        :meth:`_take_back_kept` with a lock and a dict pop instead of psycopg_pool's
+        ``getconn()`` + ``putconn()``. Only a wrapper of this thread's own, and never while
+        someone waits for a connection."""
+        if not (self._owned and pool.can_keep) or conn.closed or not pool.park(conn, borrow):
+            return False
+        borrow.parked = True
+        self._parked = conn
+        self._kept = True
+        self._borrowed_from = pool
+        return True
+
+    def _take_back_kept(self, pool: Pool) -> Connection | None:
+        """The connection this thread kept at its last return, for a new borrow; None if another
+        borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
+        self._kept = False
+        if self._borrowed_from is not pool:  # the pool was replaced (settings changed)
+            self._unpark()
+            return None
+        conn = self._unpark()
+        if conn is None:
+            return None
+        if conn._pooled_pg_pending:
+            pool.finish_reset(conn)  # the reset it went back with; closed if that failed
+        now = time.monotonic()
+        if conn._expire_at > now:  # (past max_lifetime, putconn() below recycles it)
+            if not conn.closed and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn)) \
+                    and pool.user_check(conn):
+                return self._borrowed_again(pool, conn, now)
+            pool.stats.lost += 1  # dead after a pause, as an idle connection can be
+            conn.close()
+            pool.check_soon()
+        ledger.forget(conn)
+        pool.putconn(conn)
+        return None
+
+    def _borrowed_again(self, pool: Pool, conn: Connection, now: float) -> Connection:
+        """The bookkeeping of get_new_connection for a connection taken back by its borrower."""
+        borrow = self._borrow
+        borrow.parked = False
+        borrow.started = now
+        borrow.reported = False
+        borrow.view = current_view.get()
+        if pool.settings.leak_timeout:
+            borrow.frames = capture_frames(4)
+        stats = pool.stats
+        stats.borrows += 1
+        stats.parked_reused += 1
+        stats.wait.record(0.0)
+        self._wait = 0.0
+        self._per_statement = False
+        self._open_cursors = set()
+        return conn
 
     def _returned(self, borrow: Any, now: float, rolled_back: bool) -> None:
         held = now - borrow.started
@@ -497,14 +571,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @async_unsafe
     def close(self) -> None:
-        if self._parked is not None:
+        if self._parked is not None and not self._kept:
             self.validate_thread_sharing()
-            self._return_parked()
+            self._return_parked()  # parked between statements: reset, and kept for next time
         super().close()
 
     def close_if_unusable_or_obsolete(self) -> None:
-        if self._parked is not None:
-            self._return_parked()  # the end of a request: a parked connection goes back
+        if self._parked is not None and not self._kept:
+            self._return_parked()  # the end of a request: the same
         super().close_if_unusable_or_obsolete()
 
     # ----- Parking between statements (release="transaction") -----------------------------------
@@ -515,7 +589,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         it. If a borrower is waiting, it goes back to the pool for real instead."""
         conn, pool, borrow = self.connection, self._borrowed_from, self._borrow
         if not pool.park(conn, borrow):
-            return self._close()
+            return self._close(keep=False)
         now = time.monotonic()
         conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # every one closed (release_if_unpinned checked)
@@ -529,10 +603,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         took it meanwhile (or it is the parent's, inherited over fork)."""
         conn, pool = self._parked, self._borrowed_from
         self._parked = None
+        self._kept = False
         if pool is None or self._borrow_generation != registry.generation:
             self._borrowed_from = None  # not ours to touch
             return None
-        if not pool.unpark(conn):
+        if not pool.unpark(conn, self._borrow):
             ledger.discard(self._borrow)
             self._borrowed_from = None
             return None
@@ -548,11 +623,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         now = time.monotonic()
         pool = self._borrowed_from
         if conn._expire_at <= now:
-            self._close()  # past max_lifetime: the pool replaces it
+            self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False
         if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):
             pool.stats.lost += 1  # dead after a pause, as an idle connection can be
-            self._close()
+            self._close(keep=False)
             return False
         borrow = self._borrow
         borrow.parked = False
@@ -566,8 +641,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return True
 
     def _return_parked(self) -> None:
-        """Give the parked connection back to the pool (the request, or the thread's work, is
-        over) unless another borrower took it."""
+        """The request, or the thread's work, is over: give the connection parked between
+        statements back (reset, and kept for this thread's next borrow: :meth:`_close`) unless
+        another borrower took it."""
         conn = self._unpark()
         if conn is not None:
             self.connection = conn
@@ -638,6 +714,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self._borrowed_from is not None and self._borrow_generation != registry.generation:
             self.connection = None
             self._parked = None
+            self._kept = False
             self._borrowed_from = None
 
     def close_if_health_check_failed(self) -> None:

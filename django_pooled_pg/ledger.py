@@ -177,7 +177,7 @@ class BorrowLedger:
         if borrow.parked:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
-            taken = borrow.pool.unpark(borrow.conn)
+            taken = borrow.pool.unpark(borrow.conn, borrow)
             self.discard(borrow)  # (first: once the pool has it, nobody holds it)
             if taken:
                 release_connection(borrow.pool, borrow.conn)

@@ -102,10 +102,13 @@ class Pool(ConnectionPool):
         self._probing = threading.Lock()
         #: release="transaction": connections parked between statements, oldest first.
         self._parked: dict[Connection, Borrow] = {}
+        #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
+        #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
+        self.can_keep = kwargs.get("reset") is None
         kwargs["connection_class"] = health_tracking(
-            kwargs.get("connection_class", Connection), self.health, pipelined=kwargs.get("reset") is None
+            kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep
         )
-        user_check = kwargs.get("check")
+        user_check = self._user_check = kwargs.get("check")
         if user_check is not None:
             def check(conn: Connection) -> None:  # psycopg_pool runs it before getconn() returns
                 if conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
@@ -144,6 +147,17 @@ class Pool(ConnectionPool):
         else:
             conn.close()
         return ok
+
+    def user_check(self, conn: Connection) -> bool:
+        """Whether ``conn`` passes the ``check`` callback of OPTIONS["pool"], if there is one
+        (psycopg_pool runs it in ``getconn()``; a connection taken back without it, here)."""
+        if self._user_check is None:
+            return True
+        try:
+            self._user_check(conn)
+        except Exception:
+            return False
+        return True
 
     def _reset_connection(self, conn: Connection) -> None:
         if conn._pooled_pg_pending:  # type: ignore[attr-defined]
@@ -313,10 +327,14 @@ class Pool(ConnectionPool):
             self._parked[conn] = borrow
         return True
 
-    def unpark(self, conn: Connection) -> bool:
-        """Take back a connection parked by :meth:`park`; False if someone else has taken it."""
+    def unpark(self, conn: Connection, borrow: Borrow) -> bool:
+        """Take back a connection parked by :meth:`park` under ``borrow``; False if someone else
+        has taken it (and perhaps parked it again since, under a borrow of theirs)."""
         with self._lock:
-            return self._parked.pop(conn, None) is not None
+            if self._parked.get(conn) is not borrow:
+                return False
+            del self._parked[conn]
+            return True
 
     def release_parked(self, older_than: float = 0.0) -> int:
         """Give connections parked longer than ``older_than`` seconds back to the pool, where

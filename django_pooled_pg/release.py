@@ -32,7 +32,18 @@ CLEAN = Outcome()
 
 def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
     """Return ``conn`` to ``pool`` clean, or closed if it cannot be cleaned."""
+    outcome = prepare_return(pool, conn)
+    pool.putconn(conn)
+    return outcome
+
+
+def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
+    """Make ``conn`` fit for its next borrower, or close it: everything
+    :func:`release_connection` does short of handing it to the pool's queue (a borrower that
+    keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here)."""
     outcome = CLEAN
+    if getattr(conn, "_pooled_pg_pending", False):
+        return outcome  # already cleaned, its reset on the wire: nobody has used it since
     try:
         if not conn.closed:
             outcome = clean_connection(conn)
@@ -45,7 +56,6 @@ def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
         check_soon = getattr(pool, "check_soon", None)
         if check_soon is not None:
             check_soon()  # its idle siblings may be as dead as it was
-    pool.putconn(conn)
     return outcome
 
 

@@ -18,7 +18,7 @@ from django_pooled_pg import PoolExhausted, borrow, signals
 from django_pooled_pg.ledger import ledger
 from django_pooled_pg.registry import registry
 from tests.app.models import Item
-from tests.conftest import pool_in_use
+from tests.conftest import held_borrows, pool_in_use
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,7 +46,7 @@ def test_request_gives_its_connection_back():
     response = Client().get("/query/")
     assert response.status_code == 200
     assert connection.connection is None
-    assert pool_in_use() == 0 and not ledger.borrows
+    assert pool_in_use() == 0 and not held_borrows()
 
 
 def test_view_that_raises_gives_back():
@@ -63,13 +63,13 @@ def test_streaming_response_holds_until_closed():
     rest = b"".join(chunks)
     assert rest == b"1,0\n2,0\n"
     response.close()
-    assert pool_in_use() == 0 and not ledger.borrows
+    assert pool_in_use() == 0 and not held_borrows()
 
 
 def test_async_view_gives_back_on_the_thread_that_used_it():
     response = async_to_sync(AsyncClient().get)("/async/")
     assert response.status_code == 200
-    assert not ledger.borrows, [vars(b) for b in ledger.borrows.values()]
+    assert not held_borrows(), [vars(b) for b in held_borrows()]
     assert pool_in_use() == 0
     assert Item.objects.filter(name="from async").count() == 1
 
@@ -117,9 +117,9 @@ def test_executor_threads_in_a_view_give_back(pool_options):
     for _ in range(3):
         assert Client().get("/executor/").json() == {"counts": [0, 0, 0]}
     deadline = time.monotonic() + 2
-    while ledger.borrows and time.monotonic() < deadline:
+    while held_borrows() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not ledger.borrows and pool_in_use() == 0
+    assert not held_borrows() and pool_in_use() == 0
 
 
 def hold_connection_too_long():

@@ -11,6 +11,7 @@ from django.test.utils import override_settings
 from django_pooled_pg.ledger import ledger
 from django_pooled_pg.registry import registry
 from tests.app.models import Item
+from tests.conftest import held_borrows
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 
@@ -33,4 +34,4 @@ def test_router_sends_reads_and_writes_to_their_own_pools():
         wrapper.close()
     assert Client().get("/query/").json() == {"count": 1}
     assert connections["default"].connection is None and connections["replica"].connection is None
-    assert not ledger.borrows
+    assert not held_borrows()

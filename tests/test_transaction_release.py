@@ -18,7 +18,7 @@ from django.test.utils import override_settings
 from django_pooled_pg import pinned
 from django_pooled_pg.ledger import ledger
 from tests.app.models import Account, Item
-from tests.conftest import pool_in_use
+from tests.conftest import held_borrows, pool_in_use
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,7 +39,8 @@ def backend_pid() -> int:
 
 
 def active_borrows() -> list:
-    return [b for b in ledger.borrows.values() if not b.parked]
+    """Connections of the default alias in use (the test databases' set-up may hold others)."""
+    return [b for b in ledger.borrows.values() if not b.parked and b.alias == "default"]
 
 
 def test_each_statement_gives_back():
@@ -147,38 +148,48 @@ def test_parked_connection_past_max_lifetime_is_replaced(pool_options, superuser
         time.sleep(0.05)
 
 
-def test_request_end_returns_the_parked_connection():
+def test_request_end_resets_the_parked_connection_and_keeps_it_for_the_thread():
     response = Client().get("/query/")
     assert response.status_code == 200
-    assert not any(b.parked for b in ledger.borrows.values() if b.thread is threading.current_thread())
-    pool = connection.pool
-    assert pool._parked == {}
+    assert connection._kept and connection.connection is None and not active_borrows()
+    kept = connection._parked
+    assert connection.pool._parked == {kept: connection._borrow}
+    assert kept._pooled_pg_pending, "given back with its reset on the wire"
+    assert Client().get("/query/").status_code == 200
+    assert connection._parked is kept, "the thread's next request took it back"
 
 
 def test_async_view_and_stream_give_back_their_parked_connection():
     # The ORM of both runs on this thread (thread-sensitive), so its connection object is ours.
     response = async_to_sync(AsyncClient().get)("/async/")
     assert response.status_code == 200
-    assert connection._parked is None and connection.pool._parked == {}
+    assert connection.connection is None and connection._kept and not active_borrows()
     response = Client().get("/stream/")
     chunks = iter(response.streaming_content)
     assert next(chunks) == b"0,1\n"
     assert connection._parked is not None, "the stream parks between its statements"
     assert b"".join(chunks) == b"1,1\n2,1\n"  # the last chunk closes the response
-    assert connection._parked is None and connection.pool._parked == {}
-    assert not ledger.borrows and pool_in_use() == 0
+    assert connection._kept and not connection._parked._pooled_pg_used
+    assert not held_borrows() and pool_in_use() == 0
 
 
 def test_thread_that_ends_with_a_parked_connection_gives_it_back():
     pool = connection.pool
     reclaimed = ledger.stats_for("default").reclaimed
-    thread = threading.Thread(target=Item.objects.count)  # queries, parks, ends without close()
+    thread_conn = None
+
+    def count_and_end():
+        nonlocal thread_conn
+        Item.objects.count()  # queries, parks, ends without close()
+        thread_conn = connection._parked
+
+    thread = threading.Thread(target=count_and_end)
     thread.start()
     thread.join()
     deadline = time.monotonic() + 5
-    while (pool._parked or ledger.borrows) and time.monotonic() < deadline:
+    while held_borrows() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert pool._parked == {} and not ledger.borrows
+    assert not held_borrows() and thread_conn not in pool._parked
     assert ledger.stats_for("default").reclaimed == reclaimed  # nothing was held: no warning
 
 
@@ -205,12 +216,14 @@ def one_value(sql: str):
 
 
 def test_the_pool_takes_back_connections_parked_for_long():
-    backend_pid()
+    connection.close()
     pool = connection.pool
+    pool.release_parked()  # (what earlier tests' threads kept)
+    backend_pid()
     assert len(pool._parked) == 1
     assert pool.release_parked(older_than=60) == 0
     assert pool.release_parked(older_than=0) == 1
-    assert pool._parked == {} and not ledger.borrows
+    assert pool._parked == {} and not [b for b in ledger.borrows.values() if b.alias == "default"]
     assert backend_pid()  # the next statement borrows normally
 
 

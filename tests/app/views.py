@@ -72,6 +72,7 @@ def pool_state(request):
     in_use = [
         {"alias": b.alias, "thread": b.thread.name, "view": b.view}
         for b in list(ledger.borrows.values())
+        if not b.parked or not b.thread.is_alive()  # (a living thread's kept one is free to take)
     ]
     counters = {alias: stats.counters() for alias, stats in ledger.stats.items()}
     return JsonResponse({
