@@ -7,9 +7,10 @@ A small diff against ``django.db.backends.postgresql.base``:
   per-session work (time zone, role, ``connection_created``) was done once, when the pool opened
   the connection (:class:`SessionSetup`).
 * :meth:`DatabaseWrapper._close` gives the connection back clean
-  (:func:`django_pooled_pg.release.release_connection`).
-* Cursors note statements that change session state, so that only connections that need it pay
-  for a reset on the way back.
+  (:func:`django_pooled_pg.release.prepare_return`) and keeps it for the thread's next borrow
+  while nobody else needs it (:meth:`DatabaseWrapper._keep`).
+* With ``release="transaction"``, cursors note statements that change session state
+  (:class:`SessionTrackingMixin`), which keep the connection until the request ends.
 """
 
 from __future__ import annotations
@@ -65,31 +66,17 @@ from .snapshot import application_name
 
 
 class SessionTrackingMixin:
-    """Marks the connection as used by a statement, so that it is reset when it goes back, and
-    with ``release="transaction"`` as pinned when the statement's command tag says it changed
-    the session (see :mod:`.session`). Constant time: the statement's text is never read."""
+    """With ``release="transaction"``: marks the connection as pinned when a statement's command
+    tag says it changed the session (see :mod:`.session`). Constant time: the statement's text
+    is never read. (Whether to reset needs no cursor: every borrowed connection is reset when it
+    goes back, see ``DatabaseWrapper._borrowed``.)"""
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        conn = self.connection  # type: ignore[attr-defined]
-        conn._pooled_pg_used = True
         result = super().execute(query, params, **kwargs)  # type: ignore[misc]
-        if conn._pooled_pg_pin_tags:
-            pgresult = self.pgresult  # type: ignore[attr-defined]
-            if pgresult is not None and pins_session(pgresult.command_status):
-                conn._pooled_pg_changed = True
+        pgresult = self.pgresult  # type: ignore[attr-defined]
+        if pgresult is not None and pins_session(pgresult.command_status):
+            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
         return result
-
-    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
-        return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
-
-    def copy(self, *args: Any, **kwargs: Any) -> Any:
-        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
-        return super().copy(*args, **kwargs)  # type: ignore[misc]
-
-    def stream(self, *args: Any, **kwargs: Any) -> Any:
-        self.connection._pooled_pg_used = True  # type: ignore[attr-defined]
-        return super().stream(*args, **kwargs)  # type: ignore[misc]
 
 
 class Cursor(SessionTrackingMixin, postgresql.Cursor):
@@ -100,15 +87,6 @@ class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
     pass
 
 
-class ServerCursor(psycopg.ServerCursor):
-    """Named cursors (``QuerySet.iterator()``, or a raw one inside ``pinned()``) mark the
-    connection as used too."""
-
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
-        self.connection._pooled_pg_used = True
-        return super().execute(*args, **kwargs)
-
-
 #: Cursor classes with session tracking, by the class they track for (see tracking_cursor_class).
 _tracking_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary(
     {postgresql.Cursor: Cursor, postgresql.ServerBindingCursor: ServerBindingCursor}
@@ -116,15 +94,10 @@ _tracking_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictio
 
 
 def tracking_cursor_class(factory: Any) -> type:
-    """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
-    subclass of this backend put in ``get_connection_params()``, as django-prometheus does) with
-    session tracking in front of it. A cursor class of one's own never turns the reset off."""
-    if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
-        raise ImproperlyConfigured(
-            f"cursor_factory {factory!r} is not a psycopg.Cursor subclass; django_pooled_pg needs "
-            "one to track what a borrower leaves in the session. Subclass Django's "
-            "django.db.backends.postgresql.base.Cursor instead."
-        )
+    """The cursor class of the pool's connections with ``release="transaction"``: ``factory``
+    (Django's class, or whatever a subclass of this backend put in ``get_connection_params()``, as
+    django-prometheus does) with the tracking of pinning statements in front of it."""
+    checked_cursor_class(factory)
     if issubclass(factory, SessionTrackingMixin):
         return factory
     tracking = _tracking_classes.get(factory)
@@ -132,6 +105,16 @@ def tracking_cursor_class(factory: Any) -> type:
         tracking = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
         _tracking_classes[factory] = tracking
     return tracking
+
+
+def checked_cursor_class(factory: Any) -> type:
+    if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
+        raise ImproperlyConfigured(
+            f"cursor_factory {factory!r} is not a psycopg.Cursor subclass; django_pooled_pg needs "
+            "one to track what a borrower leaves in the session. Subclass Django's "
+            "django.db.backends.postgresql.base.Cursor instead."
+        )
+    return factory
 
 
 class ReleaseOnCloseMixin:
@@ -179,7 +162,6 @@ class SessionSetup:
         alias: str,
         configure: Callable[[Connection], None] | None,
         time_zone: str | None = None,
-        pin_tags: bool = False,
     ) -> None:
         self.wrapper_class = wrapper_class
         self.settings_dict = settings_dict
@@ -187,15 +169,10 @@ class SessionSetup:
         self.configure = configure
         #: Set with SET when it cannot travel in the startup packet (behind PgBouncer).
         self.time_zone = time_zone
-        #: release="transaction": statements that change the session pin the connection.
-        self.pin_tags = pin_tags
 
     def __call__(self, conn: Connection) -> None:
         conn._pooled_pg_setup = self  # type: ignore[attr-defined]
         conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
-        conn._pooled_pg_pin_tags = self.pin_tags  # type: ignore[attr-defined]
-        if conn.server_cursor_factory is psycopg.ServerCursor:
-            conn.server_cursor_factory = ServerCursor
         baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
             conn.execute("SELECT set_config('TimeZone', %s, false)", [self.time_zone])
@@ -225,9 +202,9 @@ class SessionSetup:
             self.configure(conn)
         if baseline:
             rows = conn.execute(BASELINE_QUERY).fetchall()
-            conn._pooled_pg_reset = reset_statement(rows)  # type: ignore[attr-defined]
+            conn._pooled_pg_reset = reset_statement(rows).encode()  # type: ignore[attr-defined]
         else:
-            conn._pooled_pg_reset = RESET_SQL  # type: ignore[attr-defined]
+            conn._pooled_pg_reset = RESET_SQL.encode()  # type: ignore[attr-defined]
         # What ran here is the session's baseline, not a borrower's change.
         conn._pooled_pg_changed = False  # type: ignore[attr-defined]
         conn._pooled_pg_used = False  # type: ignore[attr-defined]
@@ -304,7 +281,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not options.get("application_name"):
             # Lets poolstats tell this process's connections apart in pg_stat_activity.
             kwargs["application_name"] = application_name(self.alias)
-        kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
+        if pool_settings.release == "transaction":
+            kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
+        else:
+            checked_cursor_class(kwargs["cursor_factory"])
         startup = {}
         if self.timezone_name:
             startup["TimeZone"] = self.timezone_name
@@ -330,7 +310,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             open=False,
             configure=SessionSetup(
                 type(self), dict(self.settings_dict), self.alias, configure, set_time_zone,
-                pin_tags=pool_settings.release == "transaction",
             ),
             **pool_kwargs,
         )
@@ -382,7 +361,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.needs_rollback = False
         self.closed_in_transaction = False
         self.errors_occurred = False
-        self.connection = self.get_new_connection(None)
+        self.connection = self._borrowed()
         self.init_connection_state()
 
     def get_new_connection(self, conn_params: Any) -> Connection:
@@ -390,6 +369,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         so ``conn_params`` is not needed); Django's new connection when not pooled."""
         if not self.pooled:
             return super().get_new_connection(conn_params)
+        return self._borrowed()
+
+    def _borrowed(self) -> Connection:
+        """Borrow: the connection this thread kept at its last return if it is still free
+        (:meth:`_take_back_kept`), else one from the pool.
+
+        Every borrowed connection is marked used, so that it is reset when it goes back: the
+        reset cannot be fooled by what a borrower ran (see :mod:`.session`), and is sent
+        without waiting for its answer (:func:`.release.send_reset`)."""
         pool = self.pool
         if self._kept:
             conn = self._take_back_kept(pool)
@@ -407,6 +395,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # thread ends; one shared across threads (inc_thread_sharing) is not.
         owned = self._owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
+        conn._pooled_pg_used = True  # type: ignore[attr-defined]
         self._wait = self._borrow.started - started
         pool.stats.wait.record(self._wait)
         self._borrowed_from = pool
@@ -440,7 +429,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.run_on_commit = []
         self._sync_postgres_types(conn)
         self._per_statement = self._borrowed_from.settings.release == "transaction"
-        signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=self._wait)
+        if signals.connection_borrowed.receivers:
+            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=self._wait)
 
     def _pool_failed(self, error: PoolError) -> None:
         stats = ledger.stats_for(self.alias)
@@ -557,6 +547,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats.borrows += 1
         stats.parked_reused += 1
         stats.wait.record(0.0)
+        conn._pooled_pg_used = True
         self._wait = 0.0
         self._per_statement = False
         self._open_cursors = set()
@@ -565,9 +556,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def _returned(self, borrow: Any, now: float, rolled_back: bool) -> None:
         held = now - borrow.started
         borrow.pool.stats.hold.record(held)
-        signals.connection_returned.send(
-            sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
-        )
+        if signals.connection_returned.receivers:
+            signals.connection_returned.send(
+                sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
+            )
 
     @async_unsafe
     def close(self) -> None:
@@ -637,7 +629,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats.parked_reused += 1
         stats.wait.record(0.0)
         self._open_cursors.clear()  # (the set of this connect())
-        signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
+        if signals.connection_borrowed.receivers:
+            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
         return True
 
     def _return_parked(self) -> None:

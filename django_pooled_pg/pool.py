@@ -66,8 +66,8 @@ def health_tracking(base: type[Connection], health: ConnectionHealth, pipelined:
         # defaults hold until then (a connection that was never set up is reset if used).
         _pooled_pg_used = True
         _pooled_pg_changed = False
-        _pooled_pg_pin_tags = False
-        _pooled_pg_reset = RESET_SQL
+        _pooled_pg_reset = RESET_SQL.encode()  # (bytes: what send_query() takes)
+        _pooled_pg_cursors: Any = ()  # named cursors of the current borrow (a list once set up)
         #: The reset is sent on return and its answer read by the next taker (Pool.getconn);
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs on return.
         _pooled_pg_pipelined = pipelined
@@ -132,20 +132,24 @@ class Pool(ConnectionPool):
         ``fail_fast_timeout``."""
         conn._pooled_pg_pending = False  # type: ignore[attr-defined]
         pgconn = conn.pgconn
-        deadline = time.monotonic() + self.fail_fast_timeout
+        ok = True
         try:
             with conn.lock:
-                statuses = _read_results(pgconn, deadline)
-            ok = pgconn.transaction_status == TransactionStatus.IDLE and all(
-                status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) for status in statuses
-            )
+                pgconn.consume_input()
+                if pgconn.is_busy():
+                    _wait_answer(pgconn, time.monotonic() + self.fail_fast_timeout)
+                while (result := pgconn.get_result()) is not None:
+                    if result.status != ExecStatus.COMMAND_OK and result.status != ExecStatus.TUPLES_OK:
+                        ok = False
+            ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
         except Exception:
             ok = False
-        if ok:
-            # The reset ran DEALLOCATE ALL behind psycopg's back: forget its prepared statements.
-            conn._prepared.clear()  # type: ignore[attr-defined]
-        else:
+        if not ok:
             conn.close()
+        elif conn.prepare_threshold is not None:
+            # The reset ran DEALLOCATE ALL behind psycopg's back: forget its prepared statements
+            # (with prepare_threshold None, Django's default, psycopg never prepares any).
+            conn._prepared.clear()  # type: ignore[attr-defined]
         return ok
 
     def user_check(self, conn: Connection) -> bool:
@@ -434,16 +438,22 @@ class Pool(ConnectionPool):
 def _read_results(pgconn: Any, deadline: float) -> list[ExecStatus]:
     """Wait until ``deadline`` for the answer to the command in flight and read it: the status of
     each of its results. TimeoutError if it did not come in time (libpq has no read timeout)."""
-    while True:
-        pgconn.consume_input()
-        if not pgconn.is_busy():
-            break
-        if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
-            raise TimeoutError
+    _wait_answer(pgconn, deadline)
     statuses = []
     while (result := pgconn.get_result()) is not None:
         statuses.append(result.status)
     return statuses
+
+
+def _wait_answer(pgconn: Any, deadline: float) -> None:
+    """Read input until the answer to the command in flight is complete; TimeoutError at
+    ``deadline``."""
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            return
+        if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
+            raise TimeoutError
 
 
 def _wait_socket(fd: int, events: int, deadline: float) -> bool:

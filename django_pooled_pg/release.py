@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from psycopg import Connection
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 
 
@@ -28,6 +28,7 @@ class Outcome(NamedTuple):
 
 
 CLEAN = Outcome()
+_OUTCOMES = {(r, s): Outcome(rolled_back=r, reset=s) for r in (False, True) for s in (False, True)}
 
 
 def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
@@ -40,52 +41,53 @@ def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
 def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
     """Make ``conn`` fit for its next borrower, or close it: everything
     :func:`release_connection` does short of handing it to the pool's queue (a borrower that
-    keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here)."""
-    outcome = CLEAN
-    if getattr(conn, "_pooled_pg_pending", False):
-        return outcome  # already cleaned, its reset on the wire: nobody has used it since
+    keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here).
+
+    Roll back, close leftover cursors, autocommit back on, and the session reset (sent, its
+    answer read by the next borrower) for every connection that was borrowed. One function, as
+    it runs on every return: about 2 us of Python, the reset's round trip not waited for."""
+    if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+        return CLEAN  # already cleaned, its reset on the wire: nobody has used it since
+    pgconn = conn.pgconn
+    rolled_back = reset = False
     try:
-        if not conn.closed:
-            outcome = clean_connection(conn)
+        status = pgconn.transaction_status
+        if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+            # A command still running (COPY, a pipeline) or a lost connection: not worth saving.
+            conn.close()
+        else:
+            if status != TransactionStatus.IDLE:
+                rolled_back = True
+                conn.rollback()
+            if conn._pooled_pg_cursors:  # type: ignore[attr-defined]
+                close_cursors(conn._pooled_pg_cursors)  # type: ignore[attr-defined]
+            if not conn.autocommit:
+                conn.autocommit = True
+            if conn._pooled_pg_used:  # type: ignore[attr-defined]
+                reset = True
+                if conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
+                    send_reset(conn)
+                else:
+                    reset_session(conn)
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
     conn._pooled_pg_returned_at = time.monotonic()  # type: ignore[attr-defined]
-    if conn.closed:
-        outcome = Outcome(outcome.rolled_back, discarded=True, reset=outcome.reset)
+    if pgconn.status == ConnStatus.BAD:  # (conn.closed)
         check_soon = getattr(pool, "check_soon", None)
         if check_soon is not None:
             check_soon()  # its idle siblings may be as dead as it was
-    return outcome
+        return Outcome(rolled_back, discarded=True, reset=reset)
+    return _OUTCOMES[rolled_back, reset]
 
 
-def clean_connection(conn: Connection) -> Outcome:
-    """Roll back, close leftover cursors and reset session state, as needed."""
-    status = conn.pgconn.transaction_status
-    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
-        # A command still running (COPY, a pipeline) or a lost connection: not worth saving.
-        conn.close()
-        return CLEAN
-    rolled_back = status != TransactionStatus.IDLE
-    if rolled_back:
-        conn.rollback()
-    cursors = getattr(conn, "_pooled_pg_cursors", None)
-    if cursors:
-        for cursor in cursors:
-            if not cursor.closed:
-                cursor.close()  # an abandoned QuerySet.iterator(): CLOSE its WITH HOLD cursor
-        cursors.clear()
-    if not conn.autocommit:
-        conn.autocommit = True
-    reset = conn._pooled_pg_used  # type: ignore[attr-defined]
-    if reset:
-        if conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
-            send_reset(conn)
-        else:
-            reset_session(conn)
-    if rolled_back or reset:
-        return Outcome(rolled_back=rolled_back, reset=reset)
-    return CLEAN
+def close_cursors(cursors: list[Any]) -> None:
+    """Close what a borrower left open: an abandoned ``QuerySet.iterator()`` (its WITH HOLD
+    cursor lives on the server until CLOSE)."""
+    for cursor in cursors:
+        if not cursor.closed:
+            cursor.close()
+    cursors.clear()
 
 
 def reset_session(conn: Connection) -> None:
@@ -104,7 +106,7 @@ def send_reset(conn: Connection) -> None:
     wait; the server does the same work as for :func:`reset_session`."""
     pgconn = conn.pgconn
     with conn.lock:
-        pgconn.send_query(conn._pooled_pg_reset.encode())  # type: ignore[attr-defined]
+        pgconn.send_query(conn._pooled_pg_reset)  # type: ignore[attr-defined]
         while pgconn.flush():  # (non-blocking libpq: a short statement is sent at once)
             select.select([], [pgconn.socket], [], 1.0)
     conn._pooled_pg_pending = True  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
 """Signals other code can listen to. All are sent with ``sender`` the ENGINE's DatabaseWrapper
-class and ``alias``; sending one that has no receivers costs a dictionary lookup.
+class and ``alias``; one that has no receivers is not sent at all (a list check).
 
 * ``connection_borrowed(alias, connection, wait)``: ``wait`` is the seconds spent waiting.
 * ``connection_returned(alias, connection, held, rolled_back)``: ``held`` seconds.

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Customer, Order, OrderLine, Product
+from .models import Customer, Listing, Order, OrderLine, Product
 
 
 @admin.register(Customer)
@@ -34,3 +34,14 @@ class OrderAdmin(admin.ModelAdmin):
 class OrderLineAdmin(admin.ModelAdmin):
     list_display = ("order", "product", "quantity", "price")
     raw_id_fields = ("order", "product")
+
+
+@admin.register(Listing)
+class ListingAdmin(admin.ModelAdmin):
+    list_display = ("title", "product", "seller", "condition", "price", "quantity", "sold", "is_active", "created_at")
+    list_filter = ("condition", "is_active", "location_country")
+    list_select_related = ("product", "seller")
+    search_fields = ("title", "brand")
+    raw_id_fields = ("product", "seller")
+    date_hierarchy = "created_at"
+    list_per_page = 50
