@@ -647,16 +647,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def make_cursor(self, cursor: Any) -> Any:
         if not self._per_statement:
             return super().make_cursor(cursor)
-        return self._count_cursor(ReleasingCursorWrapper(cursor, self))
+        self._open_cursors.add(cursor)
+        return ReleasingCursorWrapper(cursor, self)
 
     def make_debug_cursor(self, cursor: Any) -> Any:
         if not self._per_statement:
             return super().make_debug_cursor(cursor)
-        return self._count_cursor(ReleasingCursorDebugWrapper(cursor, self))
-
-    def _count_cursor(self, wrapped: Any) -> Any:
-        self._open_cursors.add(wrapped.cursor)
-        return wrapped
+        self._open_cursors.add(cursor)
+        return ReleasingCursorDebugWrapper(cursor, self)
 
     def cursor_closed(self, cursor: Any) -> None:
         """The wrapper of ``cursor`` was closed: give the connection back if that was the last
@@ -681,13 +679,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if (
             conn is None
             or self._borrowed_from is None
-            or self._cursors_open()
+            or (self._open_cursors and self._cursors_open())
             or self._pins > 0
             or self.in_atomic_block
             or not self.autocommit
             or conn._pooled_pg_changed
             or conn.pgconn.transaction_status  # not IDLE
-            or any(not cursor.closed for cursor in conn._pooled_pg_cursors)
+            or (conn._pooled_pg_cursors and any(not cursor.closed for cursor in conn._pooled_pg_cursors))
         ):
             return
         self._park()
@@ -696,8 +694,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """Whether a cursor of this borrow is still open. One that something else closed (a
         wrapper that closes the psycopg cursor itself) no longer counts."""
         open_cursors = self._open_cursors
-        if not open_cursors:
-            return False
         for cursor in [c for c in open_cursors if c.closed]:
             open_cursors.discard(cursor)
         return bool(open_cursors)
