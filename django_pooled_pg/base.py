@@ -60,7 +60,7 @@ from .ledger import capture_frames, current_view, ledger
 from .pool import RECENT, Pool
 from .registry import registry
 from .release import prepare_return
-from .session import BASELINE_QUERY, RESET_SQL, pins_session, reset_statement, startup_options
+from .session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
 
@@ -74,7 +74,7 @@ class SessionTrackingMixin:
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
         result = super().execute(query, params, **kwargs)  # type: ignore[misc]
         pgresult = self.pgresult  # type: ignore[attr-defined]
-        if pgresult is not None and pins_session(pgresult.command_status):
+        if pgresult is not None and pgresult.command_status in PINNING_TAGS:  # (pins_session())
             self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
         return result
 
@@ -132,8 +132,10 @@ class ReleaseOnCloseMixin:
 
     def close(self) -> None:
         try:
-            with self.db.wrap_database_errors:
-                self.cursor.close()
+            self.cursor.close()
+        except Exception:
+            with self.db.wrap_database_errors:  # (entered only on an error: it runs per statement)
+                raise
         finally:
             self.db.cursor_closed(self.cursor)
 
@@ -348,10 +350,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         ``BaseDatabaseWrapper.connect`` to time it (sentry-sdk does), the borrow goes through
         that wrapper, so the tool sees the wait for a pool connection (:mod:`.apm`).
         """
-        if not self.pooled:
-            return super().connect()
         if self._parked is not None and not self._kept and self._take_back_parked():
             return  # mid-request (release="transaction"): Django's bookkeeping still holds
+        if not self.pooled:
+            return super().connect()
         if apm.connect_is_wrapped():
             return apm.connect_through_wrapper(self)
         # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
@@ -588,7 +590,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.parked = True
         self.connection = None
         self._parked = conn
-        self._returned(borrow, now, False)
+        held = now - borrow.started  # (self._returned(), inlined: this runs per statement)
+        pool.stats.hold.record(held)
+        if signals.connection_returned.receivers:
+            signals.connection_returned.send(
+                sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=False,
+            )
 
     def _unpark(self) -> Connection | None:
         """The parked connection, taken back from the pool; None if another borrower or the pool
@@ -608,12 +615,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def _take_back_parked(self) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and
         alive; False (and a normal borrow follows) if not."""
-        conn = self._unpark()
-        if conn is None:
+        conn, pool = self._parked, self._borrowed_from
+        if pool is None or self._borrow_generation != registry.generation or not pool.unpark(conn, self._borrow):
+            self._parked = conn  # (for _unpark(), which sorts out why)
+            self._unpark()
             return False
+        self._parked = None  # (self._unpark(), inlined: this runs per statement)
         self.connection = conn
         now = time.monotonic()
-        pool = self._borrowed_from
         if conn._expire_at <= now:
             self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False

@@ -47,7 +47,7 @@ BASELINE_QUERY = "SELECT name, setting FROM pg_settings WHERE source = 'session'
 #: Command tags of statements that change the session and so pin the connection with
 #: release="transaction" (the README lists them). CREATE TABLE / VIEW / SEQUENCE may make a
 #: temporary one; the tag does not say, so they all pin, harmlessly.
-_PINNING_TAGS = frozenset({
+PINNING_TAGS = frozenset({
     b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"LOAD", b"DO",
     b"DECLARE CURSOR", b"CREATE TABLE", b"CREATE VIEW", b"CREATE SEQUENCE",
 })
@@ -70,7 +70,7 @@ def pins_session(command_status: bytes | None) -> bool:
     """True when a statement with this command tag changed the session (release="transaction"
     then keeps the connection until the request ends). SET LOCAL has the tag SET too: it pins
     until the request ends, harmlessly."""
-    return command_status in _PINNING_TAGS if command_status else False
+    return command_status in PINNING_TAGS if command_status else False
 
 
 def quote_option(value: str) -> str:
