@@ -511,7 +511,7 @@ def fmt_statuses(statuses: dict) -> str:
 
 def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = False) -> list[str]:
     base = results.get("persistent", {}).get(endpoint)
-    head = "| mode | req/s | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends |"
+    head = "| mode | req/s (range of rounds) | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends |"
     sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if statuses:
         head += " non-2xx statuses |"
@@ -524,7 +524,9 @@ def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = Fal
             lines.append(f"| {mode} | {why} | | | | | | |" + (" |" if statuses else ""))
             continue
         ratio = f"{r['rps'] / base['rps']:.2f}x" if base and base["rps"] else "-"
-        row = (f"| {mode} | {r['rps']:.0f} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
+        rounds = r.get("rounds_rps", [])
+        spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+        row = (f"| {mode} | {r['rps']:.0f}{spread} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
                f"{r['errors']} | {r['peak_backends']} |")  # fmt: skip
         if statuses:
             row += f" {fmt_statuses(r['statuses'])} |"

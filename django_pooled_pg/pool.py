@@ -108,14 +108,6 @@ class Pool(ConnectionPool):
         kwargs["connection_class"] = health_tracking(
             kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep
         )
-        user_check = self._user_check = kwargs.get("check")
-        if user_check is not None:
-            def check(conn: Connection) -> None:  # psycopg_pool runs it before getconn() returns
-                if conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
-                    raise OperationalError("the connection's session reset failed")
-                user_check(conn)
-
-            kwargs["check"] = check
         super().__init__(**kwargs)
 
     # ----- Resets sent on return (release.send_reset) -------------------------------------------
@@ -125,6 +117,13 @@ class Pool(ConnectionPool):
         if conn._pooled_pg_pending:  # type: ignore[attr-defined]
             self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
         return conn
+
+    def _check_connection(self, conn: Connection) -> None:
+        # psycopg_pool runs the `check` callback of OPTIONS["pool"] here, before getconn()
+        # returns: the answer of the reset on the wire must be read first.
+        if self._check is not None and conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
+            raise OperationalError("the connection's session reset failed")
+        super()._check_connection(conn)
 
     def finish_reset(self, conn: Connection) -> bool:
         """Read the answer of the reset sent when ``conn`` went back (normally there already:
@@ -155,10 +154,10 @@ class Pool(ConnectionPool):
     def user_check(self, conn: Connection) -> bool:
         """Whether ``conn`` passes the ``check`` callback of OPTIONS["pool"], if there is one
         (psycopg_pool runs it in ``getconn()``; a connection taken back without it, here)."""
-        if self._user_check is None:
+        if self._check is None:
             return True
         try:
-            self._user_check(conn)
+            self._check(conn)
         except Exception:
             return False
         return True
