@@ -396,7 +396,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # A connection object that lives in this thread's local storage is lost when the
         # thread ends; one shared across threads (inc_thread_sharing) is not.
         owned = self._owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
-        self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned)
+        self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned, holder=id(self))
         conn._pooled_pg_used = True  # type: ignore[attr-defined]
         self._wait = self._borrow.started - started
         pool.stats.wait.record(self._wait)
@@ -478,8 +478,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if conn is None or self._borrow_generation != registry.generation:
             return  # borrowed by the parent process before a fork: not ours to return
         borrow = ledger.borrows.get(id(conn))
-        if borrow is None:
-            return  # already given back for a thread that ended: never return twice
+        if borrow is None or borrow.holder != id(self):
+            # Already given back for a thread that ended (never return twice), or this is a copy
+            # (copy.copy(), as Django's own tests make) of the wrapper that holds it.
+            self._parked = None
+            return
         was_parked = borrow.parked  # (a parked connection's hold was recorded when it was parked)
         with self.wrap_database_errors:
             outcome = prepare_return(pool, conn)
@@ -603,8 +606,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         conn, pool = self._parked, self._borrowed_from
         self._parked = None
         self._kept = False
-        if pool is None or self._borrow_generation != registry.generation:
-            self._borrowed_from = None  # not ours to touch
+        if pool is None or self._borrow_generation != registry.generation or self._borrow.holder != id(self):
+            self._borrowed_from = None  # not ours to touch: the parent's (fork), or a copy's original's
             return None
         if not pool.unpark(conn, self._borrow):
             ledger.discard(self._borrow)
@@ -616,7 +619,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         """Resume the parked connection for the next statement: True if it was still free and
         alive; False (and a normal borrow follows) if not."""
         conn, pool = self._parked, self._borrowed_from
-        if pool is None or self._borrow_generation != registry.generation or not pool.unpark(conn, self._borrow):
+        if (pool is None or self._borrow_generation != registry.generation or self._borrow.holder != id(self)
+                or not pool.unpark(conn, self._borrow)):
             self._parked = conn  # (for _unpark(), which sorts out why)
             self._unpark()
             return False

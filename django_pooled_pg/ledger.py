@@ -51,9 +51,12 @@ class Borrow:
     view: str | None
     frames: Frames | None = None
     reported: bool = False
-    #: release="transaction": the borrower parked the connection between statements (see
-    #: :meth:`Pool.park <django_pooled_pg.pool.Pool.park>`); it is not in use.
+    #: The borrower parked the connection between statements or kept it for its next borrow
+    #: (see :meth:`Pool.park <django_pooled_pg.pool.Pool.park>`); it is not in use.
     parked: bool = False
+    #: ``id()`` of the connection object (DatabaseWrapper) that borrowed: a ``copy.copy()`` of it
+    #: carries the same record and must not return or take back what the original holds.
+    holder: int = 0
 
     def stack(self) -> str:
         if not self.frames:
@@ -110,13 +113,13 @@ class BorrowLedger:
             stats = self.stats.setdefault(alias, AliasStats())
         return stats
 
-    def record(self, alias: str, pool: Pool, conn: Connection, *, owned_by_thread: bool) -> Borrow:
+    def record(self, alias: str, pool: Pool, conn: Connection, *, owned_by_thread: bool, holder: int = 0) -> Borrow:
         """Note a borrow. ``owned_by_thread``: the borrowing wrapper lives in this thread's
         local storage, so the connection is lost if the thread ends: return it then."""
         leak_timeout = pool.settings.leak_timeout
         borrow = Borrow(
             alias, pool, conn, threading.current_thread(), time.monotonic(), current_view.get(),
-            capture_frames(3) if leak_timeout else None,
+            capture_frames(3) if leak_timeout else None, holder=holder,
         )
         self.borrows[id(conn)] = borrow
         self.stats_for(alias).borrows += 1

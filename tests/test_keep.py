@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 
 from django_pooled_pg.ledger import ledger
 from tests.conftest import held_borrows, pool_in_use
@@ -173,3 +173,21 @@ def test_a_parked_connection_parked_again_by_another_borrower_stays_theirs(pool_
         ready.set()
         thread.join(5)
         connection.close()
+
+
+def test_a_copy_of_the_connection_object_never_gives_back_or_takes_what_the_original_holds(one_connection):
+    """copy.copy() of a wrapper (Django's own test suite makes them) shares its state: the copy
+    must neither return the original's connection nor take its kept one back."""
+    import copy
+
+    pid = backend_pid()  # held by the original
+    duplicate = copy.copy(connections["default"])
+    duplicate.close()  # not the copy's to give back
+    assert pool_in_use() == 1 and backend_pid() == pid  # the original still has it, working
+    connection.close()  # kept by the original
+    duplicate, stats = copy.copy(connections["default"]), connection.pool.stats
+    taken = stats.parked_taken
+    duplicate.ensure_connection()  # the copy borrows: it takes the kept one as any borrower would
+    assert duplicate.connection.info.backend_pid == pid and stats.parked_taken == taken + 1
+    duplicate.close()
+    assert backend_pid() == pid  # and the original borrows it back in turn
