@@ -14,7 +14,6 @@ or calls :func:`release_connections` at the end of each unit of work (a task, a 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,8 +21,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.transaction import TransactionManagementError
 
-logger = logging.getLogger("django_pooled_pg")
-
+from . import eventlog
 
 @contextmanager
 def borrow(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
@@ -112,7 +110,8 @@ def undo_request_transactions(wrapper: BaseDatabaseWrapper, depth: int, autocomm
     savepoint), or a transaction it began with ``set_autocommit(False)``. The holder's own
     transaction and blocks stay as they were."""
     if len(wrapper.atomic_blocks) > depth:
-        logger.warning(
+        eventlog.warn(
+            "a transaction left open", wrapper.alias, view,
             "%s left %d atomic block(s) open on database %r; rolled back to where the request began",
             f"view {view}" if view else "a request", len(wrapper.atomic_blocks) - depth, wrapper.alias,
         )
@@ -120,7 +119,8 @@ def undo_request_transactions(wrapper: BaseDatabaseWrapper, depth: int, autocomm
         while len(wrapper.atomic_blocks) > depth:
             wrapper.atomic_blocks[-1].__exit__(TransactionManagementError, error, None)
     elif autocommit and not wrapper.in_atomic_block and not wrapper.autocommit:
-        logger.warning(
+        eventlog.warn(
+            "a transaction left open", wrapper.alias, view,
             "%s left a transaction open on database %r; it was rolled back",
             f"view {view}" if view else "a request", wrapper.alias,
         )
@@ -140,7 +140,8 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
         status = wrapper.connection.pgconn.transaction_status
         in_transaction = status != 0  # not IDLE
     if in_transaction:
-        logger.warning(
+        eventlog.warn(
+            "a transaction left open", wrapper.alias, view,
             "%s left a transaction open on database %r; it was rolled back",
             f"view {view}" if view else "code outside a request", wrapper.alias,
         )

@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import signals
+from . import eventlog, signals
 from .stats import AliasStats
 
 if TYPE_CHECKING:
@@ -191,7 +191,8 @@ class BorrowLedger:
         stats.reclaimed += 1
         stats.rollbacks += outcome.rolled_back
         stats.hold.record(time.monotonic() - borrow.started)
-        logger.warning(
+        eventlog.warn(
+            "a thread ended holding a connection", borrow.alias, borrow.view,
             "thread %r ended holding a connection to database %r%s without closing it; "
             "it was returned to the pool%s",
             borrow.thread.name, borrow.alias,
@@ -232,7 +233,8 @@ class BorrowLedger:
             held = now - borrow.started
             self.stats_for(borrow.alias).leaks += 1
             stack = borrow.stack()
-            logger.warning(
+            eventlog.warn(
+                "a connection held longer than leak_timeout", borrow.alias, borrow.view,
                 "connection to database %r held for %.1fs by thread %r%s, longer than "
                 "leak_timeout=%gs; it was borrowed at:\n%s",
                 borrow.alias, held, borrow.thread.name,

@@ -13,20 +13,19 @@ sync context that iterated it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.db import connections
-from django.db.utils import InterfaceError, OperationalError
+from django.db.utils import Error as DjangoDatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
+from . import eventlog
 from .api import held_connections, release_connections
 from .errors import DatabaseUnavailable, PoolError
 from .ledger import current_view, ledger
-
-logger = logging.getLogger("django_pooled_pg")
 
 
 def service_unavailable(error: PoolError) -> HttpResponse:
@@ -40,8 +39,13 @@ def service_unavailable(error: PoolError) -> HttpResponse:
 
 def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
     """A DatabaseUnavailable for ``exc`` if it came from a connection that is now broken (the
-    server restarted or went away mid-request), else None."""
-    if not isinstance(exc, (OperationalError, InterfaceError)):
+    server restarted, failed over or went away mid-request, or ended the session itself), else
+    None.
+
+    Any database error counts when a connection of the request is now closed: the server says
+    why it ended a session with an error of its own, not always an OperationalError
+    (``idle_in_transaction_session_timeout`` arrives as InternalError, SQLSTATE 25P03)."""
+    if not isinstance(exc, (DjangoDatabaseError, psycopg.Error)):
         return None
     for wrapper in connections.all(initialized_only=True):
         conn = wrapper.connection
@@ -140,6 +144,7 @@ class PoolMiddleware:
     def log(self, request: HttpRequest, error: PoolError) -> None:
         ledger.stats_for(error.alias).responses_503 += 1
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
-        logger.warning(
+        eventlog.warn(
+            "a 503", error.alias, self.view_name(request),
             "503 for %s %s: %s%s", request.method, request.path, error, cause,
         )

@@ -30,7 +30,7 @@ import os
 import threading
 from typing import Any
 
-from . import history, snapshot
+from . import eventlog, history, snapshot
 from .settings import StatsSettings, read_stats_settings
 
 logger = logging.getLogger("django_pooled_pg")
@@ -109,6 +109,7 @@ class Publisher:
             interval = (config.interval if config else None) or 5.0
             if stop.wait(interval):
                 return
+            eventlog.flush()  # summaries of repeated warnings whose events stopped coming
             if config is None or not config.enabled:
                 continue
             try:

@@ -6,6 +6,7 @@ import psycopg
 import pytest
 from django.db import connections
 
+from django_pooled_pg import eventlog
 from django_pooled_pg.ledger import ledger
 from django_pooled_pg.registry import registry
 from tests import dbserver
@@ -100,6 +101,12 @@ def held_borrows() -> list:
     """Borrows in the ledger that still hold a connection: in use, or kept (parked) by a thread
     that has ended. A connection a living thread keeps for its next borrow is free to take."""
     return [b for b in list(ledger.borrows.values()) if not b.parked or not b.thread.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def fresh_event_log():
+    """Each test sees the first warning of its own events (see django_pooled_pg.eventlog)."""
+    eventlog.reset()
 
 
 @pytest.fixture(autouse=True)

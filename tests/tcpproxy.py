@@ -1,6 +1,7 @@
 """A TCP proxy on 127.0.0.1 that can go silent: ``pause()`` stops forwarding in both directions
 but keeps every socket open (a network or middlebox that drops traffic without resetting
-anything); ``resume()`` forwards what was held back. For tests only: threads, no limits beyond
+anything); ``resume()`` forwards what was held back; ``drop()`` closes every connection (a
+failover). For tests only: threads, no limits beyond
 ``max_connections``."""
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ class SilentProxy:
 
     def resume(self) -> None:
         self.forwarding.set()
+
+    def drop(self) -> None:
+        """Close every connection it forwards, keep accepting new ones: what clients see when a
+        failover moves the server's address (their sessions end without a word from the server)."""
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         while not self.closed:

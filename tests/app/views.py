@@ -114,3 +114,39 @@ def order(request):
     except _RolledBack:
         return JsonResponse({"rolled_back": True})
     return JsonResponse({"created": True})
+
+
+# ----- Sessions the server ends mid-request (tests/test_lost_sessions.py) -------------------------
+
+
+def idle_in_transaction(request):
+    """A transaction that waits longer than idle_in_transaction_session_timeout: the server ends
+    the session, and the next statement fails with InternalError (SQLSTATE 25P03)."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '100ms'")
+        Item.objects.count()
+        time.sleep(0.5)
+        Item.objects.count()
+    return JsonResponse({"ok": True})
+
+
+def timeout_then_lost(request):
+    """A statement cancelled by statement_timeout (the session lives on), then the session dies."""
+    from django.db import OperationalError
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '100ms'")
+        try:
+            cursor.execute("SELECT pg_sleep(1)")
+        except OperationalError:
+            pass  # QueryCanceled: the view carries on
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    return JsonResponse({"ok": True})
+
+
+def sleep_query(request):
+    """One statement that runs ?s= seconds on the server."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [float(request.GET.get("s", "1"))])
+    return JsonResponse({"ok": True})

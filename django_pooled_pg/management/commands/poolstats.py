@@ -6,6 +6,12 @@
     manage.py poolstats --watch 2         # refresh every 2 s until Ctrl-C
     manage.py poolstats --check           # health probe: exit 1 with a one-line reason, else 0
 
+For scripts: the exit status is 2 whenever the statistics could not be read (an ``error:`` line,
+also on stderr), ``--check`` says ``UNKNOWN`` (exit 2) when no process publishes statistics, the
+tables fit the terminal's width (``COLUMNS``, 80 when not a terminal) by splitting their columns
+into blocks, and ``--watch`` into a file or pipe writes one report after another, without the
+screen-clearing codes.
+
 It prints aliases, database names and HOST:PORT, never a user, a password or a connection
 string. It reads through connections of its own outside the pool, so it never shows up as a
 process of the fleet, and works while every pool is saturated.
@@ -14,7 +20,9 @@ process of the fleet, and works while every pool is saturated.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import textwrap
 import time
 from datetime import datetime
 from typing import Any
@@ -54,16 +62,37 @@ def timing(h: dict[str, float]) -> list[str]:
     return [ms(h["mean"]), ms(h["p50"]), ms(h["p95"]), ms(h["p99"]), ms(h["max"])]
 
 
-def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """Left-aligned first column, right-aligned others."""
+def table(headers: list[str], rows: list[list[str]], indent: str = "  ", width: int | None = None) -> list[str]:
+    """Left-aligned first column, right-aligned others. When the table is wider than ``width``
+    (the terminal's, see :func:`output_width`), its columns are split into blocks that fit, one
+    under the other, each starting with the first column."""
+    width = output_width() if width is None else width
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    blocks: list[list[int]] = [[]]
+    used = len(indent) + widths[0]
+    for i in range(1, len(headers)):
+        if blocks[-1] and used + 2 + widths[i] > width:
+            blocks.append([])
+            used = len(indent) + widths[0]
+        blocks[-1].append(i)
+        used += 2 + widths[i]
 
-    def line(cells: list[str]) -> str:
+    def line(cells: list[str], columns: list[int]) -> str:
         parts = [str(cells[0]).ljust(widths[0])]
-        parts += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        parts += [str(cells[i]).rjust(widths[i]) for i in columns]
         return (indent + "  ".join(parts)).rstrip()
 
-    return [line(headers), *(line(r) for r in rows)]
+    out: list[str] = []
+    for columns in blocks:
+        if out:
+            out.append("")
+        out += [line(headers, columns), *(line(r, columns) for r in rows)]
+    return out
+
+
+def output_width() -> int:
+    """Columns to fit in: the terminal's, or ``COLUMNS``, or 80 (output to a file or pipe)."""
+    return max(40, shutil.get_terminal_size((80, 24)).columns)
 
 
 def server_cells(view: ServerView | None) -> list[str]:
@@ -159,12 +188,23 @@ def render(fleet: FleetStats) -> str:
         out += [c.describe() for c in fleet.capacity]
     for error in fleet.errors:
         out.append(f"error: {error}")
+    if not any(entry.processes for entry in fleet.aliases.values()) and not fleet.errors:
+        out.append("no process publishes statistics: is the site running, with django_pooled_pg in INSTALLED_APPS?")
     out.append("")
     out.append(
         "times in ms (wait: for a connection; hold: borrowed); counters since each process started; "
         "totals leave stale rows out"
     )
-    return "\n".join(out)
+    width = output_width()
+    return "\n".join(wrapped for line in out for wrapped in fit(line, width))
+
+
+def fit(line: str, width: int) -> list[str]:
+    """A line of prose wrapped to ``width``, continued one step further in (tables already fit)."""
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 2)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False) or [line]
 
 
 class Command(BaseCommand):
@@ -197,23 +237,31 @@ class Command(BaseCommand):
         watch = options["watch"]
         if watch is not None and watch <= 0:
             raise CommandError("--watch takes a number of seconds greater than 0")
+        terminal = self.stdout.isatty()
         try:
             while True:
                 fleet = fleet_stats(alias)
                 if options["json"]:
                     self.stdout.write(json.dumps(fleet.to_dict(), indent=None if watch else 2))
                 else:
-                    if watch:
+                    if watch and terminal:
                         self.stdout.write("\x1b[H\x1b[2J", ending="")  # clear the screen, cursor home
                     self.stdout.write(render(fleet))
-                    if watch:
+                    if watch and terminal:
                         self.stdout.write(f"\nrefreshing every {watch:g}s; Ctrl-C to stop")
+                    elif watch:
+                        self.stdout.write("")  # (a blank line between reports in a file)
                 self.stdout.flush()
                 if not watch:
-                    return
+                    break
                 time.sleep(watch)
         except KeyboardInterrupt:
             self.stdout.write("")
+            return
+        if fleet.errors:
+            for error in fleet.errors:
+                self.stderr.write(f"poolstats: {error}")
+            sys.exit(EXIT_UNKNOWN)
 
     def check_fleet(self, alias: str | None, window: float) -> int:
         fleet = fleet_stats(alias)
@@ -225,6 +273,12 @@ class Command(BaseCommand):
         live = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
         if fleet.errors:
             self.stdout.write(f"UNKNOWN: {fleet.errors[0]}")
+            return EXIT_UNKNOWN
+        if not live:
+            self.stdout.write(
+                "UNKNOWN: no process publishes statistics (is the site running, with "
+                "django_pooled_pg in INSTALLED_APPS and POOLED_PG['STATS_INTERVAL'] not None?)"
+            )
             return EXIT_UNKNOWN
         self.stdout.write(
             f"OK: {len(live)} live process(es), {len(fleet.aliases)} alias(es); no pool saturated, "
