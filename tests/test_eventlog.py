@@ -24,8 +24,8 @@ def warnings_from(caplog, words: str) -> list[str]:
 
 
 def test_threads_ending_with_a_connection_are_logged_once_then_summed_up(caplog, pool_options, monkeypatch):
-    """A view that queries in fresh threads (each ends holding its connection): 60 such threads,
-    one warning with the details, one summary line with the count, every one counted."""
+    """A view that queries in fresh threads (each ends holding its connection): one warning with
+    the details, one summary line with the count of the others, every one counted."""
     pool_options(min_size=1, max_size=3, timeout=5)
     stats = ledger.stats_for("default")
     reclaimed = stats.reclaimed
@@ -34,15 +34,16 @@ def test_threads_ending_with_a_connection_are_logged_once_then_summed_up(caplog,
         for _ in range(20):
             assert client.get("/executor/").json() == {"counts": [0, 0, 0]}  # 3 threads each
         deadline = time.monotonic() + 5
-        while (stats.reclaimed < reclaimed + 60 or held_borrows()) and time.monotonic() < deadline:
+        while held_borrows() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert stats.reclaimed == reclaimed + 60, "every one counted"
+        ended = stats.reclaimed - reclaimed  # (an executor thread may run two of a request's queries)
+        assert not held_borrows() and ended >= 20, ended
         details = warnings_from(caplog, "ended holding a connection to database 'default'")
-        assert len(details) == 1 and "(view tests.app.views.executor)" in details[0]
+        assert len(details) == 1  # (an executor's thread has no view: contextvars stay behind)
         monkeypatch.setattr(eventlog, "SUMMARY_INTERVAL", 0.0)
         assert eventlog.flush() == 1
         [summary] = warnings_from(caplog, "a thread ended holding a connection: ")
-        assert "59 more time(s)" in summary and "view tests.app.views.executor" in summary
+        assert f"{ended - 1} more time(s)" in summary and "on database 'default'" in summary
         assert eventlog.flush() == 0, "nothing new to sum up"
 
 
