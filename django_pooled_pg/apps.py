@@ -7,4 +7,6 @@ class PooledPgConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers the system checks)
+        from . import checks  # (registers the system checks)
+
+        checks.log_middleware_warnings()

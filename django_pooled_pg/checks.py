@@ -1,4 +1,5 @@
-"""System checks: the pool settings of every alias using this ENGINE, at ``manage.py check``.
+"""System checks: the pool settings of every alias using this ENGINE, at ``manage.py check``
+(with ``django_pooled_pg`` in ``INSTALLED_APPS``: Django runs the checks of installed apps).
 
 They read ``settings.DATABASES`` only and never connect, so they also run where the database is
 unreachable (a CI build step, a container image build).
@@ -7,6 +8,7 @@ unreachable (a CI build step, a container image build).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 from django.conf import settings
@@ -16,6 +18,8 @@ from .settings import find_problems, find_stats_problems
 
 ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
 MIDDLEWARE = "django_pooled_pg.middleware.PoolMiddleware"
+
+logger = logging.getLogger("django_pooled_pg")
 
 
 def pooled_aliases() -> dict[str, dict[str, Any]]:
@@ -78,3 +82,10 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
             id="django_pooled_pg.W002",
         )]
     return []
+
+
+def log_middleware_warnings() -> None:
+    """W001/W002 at start-up, once per process: servers (gunicorn, uvicorn, a Celery worker) run
+    no system checks, so without this a misplaced middleware is seen only by ``manage.py check``."""
+    for message in check_middleware():
+        logger.warning("%s %s (%s)", message.msg, message.hint, message.id)

@@ -142,13 +142,12 @@ def test_wrong_password(default_settings, password_auth, caplog):
     # poolstats reads the statistics database, which is this one: it fails, and says so without
     # the password.
     out, err = io.StringIO(), io.StringIO()
-    try:
+    with pytest.raises(SystemExit) as exit_status:  # a script must see that it failed
         call_command("poolstats", "--json", stdout=out, stderr=err)
-    except Exception as exc:  # CommandError or a database error: both are shown to the user
-        err.write(f"{exc!r} {exc}")
+    assert exit_status.value.code == 2
     assert SECRET not in out.getvalue() + err.getvalue()
-    if out.getvalue():
-        json.loads(out.getvalue())
+    assert "password authentication failed" in err.getvalue()
+    assert json.loads(out.getvalue())["errors"]
 
 
 @pytestmark_db

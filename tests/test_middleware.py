@@ -4,8 +4,12 @@ leaks are reported, exhaustion and a dead server answer 503 quickly."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -279,3 +283,21 @@ def test_middleware_system_check(middleware, check_id):
     with override_settings(MIDDLEWARE=middleware):
         ids = [m.id for m in run_checks() if m.id.startswith("django_pooled_pg.W")]
     assert ids == ([check_id] if check_id else [])
+
+
+@pytest.mark.parametrize("middleware, check_id", [
+    (["django.middleware.common.CommonMiddleware"], "django_pooled_pg.W001"),
+    (["django.middleware.common.CommonMiddleware", "django_pooled_pg.middleware.PoolMiddleware"], "django_pooled_pg.W002"),
+])
+def test_middleware_warnings_are_logged_when_a_process_starts(tmp_path, middleware, check_id):
+    """A server process (gunicorn, uvicorn, a Celery worker) runs no system checks: the warning
+    is logged once when Django sets up, as it is for any process."""
+    (tmp_path / "startup_settings.py").write_text(f"from tests.settings import *\nMIDDLEWARE = {middleware!r}\n")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "startup_settings",
+           "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing",  # (setting up connects to nothing)
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count(f"({check_id})") == 1, done.stderr
