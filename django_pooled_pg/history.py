@@ -54,16 +54,23 @@ DELETE FROM {TABLE} WHERE id IN (
     ORDER BY taken_at LIMIT {PRUNE_BATCH} FOR UPDATE SKIP LOCKED
 )
 """
-#: Per bucket and alias: the fleet's time-weighted averages (a point stands for its span, at
-#: most a bucket); p95 wait: the worst process's.
+#: Per bucket and alias: each process's time-weighted averages over the part of the bucket its
+#: points cover (a point stands for its span, at most a bucket), summed over the fleet; p95 wait:
+#: the worst process's. Dividing by the whole bucket instead made a level such as max_size ramp
+#: up from a third over a process's first bucket, and dip in the bucket being filled.
 READ = f"""
-SELECT alias, floor(extract(epoch FROM taken_at) / %(step)s)::bigint AS bucket,
-       (sum(in_use * least(span, %(step)s)) / %(step)s)::float8,
-       (sum(waiting * least(span, %(step)s)) / %(step)s)::float8,
-       (sum(max_size * least(span, %(step)s)) / %(step)s)::float8,
+SELECT alias, bucket, sum(in_use)::float8, sum(waiting)::float8, sum(max_size)::float8,
        max(wait_p95)::float8, sum(borrows)::bigint
-FROM {TABLE}
-WHERE taken_at > now() - make_interval(secs => %(window)s) {{where}}
+FROM (
+    SELECT alias, host, pid, floor(extract(epoch FROM taken_at) / %(step)s)::bigint AS bucket,
+           coalesce(sum(in_use * least(span, %(step)s)) / nullif(sum(least(span, %(step)s)), 0), avg(in_use)) AS in_use,
+           coalesce(sum(waiting * least(span, %(step)s)) / nullif(sum(least(span, %(step)s)), 0), avg(waiting)) AS waiting,
+           coalesce(sum(max_size * least(span, %(step)s)) / nullif(sum(least(span, %(step)s)), 0), avg(max_size)) AS max_size,
+           max(wait_p95) AS wait_p95, sum(borrows) AS borrows
+    FROM {TABLE}
+    WHERE taken_at > now() - make_interval(secs => %(window)s) {{where}}
+    GROUP BY 1, 2, 3, 4
+) AS per_process
 GROUP BY 1, 2 ORDER BY 1, 2
 """
 

@@ -229,6 +229,7 @@ def chart(series: Series | None, window: float, live: AliasFleet | None = None, 
         "in_use": "", "waiting": "", "max_size": "", "wait_p95": "", "conn_top": "1", "p95_top": "1 ms",
         "points": len(times), "last_in_use": "–", "last_waiting": "–", "last_p95": "–",
         "span_label": f"{shown / 60:.0f} min ago",
+        "span_title": "The last hour" if shown >= 3600 else f"The last {shown / 60:.0f} minutes",
     }  # fmt: skip
     if times:
         top = _nice(max([*max_size, *in_use, *waiting, 1.0]))

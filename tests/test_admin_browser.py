@@ -171,6 +171,23 @@ def test_status_page_in_chromium(fleet):
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
+            # The refresh line tells the time by the server's clock and zone, as "Updated" does.
+            page.wait_for_function("Number(document.getElementById('dpp-status').dataset.refreshed) >= 1")
+            updated = page.locator(".dpp-meta [data-k=taken_at]").inner_text()
+            assert updated in page.locator("#dpp-state").inner_text()
+            # A young fleet's chart spans its life, and its title says so.
+            assert page.locator("section[data-alias=default] h3[data-k='chart.span_title']").inner_text() == "The last 5 minutes"
+
+            # A phone's width: the tables scroll inside their boxes, nothing runs off the page.
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.reload()
+            page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
+            overflow = page.evaluate("""() => {
+                const root = document.getElementById("dpp-status");
+                const loose = [...root.querySelectorAll("table")].filter(t => !t.closest(".dpp-scroll"));
+                return {root: root.scrollWidth - root.clientWidth, loose: loose.length};
+            }""")
+            assert overflow == {"root": 0, "loose": 0}, overflow
             assert not errors, errors
         finally:
             browser.close()

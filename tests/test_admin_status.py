@@ -123,7 +123,7 @@ def test_page_shows_the_fleet_in_the_admins_look():
     host, pid = snapshot.hostname(), os.getpid()
     assert f'data-key="{host}:{pid}"' in html and f"<td>{pid}</td>" in html
     for words in ("In use", "Waiting", "Borrows", "Timeouts", "Leaks", "Server capacity", "p95 wait",
-                  "p95 hold", "Last seen", "The server's view", "Idle in transaction", "The last hour"):
+                  "p95 hold", "Last seen", "The server's view", "Idle in transaction", "The last "):
         assert words in html, words
 
     model = client_for(User.objects.get(username="ops")).get(JSON).json()
@@ -239,6 +239,19 @@ def test_publishing_appends_history_points_and_the_page_charts_them(superuser, m
     # The complete bucket, then the live totals (this process alone, max_size 4) now.
     assert chart["points"] == 2 and chart["max_size"].startswith("M") and chart["max_size"].count("L") == 1
     assert chart["conn_top"] == "10" and chart["last_in_use"] == "0"
+
+
+def test_a_process_that_covers_part_of_a_bucket_shows_its_level_not_a_ramp(superuser):
+    """A process whose points cover only the last 10 s of a 30 s bucket (it had just started):
+    its max_size counts at its value, not at a third of it."""
+    superuser.execute(
+        "INSERT INTO django_pooled_pg_poolhistory (taken_at, host, pid, alias, size, max_size, in_use, "
+        "waiting, borrows, wait_p95, span) "
+        "SELECT to_timestamp((floor(extract(epoch FROM now()) / 30) - 1) * 30 + 25), 'young', 77, "
+        "'default', 10, 10, 2, 0, 5, 0.001, 10"
+    )
+    series = history.read().aliases["default"]
+    assert series.max_size[-1] == 10.0 and series.in_use[-1] == 2.0, (series.max_size, series.in_use)
 
 
 def test_history_is_pruned_after_an_hour(superuser, monkeypatch):

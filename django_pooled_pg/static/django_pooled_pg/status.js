@@ -150,7 +150,8 @@
                 lastChart = Date.now();
             }
             render(model);
-            say("Refreshes every " + every / 1000 + " s; last at " + new Date().toLocaleTimeString() + ".", false);
+            // The server's clock and time zone, as in "Updated ..." (the browser's may differ).
+            say("Refreshes every " + every / 1000 + " s; last at " + model.taken_at + ".", false);
             root.dataset.refreshed = String((parseInt(root.dataset.refreshed, 10) || 0) + 1);
         } catch (error) {
             say("Refresh failed: " + error.message, true);
