@@ -23,6 +23,7 @@ from django.db.transaction import TransactionManagementError
 
 from . import eventlog
 
+
 @contextmanager
 def borrow(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
     """Borrow this thread's connection to ``alias`` for the block and give it back after.

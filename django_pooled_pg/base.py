@@ -74,7 +74,7 @@ class SessionTrackingMixin:
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
         result = super().execute(query, params, **kwargs)  # type: ignore[misc]
         pgresult = self.pgresult  # type: ignore[attr-defined]
-        if pgresult is not None and pgresult.command_status in PINNING_TAGS:  # (pins_session())
+        if pgresult is not None and pgresult.command_status in PINNING_TAGS:
             self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
         return result
 
@@ -518,12 +518,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def _take_back_kept(self, pool: Pool) -> Connection | None:
         """The connection this thread kept at its last return, for a new borrow; None if another
         borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
-        self._kept = False
-        if self._borrowed_from is not pool:  # the pool was replaced (settings changed)
-            self._unpark()
-            return None
+        kept_in = self._borrowed_from
         conn = self._unpark()
         if conn is None:
+            return None
+        if kept_in is not pool:  # the alias has a new pool (its settings changed): back to the old
+            ledger.forget(conn)
+            kept_in.putconn(conn)
             return None
         if conn._pooled_pg_pending:
             pool.finish_reset(conn)  # the reset it went back with; closed if that failed
@@ -593,12 +594,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.parked = True
         self.connection = None
         self._parked = conn
-        held = now - borrow.started  # (self._returned(), inlined: this runs per statement)
-        pool.stats.hold.record(held)
-        if signals.connection_returned.receivers:
-            signals.connection_returned.send(
-                sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=False,
-            )
+        self._returned(borrow, now, False)
 
     def _unpark(self) -> Connection | None:
         """The parked connection, taken back from the pool; None if another borrower or the pool
@@ -618,15 +614,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def _take_back_parked(self) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and
         alive; False (and a normal borrow follows) if not."""
-        conn, pool = self._parked, self._borrowed_from
-        if (pool is None or self._borrow_generation != registry.generation or self._borrow.holder != id(self)
-                or not pool.unpark(conn, self._borrow)):
-            self._parked = conn  # (for _unpark(), which sorts out why)
-            self._unpark()
+        conn = self._unpark()
+        if conn is None:
             return False
-        self._parked = None  # (self._unpark(), inlined: this runs per statement)
         self.connection = conn
         now = time.monotonic()
+        pool = self._borrowed_from
         if conn._expire_at <= now:
             self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False

@@ -15,11 +15,11 @@ So the reset does not read SQL. Every connection that ran a statement is reset o
   *baseline*, read once when the session is set up (:data:`BASELINE_QUERY`) and set again by the
   same statement that resets the rest: ``DISCARD ALL``'s steps one by one (it may not run in a
   multi-statement string) and a ``set_config()`` per baseline setting.
-* A borrow that ran no statement costs nothing: the cursor classes mark a connection as used
-  (:mod:`.base`), whether the statement came through Django or a raw psycopg cursor.
+* Every borrowed connection is reset when it goes back, a borrow that ran nothing included
+  (``DatabaseWrapper._borrowed`` marks it used): no path around the reset is left.
 
 With ``release="transaction"`` a statement whose command tag says it changed the session
-(:func:`pins_session`: ``SET``, ``LISTEN``, ``PREPARE``, ``CREATE TEMP TABLE``...) keeps the
+(:data:`PINNING_TAGS`: ``SET``, ``LISTEN``, ``PREPARE``, ``CREATE TABLE``...) keeps the
 connection for the rest of the request; a tag is read in constant time, whatever the length of
 the statement. Session state made inside a ``SELECT`` (``set_config()``, ``pg_advisory_lock()``,
 a function) has no such tag: it lasts while the thread keeps the connection, and never reaches
@@ -45,7 +45,8 @@ DISCARD_ALL_STEPS = (
 BASELINE_QUERY = "SELECT name, setting FROM pg_settings WHERE source = 'session' ORDER BY name"
 
 #: Command tags of statements that change the session and so pin the connection with
-#: release="transaction" (the README lists them). CREATE TABLE / VIEW / SEQUENCE may make a
+#: release="transaction" (the README lists them; base.SessionTrackingMixin reads them). SET LOCAL
+#: has the tag SET too: it pins until the request ends, harmlessly. CREATE TABLE / VIEW / SEQUENCE may make a
 #: temporary one; the tag does not say, so they all pin, harmlessly.
 PINNING_TAGS = frozenset({
     b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"LOAD", b"DO",
@@ -64,13 +65,6 @@ def reset_statement(baseline: Iterable[tuple[str, str]] = ()) -> str:
         return RESET_SQL
     again = "; ".join(f"SELECT set_config({_quote(name)}, {_quote(value)}, false)" for name, value in settings)
     return f"{DISCARD_ALL_STEPS}; {again}"
-
-
-def pins_session(command_status: bytes | None) -> bool:
-    """True when a statement with this command tag changed the session (release="transaction"
-    then keeps the connection until the request ends). SET LOCAL has the tag SET too: it pins
-    until the request ends, harmlessly."""
-    return command_status in PINNING_TAGS if command_status else False
 
 
 def quote_option(value: str) -> str:

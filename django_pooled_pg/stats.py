@@ -17,16 +17,8 @@ SUB = 1 << SUB_BITS  # buckets per power of two
 BUCKETS = 40 * SUB  # up to 2**40 us, about 12 days
 
 
-def bucket_of(us: int) -> int:
-    """Bucket index of a value in microseconds (values below 8 us have a bucket each)."""
-    if us < SUB:
-        return max(us, 0)
-    exponent = us.bit_length() - 1  # >= SUB_BITS
-    return (exponent - SUB_BITS + 1) * SUB + ((us >> (exponent - SUB_BITS)) - SUB)
-
-
 def bucket_floor(index: int) -> int:
-    """The smallest value (us) that falls in bucket ``index``."""
+    """The smallest value (us) that falls in bucket ``index`` (see :meth:`Histogram.record`)."""
     if index < SUB:
         return index
     exponent = index // SUB - 1 + SUB_BITS
@@ -46,7 +38,8 @@ class Histogram:
 
     def record(self, seconds: float) -> None:
         us = int(seconds * 1_000_000)
-        # bucket_of(), inlined: this runs twice per borrow.
+        # The bucket (values below 8 us have a bucket each), computed here rather than in a
+        # function of its own: this runs twice per borrow. bucket_floor() is its inverse.
         if us < SUB:
             index = max(us, 0)
         elif us < 1 << 40:

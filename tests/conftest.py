@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 
 import psycopg
@@ -95,6 +96,29 @@ def pool_in_use(alias: str = "default") -> int:
         if in_use == 0 or time.monotonic() > deadline:
             return in_use
         time.sleep(0.02)
+
+
+#: A statement whose answer shows whether a borrower's session setting reached the next one.
+TIMEOUT = "SELECT current_setting('statement_timeout')"
+
+
+def one(sql: str):
+    """The first value of ``sql``'s first row, through Django's default connection."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(sql)
+        return cursor.fetchone()[0]
+
+
+def backend_pid() -> int:
+    return one("SELECT pg_backend_pid()")
+
+
+def warnings_from(caplog, words: str) -> list[str]:
+    """This package's WARNING lines that contain ``words``."""
+    return [
+        r.getMessage() for r in caplog.records
+        if r.name == "django_pooled_pg" and r.levelno == logging.WARNING and words in r.getMessage()
+    ]
 
 
 def held_borrows() -> list:

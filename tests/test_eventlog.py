@@ -11,16 +11,9 @@ from django.test import Client
 
 from django_pooled_pg import eventlog
 from django_pooled_pg.ledger import ledger
-from tests.conftest import held_borrows
+from tests.conftest import held_borrows, warnings_from
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def warnings_from(caplog, words: str) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records
-        if r.name == "django_pooled_pg" and r.levelno == logging.WARNING and words in r.getMessage()
-    ]
 
 
 def test_threads_ending_with_a_connection_are_logged_once_then_summed_up(caplog, pool_options, monkeypatch):

@@ -11,22 +11,9 @@ import pytest
 from django.db import connection, connections
 
 from django_pooled_pg.ledger import ledger
-from tests.conftest import held_borrows, pool_in_use
+from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-TIMEOUT = "SELECT current_setting('statement_timeout')"
-
-
-def one(sql: str):
-    with connection.cursor() as cursor:
-        cursor.execute(sql)
-        return cursor.fetchone()[0]
-
-
-def backend_pid() -> int:
-    return one("SELECT pg_backend_pid()")
-
 
 def in_thread(fn):
     """Run ``fn`` in a new thread that closes its connection after; its result."""

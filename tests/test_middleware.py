@@ -22,20 +22,13 @@ from django_pooled_pg import PoolExhausted, borrow, signals
 from django_pooled_pg.ledger import current_view, ledger
 from django_pooled_pg.registry import registry
 from tests.app.models import Item
-from tests.conftest import held_borrows, pool_in_use
+from tests.conftest import held_borrows, pool_in_use, warnings_from
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def counters():
     return ledger.stats_for("default")
-
-
-def warnings_from(caplog, words: str) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records
-        if r.name == "django_pooled_pg" and r.levelno == logging.WARNING and words in r.getMessage()
-    ]
 
 
 def test_view_without_queries_borrows_nothing():

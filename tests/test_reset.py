@@ -11,21 +11,9 @@ from django.db import connection
 from django.db.backends.signals import connection_created
 
 from django_pooled_pg import pinned
+from tests.conftest import TIMEOUT, backend_pid, one
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-TIMEOUT = "SELECT current_setting('statement_timeout')"
-
-
-def one(sql: str):
-    with connection.cursor() as cursor:
-        cursor.execute(sql)
-        return cursor.fetchone()[0]
-
-
-def backend_pid() -> int:
-    return one("SELECT pg_backend_pid()")
-
 
 @pytest.fixture(params=["request", "transaction"])
 def one_connection(request, pool_options, superuser):
