@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+from asyncio import _get_running_loop
 import sys
 import threading
 import time
@@ -31,7 +32,6 @@ from django.db import connections
 from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
 from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorWrapper
-from django.utils.asyncio import async_unsafe
 
 try:
     from django.db.backends.postgresql import base as postgresql
@@ -71,8 +71,9 @@ class SessionTrackingMixin:
     is never read. (Whether to reset needs no cursor: every borrowed connection is reset when it
     goes back, see ``DatabaseWrapper._borrowed``.)"""
 
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        result = super().execute(query, params, **kwargs)  # type: ignore[misc]
+    def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None) -> Any:
+        # (psycopg's signature spelled out: a call through **kwargs costs more per statement)
+        result = super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
         pgresult = self.pgresult  # type: ignore[attr-defined]
         if pgresult is not None and pgresult.command_status in PINNING_TAGS:
             self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
@@ -137,7 +138,7 @@ class ReleaseOnCloseMixin:
             with self.db.wrap_database_errors:  # (entered only on an error: it runs per statement)
                 raise
         finally:
-            self.db.cursor_closed(self.cursor)
+            self.db.release_if_unpinned(self.cursor)
 
 
 class ReleasingCursorWrapper(ReleaseOnCloseMixin, CursorWrapper):
@@ -218,6 +219,13 @@ _contrib_postgres_installed: tuple[Any, bool] = (None, False)
 #: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
 #: have turned it into a plain 500 response before the middleware saw the exception.
 pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)
+
+
+def _sync_allowed() -> bool:
+    """Django's ``async_unsafe`` test without its cost: ``asyncio._get_running_loop()`` returns
+    None where Django's ``get_running_loop()`` raises an exception and catches it (about 4k
+    instructions a time)."""
+    return _get_running_loop() is None or bool(os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"))
 
 
 def _called_from(module: str) -> bool:
@@ -341,6 +349,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             ) from None
 
     # ----- Borrow and return --------------------------------------------------------------------
+
+    def ensure_connection(self) -> None:
+        """Django's, with a short way for the statements after the first with
+        ``release="transaction"``: the connection parked after the last statement is taken back
+        here, without Django's error wrapper and its ``async_unsafe`` check around ``connect()``
+        (about 4k instructions per statement). Django's check is made the cheap way
+        (:func:`_sync_allowed`); where it fails, Django's own path runs and raises
+        ``SynchronousOnlyOperation`` as usual."""
+        if (
+            self.connection is None and self._parked is not None and not self._kept
+            and _sync_allowed() and self._take_back_parked()
+        ):
+            return
+        super().ensure_connection()
 
     def connect(self) -> None:
         """Borrow a connection: Django's ``connect()`` minus the per-session work.
@@ -552,7 +574,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats = pool.stats
         stats.borrows += 1
         stats.parked_reused += 1
-        stats.wait.record(0.0)
+        stats.wait.record_zero()
         conn._pooled_pg_used = True
         self._wait = 0.0
         self._per_statement = False
@@ -567,9 +589,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
             )
 
-    @async_unsafe
     def close(self) -> None:
-        if self._parked is not None and not self._kept:
+        # (Django's close() makes the async_unsafe check: ours would double it, at about 4k
+        # instructions a time, so the parked connection is returned only where Django's check
+        # will pass; where it raises, the parked connection stays for the pool to take back.)
+        if self._parked is not None and not self._kept and _sync_allowed():
             self.validate_thread_sharing()
             self._return_parked()  # parked between statements: reset, and kept for next time
         super().close()
@@ -580,21 +604,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         super().close_if_unusable_or_obsolete()
 
     # ----- Parking between statements (release="transaction") -----------------------------------
-
-    def _park(self) -> None:
-        """After a statement, leave the connection free for any borrower to take, and take it
-        back at the next statement if nobody has (:meth:`Pool.park`). It is clean: nothing pins
-        it. If a borrower is waiting, it goes back to the pool for real instead."""
-        conn, pool, borrow = self.connection, self._borrowed_from, self._borrow
-        if not pool.park(conn, borrow):
-            return self._close(keep=False)
-        now = time.monotonic()
-        conn._pooled_pg_returned_at = now
-        conn._pooled_pg_cursors.clear()  # every one closed (release_if_unpinned checked)
-        borrow.parked = True
-        self.connection = None
-        self._parked = conn
-        self._returned(borrow, now, False)
 
     def _unpark(self) -> Connection | None:
         """The parked connection, taken back from the pool; None if another borrower or the pool
@@ -633,7 +642,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         stats = pool.stats
         stats.borrows += 1
         stats.parked_reused += 1
-        stats.wait.record(0.0)
+        stats.wait.record_zero()
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
@@ -662,25 +671,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._open_cursors.add(cursor)
         return ReleasingCursorDebugWrapper(cursor, self)
 
-    def cursor_closed(self, cursor: Any) -> None:
-        """The wrapper of ``cursor`` was closed: give the connection back if that was the last
-        open one. A cursor of an earlier borrow, closed late, or a second close, counts nothing."""
-        open_cursors = self._open_cursors
-        if cursor not in open_cursors:
-            return
-        open_cursors.discard(cursor)
-        self.release_if_unpinned()
-
     def set_autocommit(self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False) -> None:
         super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
         if autocommit and self._per_statement:
             self.release_if_unpinned()  # the outermost atomic block has ended
 
-    def release_if_unpinned(self) -> None:
-        """Give the connection back now (park it: :meth:`_park`) unless something still needs
-        this session: an open cursor or transaction, an atomic block, autocommit turned off, an
-        open ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed
-        session state (which pins the connection until the request ends)."""
+    def release_if_unpinned(self, closed: Any = None) -> None:
+        """Give the connection back now (park it) unless something still needs this session: an
+        open cursor or transaction, an atomic block, autocommit turned off, an open
+        ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed
+        session state (which pins the connection until the request ends).
+
+        ``closed`` is the psycopg cursor whose wrapper was just closed (ReleaseOnCloseMixin); a
+        cursor of an earlier borrow, closed late, or a second close, counts nothing."""
+        if closed is not None:
+            if closed not in self._open_cursors:
+                return
+            self._open_cursors.discard(closed)
         conn = self.connection
         if (
             conn is None
@@ -694,7 +701,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             or (conn._pooled_pg_cursors and any(not cursor.closed for cursor in conn._pooled_pg_cursors))
         ):
             return
-        self._park()
+        # Park it: free for any borrower to take, and taken back at the next statement if nobody
+        # has (Pool.park). If a borrower is waiting, it goes back to the pool for real instead.
+        pool, borrow = self._borrowed_from, self._borrow
+        if not pool.park(conn, borrow):
+            return self._close(keep=False)
+        now = time.monotonic()
+        conn._pooled_pg_returned_at = now
+        conn._pooled_pg_cursors.clear()  # every one closed (checked above)
+        borrow.parked = True
+        self.connection = None
+        self._parked = conn
+        self._returned(borrow, now, False)
 
     def _cursors_open(self) -> bool:
         """Whether a cursor of this borrow is still open. One that something else closed (a
@@ -717,9 +735,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return  # nothing borrowed yet, or a pooled connection: the pool checks those
         super().close_if_health_check_failed()
 
-    def create_cursor(self, name: str | None = None) -> Any:
-        cursor = super().create_cursor(name)
-        if name and self._borrowed_from is not None:
-            # QuerySet.iterator() cursors: closed at release if their iterator was abandoned.
-            self.connection._pooled_pg_cursors.append(cursor)
-        return cursor
+    def chunked_cursor(self) -> Any:
+        wrapper = super().chunked_cursor()
+        if self._borrowed_from is not None:
+            # QuerySet.iterator() cursors (named: WITH HOLD in autocommit) are closed at release
+            # if their iterator was abandoned. (Here rather than in create_cursor(), which every
+            # statement goes through.)
+            self.connection._pooled_pg_cursors.append(wrapper.cursor)
+        return wrapper

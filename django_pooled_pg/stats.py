@@ -53,6 +53,12 @@ class Histogram:
         if us > self.max_us:
             self.max_us = us
 
+    def record_zero(self) -> None:
+        """:meth:`record` of 0 s, for the statements that take back their own parked connection
+        (release="transaction"), without the arithmetic."""
+        self.counts[0] += 1
+        self.count += 1
+
     def percentile(self, q: float) -> float:
         """The ``q``-th percentile (0-100) in seconds: the middle of the bucket holding it."""
         if not self.count:

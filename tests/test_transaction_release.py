@@ -9,7 +9,7 @@ import time
 
 import psycopg
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models import F, Sum
 from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
@@ -153,7 +153,7 @@ def test_request_end_resets_the_parked_connection_and_keeps_it_for_the_thread():
     assert response.status_code == 200
     assert connection._kept and connection.connection is None and not active_borrows()
     kept = connection._parked
-    assert connection.pool._parked == {kept: connection._borrow}
+    assert connection.pool._parked == {connection._borrow: kept}
     assert kept._pooled_pg_pending, "given back with its reset on the wire"
     assert Client().get("/query/").status_code == 200
     assert connection._parked is kept, "the thread's next request took it back"
@@ -189,7 +189,7 @@ def test_thread_that_ends_with_a_parked_connection_gives_it_back():
     deadline = time.monotonic() + 5
     while held_borrows() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not held_borrows() and thread_conn not in pool._parked
+    assert not held_borrows() and pool.parked_under(thread_conn) is None
     assert ledger.stats_for("default").reclaimed == reclaimed  # nothing was held: no warning
 
 
@@ -218,11 +218,11 @@ def one_value(sql: str):
 def test_the_pool_takes_back_connections_parked_for_long():
     backend_pid()
     pool, conn, borrow = connection.pool, connection._parked, connection._borrow
-    assert pool._parked.get(conn) is borrow
+    assert pool.parked_under(conn) is borrow
     pool.release_parked(older_than=60)
-    assert pool._parked.get(conn) is borrow
+    assert pool.parked_under(conn) is borrow
     assert pool.release_parked(older_than=0) >= 1
-    assert conn not in pool._parked and ledger.borrows.get(id(conn)) is not borrow
+    assert pool.parked_under(conn) is None and ledger.borrows.get(id(conn)) is not borrow
     assert backend_pid()  # the next statement borrows normally
 
 
@@ -411,3 +411,29 @@ def test_concurrent_transfers_keep_the_total():
     assert Account.objects.aggregate(total=Sum("balance"))["total"] == 10 * 1000
     assert min(Account.objects.values_list("balance", flat=True)) >= 0
     assert pool_in_use() == 0
+
+
+def test_in_an_event_loop_a_parked_connection_is_not_touched():
+    """The short ways past Django's async_unsafe check (ensure_connection, close) still raise
+    SynchronousOnlyOperation in an event loop, and leave the parked connection where it is."""
+    import asyncio
+
+    from django.core.exceptions import SynchronousOnlyOperation
+
+    backend_pid()
+    wrapper = connections["default"]  # (in the loop's context, `connection` would be another)
+    parked, borrow = wrapper._parked, wrapper._borrow
+    assert parked is not None and wrapper.pool.parked_under(parked) is borrow
+
+    async def calls() -> list[str]:
+        raised = []
+        for name in ("ensure_connection", "cursor", "close"):
+            try:
+                getattr(wrapper, name)()
+            except SynchronousOnlyOperation:
+                raised.append(name)
+        return raised
+
+    assert asyncio.run(calls()) == ["ensure_connection", "cursor", "close"]
+    assert connection._parked is parked and connection.pool.parked_under(parked) is borrow
+    assert backend_pid() == parked.info.backend_pid  # taken back as usual outside the loop
