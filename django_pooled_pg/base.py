@@ -368,19 +368,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     # ----- Borrow and return --------------------------------------------------------------------
 
-    def ensure_connection(self) -> None:
+    def _cursor(self, name: str | None = None) -> Any:
         """Django's, with a short way for the statements after the first with
         ``release="transaction"``: the connection parked after the last statement is taken back
-        here, without Django's error wrapper and its ``async_unsafe`` check around ``connect()``
-        (about 4k instructions per statement). Django's check is made the cheap way
-        (:func:`_sync_allowed`); where it fails, Django's own path runs and raises
-        ``SynchronousOnlyOperation`` as usual."""
-        if (
-            self.connection is None and self._parked is not None and not self._kept
-            and _sync_allowed() and self._take_back_parked()
-        ):
-            return
-        super().ensure_connection()
+        here, so that ``ensure_connection()`` finds it and skips Django's error wrapper and
+        ``connect()`` (about 4k instructions per statement). Here and not in an override of
+        ``ensure_connection()``: Django's own tests patch ``BaseDatabaseWrapper.ensure_connection``
+        and call the instance's method from the patch, which an override would make recursive.
+        (``cursor()`` made Django's async_unsafe check; :func:`_sync_allowed` is for other callers.)"""
+        if self.connection is None and self._parked is not None and not self._kept and _sync_allowed():
+            self._take_back_parked()  # (if it was taken meanwhile, ensure_connection() borrows)
+        return super()._cursor(name)
 
     def connect(self) -> None:
         """Borrow a connection: Django's ``connect()`` minus the per-session work.
