@@ -2,6 +2,9 @@
 SHELL := /bin/bash
 VENV_DJ52 := .venv/py311-django52
 VENV_DJ6  := .venv/py312-django6
+# The oldest psycopg and psycopg_pool that pyproject.toml allows, on Django 5.2.
+VENV_OLDEST := .venv/py311-oldest
+OLDEST_PINS := "psycopg[binary]==3.3.0" "psycopg-pool==3.3.0"
 PYTEST_ARGS ?=
 DEMO_DATA := .pgdata-demo
 DEMO_VENV := .venv/demo
@@ -10,9 +13,9 @@ DJANGO_SUITE_ARGS ?=
 BENCH_VENV := .venv/bench
 BENCH_ARGS ?=
 
-.PHONY: test test-django52 test-django6 demo django-suite bench screenshot clean
+.PHONY: test test-django52 test-django6 test-oldest demo django-suite bench screenshot clean
 
-test: test-django52 test-django6
+test: test-django52 test-django6 test-oldest
 
 test-django52: $(VENV_DJ52)/.done
 	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
@@ -20,11 +23,17 @@ test-django52: $(VENV_DJ52)/.done
 test-django6: $(VENV_DJ6)/.done
 	$(VENV_DJ6)/bin/python -m pytest $(PYTEST_ARGS)
 
+test-oldest: $(VENV_OLDEST)/.done
+	$(VENV_OLDEST)/bin/python -m pytest $(PYTEST_ARGS)
+
 $(VENV_DJ52)/.done: pyproject.toml scripts/mkvenv
 	scripts/mkvenv $(VENV_DJ52) 3.11 "Django>=5.2,<5.3"
 
 $(VENV_DJ6)/.done: pyproject.toml scripts/mkvenv
 	scripts/mkvenv $(VENV_DJ6) 3.12 "Django>=6.0,<7"
+
+$(VENV_OLDEST)/.done: pyproject.toml scripts/mkvenv Makefile
+	scripts/mkvenv $(VENV_OLDEST) 3.11 "Django>=5.2,<5.3" $(OLDEST_PINS)
 
 # The demo's own venv: Django 6 plus the demo extra (gunicorn, uvicorn).
 $(DEMO_VENV)/.done: pyproject.toml scripts/mkvenv
