@@ -55,9 +55,9 @@ class PoolRegistry:
         self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]
     ) -> ConnectionPool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
-        entry = self._entries.get(alias)
-        if entry is not None and entry.fingerprint == fingerprint and not entry.pool.closed:
-            return entry.pool
+        pool = self.current(alias, fingerprint)
+        if pool is not None:
+            return pool
         with self._lock:
             entry = self._entries.get(alias)
             if entry is None or entry.fingerprint != fingerprint or entry.pool.closed:
@@ -72,6 +72,14 @@ class PoolRegistry:
                 # A copy: the settings dicts may be edited in place later (tests do).
                 entry = self._entries[alias] = PoolEntry(alias, copy.deepcopy(fingerprint), pool)
         return entry.pool
+
+    def current(self, alias: str, fingerprint: Any) -> ConnectionPool | None:
+        """The open pool of ``alias`` if it was made for settings ``fingerprint``; None if not
+        (then :meth:`pool_for` builds one). Every borrow asks, without the lock."""
+        entry = self._entries.get(alias)
+        if entry is not None and entry.fingerprint == fingerprint and not entry.pool.closed:
+            return entry.pool
+        return None
 
     def get(self, alias: str) -> ConnectionPool | None:
         """The pool of ``alias`` if this process has one."""

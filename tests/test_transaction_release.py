@@ -414,8 +414,9 @@ def test_concurrent_transfers_keep_the_total():
 
 
 def test_in_an_event_loop_a_parked_connection_is_not_touched():
-    """The short ways past Django's async_unsafe check (ensure_connection, close) still raise
-    SynchronousOnlyOperation in an event loop, and leave the parked connection where it is."""
+    """The take-back before Django's ensure_connection() (in _cursor()) and close() without a
+    second async_unsafe check still raise SynchronousOnlyOperation in an event loop, and leave
+    the parked connection where it is."""
     import asyncio
 
     from django.core.exceptions import SynchronousOnlyOperation
