@@ -12,6 +12,12 @@ by the end of the request: ``long``, one 1.7 KB SELECT of 40 columns (an ordinar
 
     python bench/instructions.py [--modes pooled,django-pool] [--ops borrow,select] [--tree DIR]
 
+Operations named after a ``make bench`` endpoint (``product``, ``three``, ``listings``,
+``admin``) are whole requests: the demo shop's view through Django's ``WSGIHandler`` with the
+settings ``make bench`` serves it with (``bench/bench_settings.py``: ``PoolMiddleware`` and this
+package's app for ours, the stock stack for the others), against a seeded ``shop`` database.
+They show what a mode costs a real request, middleware and signals included.
+
 ``--tree DIR`` measures the package of another checkout (for a before/after comparison of the
 borrow path: ``git worktree add /tmp/before HEAD~1``). Needs Debian's ``valgrind``.
 """
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,16 +95,53 @@ for _ in range(n):
 """
 
 OPS = ("borrow", "select", "three", "long", "long3", "huge3")
+#: Whole requests (see the module docstring): the endpoints of bench/run.py.
+VIEW_OPS = ("product", "three-view", "listings", "admin")
+
+VIEW_CHILD = r"""
+import io, os, sys
+import django
+django.setup()
+if os.environ["BENCH_DATABASE"].find("django_pooled_pg") >= 0:
+    import django_pooled_pg.base, django_pooled_pg.pool  # (see CHILD: RECENT under valgrind)
+    django_pooled_pg.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
+from django.core.handlers.wsgi import WSGIHandler
+handler = WSGIHandler()
+path, n, cookie = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+statuses = []
+def start_response(status, headers, exc_info=None):
+    statuses.append(status)
+def request():
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
+               "REMOTE_ADDR": "127.0.0.1", "HTTP_COOKIE": cookie, "wsgi.input": io.BytesIO(b""),
+               "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
+    response = handler(environ, start_response)
+    for _ in response:
+        pass
+    response.close()  # (the server's close(): Django's request_finished)
+for _ in range(50):
+    request()
+if not statuses[-1].startswith("200"):
+    sys.exit(f"{path} answered {statuses[-1]}")
+for _ in range(n):
+    request()
+"""
 
 
-def instructions(db: dict, op: str, n: int, tree: Path) -> int:
+def instructions(db: dict, op: str, n: int, tree: Path, site: Site | None = None) -> int:
     """Instructions callgrind counted for the whole child process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+        if op in VIEW_OPS:
+            assert site is not None
+            env = {**site.env(db, tree), "PYTHONHASHSEED": "0"}
+            program = [VIEW_CHILD, site.path(op), str(n), site.cookie]
+        else:
+            program = [CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL]
         done = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             sys.executable, "-c", CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", *program],
             env=env, capture_output=True, text=True, cwd=tree,  # (-c puts the cwd first on sys.path)
         )
         if done.returncode != 0:
@@ -117,14 +161,47 @@ def settings_for(base: dict, mode: str) -> dict:
     return db
 
 
-def per_operation(db: dict, op: str, n1: int, n2: int, tree: Path) -> float:
-    return (instructions(db, op, n2, tree) - instructions(db, op, n1, tree)) / (n2 - n1)
+def per_operation(db: dict, op: str, n1: int, n2: int, tree: Path, site: Site | None = None) -> float:
+    return (instructions(db, op, n2, tree, site) - instructions(db, op, n1, tree, site)) / (n2 - n1)
+
+
+class Site:
+    """The demo shop of ``make bench`` on the cluster: the ``shop`` database migrated and seeded,
+    a logged-in admin's cookie, and each mode's environment (``bench/run.py`` makes the same)."""
+
+    PATHS = {"product": "/shop/product/{pid}/", "three-view": "/shop/three/", "listings": "/shop/listings/",
+             "admin": "/admin/shop/listing/"}  # fmt: skip
+
+    def __init__(self, cluster: Any, tree: Path) -> None:
+        sys.path.insert(0, str(tree / "bench"))
+        import run
+
+        self.run, self.cluster = run, cluster
+        cluster.execute(f"CREATE ROLE {run.DB_USER} LOGIN")
+        cluster.execute(f"CREATE DATABASE {run.DB_NAME} OWNER {run.DB_USER}")
+        env = self.env(json.loads(json.dumps(MODES["pooled"])), tree)
+        manage = [sys.executable, str(tree / "testproject" / "manage.py")]
+        for command in (["migrate", "--noinput", "-v", "0"], ["seed_shop"]):
+            subprocess.run(manage + command, env=env, cwd=tree, check=True, capture_output=True)
+        self.cookie = subprocess.run(manage + ["bench_login"], env=env, cwd=tree, check=True, capture_output=True,
+                                     text=True).stdout.strip()  # fmt: skip
+        self.pid = int(cluster.execute("SELECT min(id) FROM shop_product", dbname=run.DB_NAME)[0][0])
+
+    def env(self, db: dict, tree: Path) -> dict[str, str]:
+        run = self.run
+        shop = {**self.cluster.django_settings(run.DB_NAME), "USER": run.DB_USER, "CONN_MAX_AGE": 0, **db}
+        # (no statistics publisher: see CHILD)
+        return {**run.django_env(shop), "POOLED_PG_STATS_INTERVAL": "0", "PYTHONPATH": os.pathsep.join(
+            [str(tree / "bench"), str(tree / "testproject"), str(tree)])}
+
+    def path(self, op: str) -> str:
+        return self.PATHS[op].format(pid=self.pid)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="persistent,django-pool,pooled,pooled-transaction")
-    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--ops", default=",".join(OPS), help=f"of {', '.join(OPS + VIEW_OPS)}")
     parser.add_argument("--n1", type=int, default=200)
     parser.add_argument("--n2", type=int, default=1200)
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
@@ -138,11 +215,13 @@ def main() -> None:
 
     modes, ops = args.modes.split(","), args.ops.split(",")
     results: dict[str, dict[str, float]] = {}
-    with PgCluster() as cluster:
+    with PgCluster(settings={"timezone": "UTC"}) as cluster:
         base = cluster.django_settings("postgres")
+        site = Site(cluster, args.tree) if set(ops) & set(VIEW_OPS) else None
         for mode in modes:
             for op in ops:
-                value = per_operation(settings_for(base, mode), op, args.n1, args.n2, args.tree)
+                db = settings_for(base, mode) if op not in VIEW_OPS else settings_for({}, mode)
+                value = per_operation(db, op, args.n1, args.n2, args.tree, site)
                 results.setdefault(mode, {})[op] = value
                 print(f"{mode:<20} {op:<8} {value / 1000:10.1f}k instructions", file=sys.stderr)
     print(f"Django {django.get_version()}, Python {sys.version.split()[0]}, tree {args.tree}; "

@@ -40,6 +40,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -389,6 +390,40 @@ def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int,
     }  # fmt: skip
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields from the 3rd (state) on
+
+
+def cpu_seconds(server_group: int, postmaster: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by the gunicorn processes (its process group) and by
+    the PostgreSQL server's processes (the postmaster's children), from /proc. Differences over a
+    run, divided by its requests, give the CPU each side spends per request: on 2 shared cores
+    throughput follows the sum, so this shows where a mode's requests cost more."""
+    totals = {"gunicorn": 0.0, "postgres": 0.0}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        # (fields[1] ppid, fields[2] pgrp, fields[11] utime, fields[12] stime)
+        side = "gunicorn" if int(fields[2]) == server_group else "postgres" if int(fields[1]) == postmaster else None
+        if side is not None:
+            totals[side] += (int(fields[11]) + int(fields[12])) / _TICK
+    return totals
+
+
+def postmaster_pid(cluster: PgCluster) -> int:
+    return int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+
+
 def backends(cluster: PgCluster) -> int:
     return int(cluster.execute(BACKENDS_SQL, [DB_NAME])[0][0])
 
@@ -444,6 +479,7 @@ class Bench:
                     log(f"{scenario}/{mode}: not available: {reason.splitlines()[0]}")
                     return {"unavailable": reason}
                 wait_no_backends(self.cluster)
+            postmaster = postmaster_pid(self.cluster)
             server = Gunicorn(env, workers, threads, self.rawdir / f"gunicorn-{scenario}-{mode}.log")
             server.start()
             server.wait_ready(self.path(endpoints[0]), self.cookie_for(endpoints[0]))
@@ -454,16 +490,22 @@ class Bench:
                             cookie)  # fmt: skip
                 sampler = Sampler(self.cluster)
                 sampler.start()
+                cpu_before, wrk_before = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
                 try:
                     result = run_wrk(self.tools["wrk"], url, a.duration, connections, a.wrk_threads, a.wrk_timeout,
                                      a.reconnect_every, cookie)  # fmt: skip
                 finally:
                     result_backends = sampler.finish()
+                cpu_after, wrk_after = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
                 result.update(result_backends)
+                cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
+                cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+                result["cpu_us_per_request"] = {k: round(v / max(1, result["requests"]) * 1e6, 1) for k, v in cpu.items()}
                 out[endpoint] = result
                 log(f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
                     f"p99 {result['p99_ms']:.1f} ms, non-2xx {result['non2xx']}, errors {result['errors']}, "
-                    f"peak backends {result['peak_backends']}")  # fmt: skip
+                    f"peak backends {result['peak_backends']}, CPU us/request "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_us_per_request"].items()))  # fmt: skip
         except RuntimeError as exc:
             log(f"{scenario}/{mode}: FAILED: {exc}")
             out["failed"] = str(exc)

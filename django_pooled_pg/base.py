@@ -15,7 +15,6 @@ A small diff against ``django.db.backends.postgresql.base``:
 
 from __future__ import annotations
 
-import contextvars
 import os
 import sys
 import threading
@@ -52,7 +51,7 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from . import apm, signals
-from .errors import DatabaseUnavailable, PoolError, PoolExhausted
+from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .creation import DatabaseCreation
 from .features import DatabaseFeatures
 from .ledger import capture_frames, current_view, ledger
@@ -215,9 +214,6 @@ class SessionSetup:
 #: (apps.app_configs, whether django.contrib.postgres is in it), see _sync_postgres_types.
 _contrib_postgres_installed: tuple[Any, bool] = (None, False)
 
-#: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
-#: have turned it into a plain 500 response before the middleware saw the exception.
-pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)
 
 
 def _sync_allowed() -> bool:

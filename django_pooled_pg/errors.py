@@ -3,6 +3,8 @@ already catches database errors keeps working; the middleware turns them into HT
 
 from __future__ import annotations
 
+import contextvars
+
 from django.db.utils import OperationalError
 
 
@@ -29,3 +31,9 @@ class DatabaseUnavailable(PoolError):
     ``__cause__`` holds the error from the server or the network."""
 
     retry_after = 5
+
+
+#: The last PoolError raised in this thread or task, for the middleware: an inner middleware may
+#: have turned it into a plain 500 response before the middleware saw the exception. Set by the
+#: backend when a borrow fails or a connection is lost; the middleware clears it per request.
+pool_error: contextvars.ContextVar[PoolError | None] = contextvars.ContextVar("pool_error", default=None)

@@ -24,8 +24,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from . import eventlog
 from .api import held_connections, release_connections
-from .errors import DatabaseUnavailable, PoolError
+from .errors import DatabaseUnavailable, PoolError, pool_error
 from .ledger import current_view, ledger
+
+#: view function -> its name for reports (``module.qualname``), made once per view.
+_view_names: dict[Any, str] = {}
 
 
 def service_unavailable(error: PoolError) -> HttpResponse:
@@ -55,14 +58,23 @@ def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
             )
             error.__cause__ = exc
             return error
-    from .base import pool_error
-
     lost = pool_error.get()  # a connection of this request was lost and already given back
     if isinstance(lost, DatabaseUnavailable):
         error = DatabaseUnavailable(f"{lost}: {exc}", alias=lost.alias)
         error.__cause__ = exc
         return error
     return None
+
+
+def _view_name(view_func: Any) -> str:
+    name = getattr(view_func, "__qualname__", None) or type(view_func).__qualname__
+    view = f"{getattr(view_func, '__module__', '')}.{name}"
+    try:
+        if len(_view_names) < 10_000:  # (views made per request would grow it forever)
+            _view_names[view_func] = view
+    except TypeError:
+        pass
+    return view
 
 
 class PoolMiddleware:
@@ -78,17 +90,18 @@ class PoolMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.is_async:
             return self.__acall__(request)
-        from .base import pool_error
-
-        token = pool_error.set(None)
+        if pool_error.get() is not None:
+            pool_error.set(None)  # (one left by an earlier request of this thread)
         view_token = current_view.set(request.path)
         held = held_connections()  # None unless code around the request holds one (tests)
         try:
             response = self.get_response(request)
-            response = self.finish(request, response, pool_error.get())
+            error = pool_error.get()
+            if error is not None:
+                response = self.finish(request, response, error)
+                pool_error.set(None)
         finally:
             current_view.reset(view_token)
-            pool_error.reset(token)
         if getattr(response, "streaming", False):
             # Given back when the server closes the response, after the last chunk.
             response._resource_closers.append(lambda: release_connections(self.view_name(request), held))
@@ -97,8 +110,6 @@ class PoolMiddleware:
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        from .base import pool_error
-
         token = pool_error.set(None)
         view_token = current_view.set(request.path)
         held = held_connections()
@@ -117,9 +128,12 @@ class PoolMiddleware:
         return response
 
     def process_view(self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
-        name = getattr(view_func, "__qualname__", None) or type(view_func).__qualname__
-        request._pooled_pg_view = f"{getattr(view_func, '__module__', '')}.{name}"
-        current_view.set(request._pooled_pg_view)
+        try:
+            view = _view_names[view_func]
+        except (KeyError, TypeError):  # (TypeError: an unhashable callable)
+            view = _view_name(view_func)
+        request._pooled_pg_view = view
+        current_view.set(view)
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:

@@ -294,3 +294,34 @@ def test_middleware_warnings_are_logged_when_a_process_starts(tmp_path, middlewa
                           capture_output=True, text=True, timeout=60, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(f"({check_id})") == 1, done.stderr
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_thread_connections_are_what_django_lists():
+    """The middleware reads this thread's connection objects from asgiref's storage (a fraction of
+    what ``connections.all()`` costs, see api.thread_connections); it must list the same objects,
+    in a plain thread, in a thread that also ran an event loop, and inside one."""
+    from django_pooled_pg.api import thread_connections
+
+    def same() -> None:
+        assert {id(w) for w in thread_connections()} == {id(w) for w in connections.all(initialized_only=True)}
+
+    same()
+    connection.ensure_connection()
+    connections["other"].ensure_connection()
+    same()
+    assert {"default", "other"} <= {w.alias for w in thread_connections()}
+
+    async def inside_a_loop() -> None:
+        same()
+
+    async_to_sync(inside_a_loop)()  # (asgiref keeps a "cvar" entry in the thread's storage)
+    same()
+    connection.close()
+    connections["other"].close()
+
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(len(list(thread_connections()))))
+    worker.start()
+    worker.join()
+    assert seen == [0], "another thread's connections are its own"
