@@ -19,7 +19,6 @@ import os
 import sys
 import threading
 import time
-import weakref
 from asyncio import _get_running_loop
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +57,7 @@ from .ledger import capture_frames, current_view, ledger
 from .pool import RECENT, Pool
 from .registry import registry
 from .release import prepare_return
+from .reset import ResetWithFirstStatement
 from .session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
@@ -78,32 +78,29 @@ class SessionTrackingMixin:
         return result
 
 
-class Cursor(SessionTrackingMixin, postgresql.Cursor):
-    pass
+#: The pool's cursor classes, by (the class they stand for, with session tracking).
+_cursor_classes: dict[tuple[type, bool], type] = {}
 
 
-class ServerBindingCursor(SessionTrackingMixin, postgresql.ServerBindingCursor):
-    pass
-
-
-#: Cursor classes with session tracking, by the class they track for (see tracking_cursor_class).
-_tracking_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary(
-    {postgresql.Cursor: Cursor, postgresql.ServerBindingCursor: ServerBindingCursor}
-)
+def pooled_cursor_class(factory: Any, tracking: bool) -> type:
+    """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
+    subclass of this backend put in ``get_connection_params()``, as django-prometheus does) with
+    the session reset's hook in front (:class:`.reset.ResetWithFirstStatement`: the first
+    statement of a borrow carries the reset), and with ``release="transaction"`` the tracking of
+    pinning statements (:class:`SessionTrackingMixin`) in front of that."""
+    checked_cursor_class(factory)
+    cls = _cursor_classes.get((factory, tracking))
+    if cls is None:
+        mixins = (SessionTrackingMixin, ResetWithFirstStatement) if tracking else (ResetWithFirstStatement,)
+        bases = tuple(m for m in mixins if not issubclass(factory, m)) + (factory,)
+        cls = factory if len(bases) == 1 else type(factory.__name__, bases, {"__module__": __name__})
+        _cursor_classes[(factory, tracking)] = cls
+    return cls
 
 
 def tracking_cursor_class(factory: Any) -> type:
-    """The cursor class of the pool's connections with ``release="transaction"``: ``factory``
-    (Django's class, or whatever a subclass of this backend put in ``get_connection_params()``, as
-    django-prometheus does) with the tracking of pinning statements in front of it."""
-    checked_cursor_class(factory)
-    if issubclass(factory, SessionTrackingMixin):
-        return factory
-    tracking = _tracking_classes.get(factory)
-    if tracking is None:
-        tracking = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
-        _tracking_classes[factory] = tracking
-    return tracking
+    """The cursor class of the pool's connections with ``release="transaction"``."""
+    return pooled_cursor_class(factory, tracking=True)
 
 
 def checked_cursor_class(factory: Any) -> type:
@@ -292,10 +289,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not options.get("application_name"):
             # Lets poolstats tell this process's connections apart in pg_stat_activity.
             kwargs["application_name"] = application_name(self.alias)
-        if pool_settings.release == "transaction":
-            kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
-        else:
-            checked_cursor_class(kwargs["cursor_factory"])
+        kwargs["cursor_factory"] = pooled_cursor_class(
+            kwargs["cursor_factory"], tracking=pool_settings.release == "transaction"
+        )
         startup = {}
         if self.timezone_name:
             startup["TimeZone"] = self.timezone_name

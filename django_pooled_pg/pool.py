@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted
 from .ledger import Borrow, ledger
 from .release import release_connection, reset_session
+from .reset import ResetOnFirstCommand, can_pipeline, mark_reset_due
 from .session import RESET_SQL
 from .settings import PoolSettings
 from .stats import AliasStats
@@ -61,7 +62,7 @@ def health_tracking(base: type[Connection], health: ConnectionHealth, pipelined:
     """A subclass of ``base`` whose ``connect()`` reports to ``health``; psycopg_pool opens
     every connection through ``connection_class.connect``."""
 
-    class HealthTrackingConnection(base):  # type: ignore[valid-type, misc]
+    class HealthTrackingConnection(ResetOnFirstCommand, base):  # type: ignore[valid-type, misc]
         # Per-session state, set by base.SessionSetup when the pool opens the connection; these
         # defaults hold until then (a connection that was never set up is reset if used).
         _pooled_pg_used = True
@@ -73,6 +74,8 @@ def health_tracking(base: type[Connection], health: ConnectionHealth, pipelined:
         _pooled_pg_pipelined = pipelined
         #: A reset is on the wire, its answer not read yet.
         _pooled_pg_pending = False
+        #: A reset is due: the next statement sends it first (:mod:`.reset`).
+        _pooled_pg_reset_due = False
 
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:
@@ -206,9 +209,13 @@ class Pool(ConnectionPool):
 
     def _clean(self, conn: Connection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
-        borrower's session: reset it before anyone else uses it. Connections from the pool's
-        queue were reset when they went back, and pass at the cost of an attribute read."""
+        borrower's session: reset it before anyone else uses it (with the taker's first
+        statement, :mod:`.reset`). Connections from the pool's queue had their reset made due
+        or sent when they went back, and pass at the cost of an attribute read."""
         if not conn._pooled_pg_used:  # type: ignore[attr-defined]
+            return True
+        if self.can_keep and can_pipeline(conn):
+            mark_reset_due(conn)
             return True
         try:
             reset_session(conn)

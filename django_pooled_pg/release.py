@@ -17,6 +17,7 @@ from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 
+from .reset import can_pipeline, mark_reset_due, reset_now
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -43,9 +44,10 @@ def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
     :func:`release_connection` does short of handing it to the pool's queue (a borrower that
     keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here).
 
-    Roll back, close leftover cursors, autocommit back on, and the session reset (sent, its
-    answer read by the next borrower) for every connection that was borrowed. One function, as
-    it runs on every return: about 2 us of Python, the reset's round trip not waited for."""
+    Roll back, close leftover cursors, autocommit back on, and the session reset for every
+    connection that was borrowed: due, and sent with the next borrower's first statement
+    (:mod:`.reset`); for a session with a baseline, sent now and its answer read by the next
+    borrower. One function, as it runs on every return."""
     if conn._pooled_pg_pending:  # type: ignore[attr-defined]
         return CLEAN  # already cleaned, its reset on the wire: nobody has used it since
     pgconn = conn.pgconn
@@ -65,10 +67,12 @@ def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
                 conn.autocommit = True
             if conn._pooled_pg_used:  # type: ignore[attr-defined]
                 reset = True
-                if conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
-                    send_reset(conn)
+                if not conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
+                    reset_session(conn)  # (a reset callback of the user's runs after it)
+                elif can_pipeline(conn):
+                    mark_reset_due(conn)  # sent with the next borrower's first statement
                 else:
-                    reset_session(conn)
+                    send_reset(conn)
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
@@ -94,7 +98,10 @@ def reset_session(conn: Connection) -> None:
     """Bring the session back to its defaults and baseline (:func:`.session.reset_statement`),
     whatever its borrower did: one round trip, whose statement was made when the session was
     set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
-    conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
+    if conn._pooled_pg_reset_due:  # type: ignore[attr-defined]
+        reset_now(conn)
+    else:
+        conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
     conn._pooled_pg_used = False  # type: ignore[attr-defined]
     conn._pooled_pg_changed = False  # type: ignore[attr-defined]
 

@@ -150,3 +150,114 @@ def test_a_parked_connection_taken_by_another_borrower_is_reset_first(pool_optio
     assert seen and seen[0][0] == "0"
     assert one(TIMEOUT) == "0"  # the thread's connection was taken: it has a reset one now
     connection.close()
+
+
+# ----- The reset travels with the next borrower's first statement (django_pooled_pg/reset.py) -----
+
+DIRTY = "SELECT set_config('statement_timeout', '4321ms', false)"
+
+
+def dirty_and_given_back():
+    """A borrower leaves a setting and gives back: the thread keeps the connection, reset due."""
+    assert one(DIRTY) == "4321ms"
+    connection.close()
+    kept = connection._parked
+    assert kept is not None and kept._pooled_pg_reset_due, "kept, its reset due"
+    return kept
+
+
+def test_the_reset_goes_in_one_write_with_the_next_first_statement(one_connection, tmp_path):
+    """No round trip of its own: libpq's trace shows DISCARD ALL and the statement sent before
+    the server's first answer (on the code before, the reset went alone, when the connection
+    went back)."""
+    from psycopg import pq
+
+    kept = dirty_and_given_back()
+    trace = tmp_path / "trace"
+    with open(trace, "w") as out:
+        kept.pgconn.trace(out.fileno())
+        kept.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        try:
+            assert one(TIMEOUT) == "0"
+        finally:
+            kept.pgconn.untrace()
+    lines = trace.read_text().splitlines()
+    first_answer = next(i for i, line in enumerate(lines) if line.startswith("B\t"))
+    sent = "\n".join(lines[:first_answer])
+    assert "DISCARD ALL" in sent and "current_setting('statement_timeout')" in sent, lines
+    assert sent.count("\tSync") == 1, lines
+    assert not kept._pooled_pg_reset_due
+    assert not hasattr(type(kept), "_pooled_pg_plain_class"), "its own class again: no cost per statement"
+    assert not hasattr(kept.cursor_factory, "_pooled_pg_plain")
+
+
+def first_through(path: str) -> str:
+    """The statement_timeout the next borrower sees when its first statement goes ``path``."""
+    from django.db import transaction
+
+    from django_pooled_pg import pinned
+
+    if path == "atomic":
+        with transaction.atomic():
+            return one(TIMEOUT)
+    with pinned():
+        conn = connection.connection
+        if path == "raw psycopg execute":
+            return conn.execute(TIMEOUT).fetchone()[0]
+        if path == "psycopg transaction()":
+            with conn.transaction():
+                return conn.execute(TIMEOUT).fetchone()[0]
+        if path == "psycopg pipeline()":
+            with conn.pipeline():
+                cursor = conn.execute(TIMEOUT)
+            return cursor.fetchone()[0]
+        if path == "named cursor":
+            with conn.cursor(name="pooled_first", withhold=True) as cursor:
+                cursor.execute(TIMEOUT)
+                return cursor.fetchone()[0]
+        if path == "executemany":
+            with conn.cursor() as cursor:
+                cursor.executemany(TIMEOUT + " || %s", [("",)], returning=True)
+                return cursor.fetchone()[0]
+        if path == "copy":
+            with conn.cursor() as cursor:
+                with cursor.copy(f"COPY ({TIMEOUT}) TO STDOUT") as copy:
+                    return b"".join(bytes(chunk) for chunk in copy).decode().strip()
+        if path == "stream":
+            with conn.cursor() as cursor:
+                return next(cursor.stream(TIMEOUT))[0]
+        if path == "two statements in one string":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1; " + TIMEOUT)
+                assert cursor.nextset()
+                return cursor.fetchone()[0]
+        if path == "VACUUM":
+            with connection.cursor() as cursor:
+                cursor.execute("VACUUM testapp_item")  # (not in a transaction block: the reset was apart)
+            return one(TIMEOUT)
+        if path == "a syntax error":
+            with pytest.raises(Exception, match="syntax"):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELEC 1")
+            return one(TIMEOUT)
+        if path == "an error":
+            with pytest.raises(Exception, match="division by zero"):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT 1 / 0")
+            return one(TIMEOUT)
+    raise AssertionError(path)
+
+
+@pytest.mark.parametrize("path", [
+    "atomic", "raw psycopg execute", "psycopg transaction()", "psycopg pipeline()", "named cursor",
+    "executemany", "copy", "stream", "two statements in one string", "VACUUM", "a syntax error",
+    "an error",
+])
+def test_whichever_way_the_first_statement_goes_the_session_is_reset_first(one_connection, path):
+    pid = backend_pid()
+    connection.close()
+    dirty_and_given_back()
+    assert first_through(path) == "0"
+    assert backend_pid() == pid, "the same server session"
+    connection.close()
+    assert one(TIMEOUT) == "0"

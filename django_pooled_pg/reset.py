@@ -1,0 +1,175 @@
+"""The session reset on the wire: sent with the next borrower's first statement.
+
+Every returned connection is reset (:mod:`.session` says why and with what). Sent on its own,
+the reset is a round trip of its own: measured under ``make bench`` (gunicorn, 2 workers x 16
+threads, 2 cores) it cost the server 48 us of CPU per request and the workers another 50-100 us,
+most of it the scheduler waking the server's process and the borrower's thread once more
+(``perf``: ``finish_task_switch`` and ``try_to_wake_up`` +50 us per request), against Django's
+pool, which resets nothing.
+
+So a returned connection is only *marked*: its reset is due (:func:`mark_reset_due`), nothing
+is sent. The next borrower's first statement carries it, in one write and one answer, with
+libpq's pipeline mode: ``DISCARD ALL``, the statement, one Sync (:func:`_pipelined_gen`). The
+server does both in one wake-up; nothing waits for the reset alone.
+
+That is the first statement through a cursor in autocommit mode, the ORM's usual first
+statement (:class:`ResetWithFirstStatement`, mixed into the pool's cursor classes). Whatever
+else comes first on the connection (a statement inside ``atomic``, a named cursor,
+``executemany``, ``copy``, ``stream``, a psycopg ``pipeline()`` or ``transaction()``) resets it
+first, in a round trip of its own (:class:`ResetOnFirstCommand`, mixed into the pool's
+connection class). A statement after the first pays two Python calls and an attribute read. (Swapping the classes in only while
+a reset is due was tried: a type that changes twice per request defeats Python 3.11's
+specialised attribute lookups wherever the connection is touched, +33k instructions on a request
+of three statements, callgrind.)
+
+Only libpq itself, called directly on ``connection.connection.pgconn`` before any psycopg call,
+runs before the reset; it is below everything a pool can see (its own use is still reset for the
+next borrower).
+
+Sessions with a baseline (``connection_created`` receivers, ``configure``) reset with several
+statements, which the extended protocol of a pipeline does not take in one string: theirs is
+sent when the connection goes back and read by its next taker (:func:`.release.send_reset`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import Connection, OperationalError, capabilities
+from psycopg.generators import execute, fetch_many, send
+from psycopg.pq import ExecStatus, Format
+
+from .session import RESET_SQL
+
+#: The reset that can travel in a pipeline (one statement).
+PIPELINED_RESET = RESET_SQL.encode()
+
+#: Whether this libpq has pipeline mode (libpq 14 and newer).
+HAS_PIPELINE = capabilities.has_pipeline()
+
+_OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+#: SQLSTATE of "cannot insert multiple commands into a prepared statement" (and of any syntax
+#: error): the first statement goes again alone through the simple protocol, see _pipelined_gen.
+_SYNTAX_ERROR = b"42601"
+
+
+def can_pipeline(conn: Connection) -> bool:
+    """Whether ``conn``'s reset can wait for its next borrower's first statement."""
+    return HAS_PIPELINE and conn._pooled_pg_reset == PIPELINED_RESET  # type: ignore[attr-defined]
+
+
+def mark_reset_due(conn: Connection) -> None:
+    """The connection goes back: its next borrower's first statement resets it first."""
+    conn._pooled_pg_reset_due = True  # type: ignore[attr-defined]
+    conn._pooled_pg_used = False  # type: ignore[attr-defined]
+    conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+
+
+def _reset_done(conn: Any) -> None:
+    conn._pooled_pg_reset_due = False
+    if conn.prepare_threshold is not None:
+        # DISCARD ALL deallocated psycopg's prepared statements behind its back (with
+        # prepare_threshold None, Django's default, psycopg never prepares any).
+        conn._prepared.clear()
+
+
+def _reset_gen(conn: Any) -> Any:
+    """The reset alone, one round trip (psycopg's generator protocol: run by ``conn.wait()``)."""
+    _reset_done(conn)
+    pgconn = conn.pgconn
+    pgconn.send_query(PIPELINED_RESET)
+    results = yield from execute(pgconn)
+    if not results or any(r.status not in _OK for r in results):
+        conn.close()
+        raise OperationalError("the connection's session reset failed; it was closed")
+
+
+def _reset_then(conn: Any, gen: Any) -> Any:
+    yield from _reset_gen(conn)
+    return (yield from gen)
+
+
+def reset_now(conn: Any) -> None:
+    """Make the due reset now, alone (a borrower that takes a connection to reset it itself,
+    and the paths below that are not a cursor's plain ``execute()``)."""
+    if conn._pooled_pg_reset_due:
+        with conn.lock:
+            conn.wait(_reset_gen(conn))
+
+
+class ResetOnFirstCommand:
+    """Mixed into the pool's connection class: while a reset is due, whatever psycopg sends
+    first resets first. Every cursor, of whatever class, starts its work in ``_start_query()``
+    (a statement inside ``atomic`` before its ``BEGIN``, a named cursor's ``DECLARE``,
+    ``executemany``, ``copy``, ``stream``); psycopg's own commands go through ``_exec_command()``
+    (``transaction()``); its ``pipeline()`` resets before it starts."""
+
+    def _start_query(self) -> Any:
+        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
+            return _reset_then(self, super()._start_query())  # type: ignore[misc]
+        return super()._start_query()  # type: ignore[misc]
+
+    def _exec_command(self, command: Any, result_format: Any = Format.TEXT) -> Any:
+        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
+            return _reset_then(self, super()._exec_command(command, result_format))  # type: ignore[misc]
+        return super()._exec_command(command, result_format)  # type: ignore[misc]
+
+    def pipeline(self) -> Any:
+        reset_now(self)
+        return super().pipeline()  # type: ignore[misc]
+
+    def _pipeline_nolock(self) -> Any:  # (executemany's; the caller holds the lock)
+        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
+            self.wait(_reset_gen(self))  # type: ignore[attr-defined]
+        return super()._pipeline_nolock()  # type: ignore[misc]
+
+
+class ResetWithFirstStatement:
+    """Mixed into the pool's cursor classes: while the connection's reset is due, the first
+    ``execute()`` in autocommit mode sends it with the statement (:func:`_pipelined_gen`).
+    (Anything else resets first through the connection's ``_start_query()``.)"""
+
+    __slots__ = ()
+
+    def _execute_gen(self, query: Any, params: Any = None, *, prepare: bool | None = None,
+                     binary: bool | None = None) -> Any:  # fmt: skip
+        conn = self._conn  # type: ignore[attr-defined]
+        if conn._pooled_pg_reset_due and conn.autocommit and conn._pipeline is None and not prepare:
+            return _pipelined_gen(self, query, params, binary)
+        return super()._execute_gen(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
+
+
+def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> Any:
+    """``Cursor._execute_gen()`` for the first statement of a borrow, in autocommit mode:
+    ``DISCARD ALL``, the statement, one Sync, in one write; both answers in one read."""
+    conn = cur._conn
+    _reset_done(conn)  # (the statement carries it; if anything below fails, the connection is closed)
+    yield from cur._start_query(query)  # (in autocommit mode: no command of its own)
+    pgq = cur._convert_query(query, params)
+    pgconn = cur._pgconn
+    pgconn.enter_pipeline_mode()
+    try:
+        pgconn.send_query_params(PIPELINED_RESET, None)
+        cur._execute_send(pgq, force_extended=True, binary=binary)
+        pgconn.pipeline_sync()
+        yield from send(pgconn)
+        reset = yield from fetch_many(pgconn)
+        results = yield from fetch_many(pgconn)
+        yield from fetch_many(pgconn)  # the Sync
+        pgconn.exit_pipeline_mode()
+    except BaseException:
+        conn.close()  # the reset may not have run: nobody gets this session again
+        raise
+    if not reset or reset[0].status not in _OK:
+        conn.close()
+        raise OperationalError("the connection's session reset failed; it was closed")
+    if results and results[0].status == ExecStatus.FATAL_ERROR and results[0].error_field(
+        0x43  # PG_DIAG_SQLSTATE ('C')
+    ) == _SYNTAX_ERROR:
+        # Several statements in one string, which only the simple protocol takes (or a syntax
+        # error): nothing ran. The session is reset; the statement goes again the usual way.
+        return (yield from cur._execute_gen(query, params, binary=binary))
+    cur._check_results(results)
+    cur._set_results(results)
+    cur._last_query = query
+    return None
