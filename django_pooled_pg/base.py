@@ -57,7 +57,7 @@ from .ledger import capture_frames, current_view, ledger
 from .pool import RECENT, Pool
 from .registry import registry
 from .release import prepare_return
-from .reset import ResetWithFirstStatement
+from .reset import ResetWithFirstStatement, declaring_cursor_class, reset_now
 from .session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
@@ -170,6 +170,7 @@ class SessionSetup:
 
     def __call__(self, conn: Connection) -> None:
         conn._pooled_pg_setup = self  # type: ignore[attr-defined]
+        conn.server_cursor_factory = declaring_cursor_class(conn.server_cursor_factory)
         conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
         baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
@@ -733,6 +734,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def chunked_cursor(self) -> Any:
         wrapper = super().chunked_cursor()
         if self._borrowed_from is not None:
+            # Django makes its named cursor itself, not through the connection's factory: a
+            # reset still due is made before it declares (see .reset).
+            reset_now(self.connection)
             # QuerySet.iterator() cursors (named: WITH HOLD in autocommit) are closed at release
             # if their iterator was abandoned. (Here rather than in create_cursor(), which every
             # statement goes through.)

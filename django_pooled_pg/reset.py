@@ -14,17 +14,21 @@ server does both in one wake-up; nothing waits for the reset alone.
 
 That is the first statement through a cursor in autocommit mode, the ORM's usual first
 statement (:class:`ResetWithFirstStatement`, mixed into the pool's cursor classes). Whatever
-else comes first on the connection (a statement inside ``atomic``, a named cursor,
-``executemany``, ``copy``, ``stream``, a psycopg ``pipeline()`` or ``transaction()``) resets it
-first, in a round trip of its own (:class:`ResetOnFirstCommand`, mixed into the pool's
-connection class). A statement after the first pays two Python calls and an attribute read. (Swapping the classes in only while
+else comes first on the connection (a statement inside ``atomic``, ``QuerySet.iterator()``'s
+named cursor, ``executemany``, ``copy``, ``stream``, a psycopg ``pipeline()`` or
+``transaction()``) resets it first, in a round trip of its own: the cursor mixin's other
+overrides, :class:`ResetOnFirstCommand` in the pool's connection class, and
+:class:`ResetWithFirstDeclare` in its named cursor classes (``SessionSetup`` sets psycopg's
+``server_cursor_factory``, ``DatabaseWrapper.chunked_cursor()`` resets before Django makes its
+own). A statement after the first pays one Python call and an attribute read (1.2k
+instructions). (Swapping the classes in only while
 a reset is due was tried: a type that changes twice per request defeats Python 3.11's
 specialised attribute lookups wherever the connection is touched, +33k instructions on a request
 of three statements, callgrind.)
 
-Only libpq itself, called directly on ``connection.connection.pgconn`` before any psycopg call,
-runs before the reset; it is below everything a pool can see (its own use is still reset for the
-next borrower).
+Only what bypasses psycopg's classes runs before the reset: libpq itself, called directly on
+``connection.connection.pgconn``, or a cursor class instantiated directly rather than through
+the connection's factories; its own use is still reset for the next borrower.
 
 Sessions with a baseline (``connection_created`` receivers, ``configure``) reset with several
 statements, which the extended protocol of a pipeline does not take in one string: theirs is
@@ -98,16 +102,10 @@ def reset_now(conn: Any) -> None:
 
 
 class ResetOnFirstCommand:
-    """Mixed into the pool's connection class: while a reset is due, whatever psycopg sends
-    first resets first. Every cursor, of whatever class, starts its work in ``_start_query()``
-    (a statement inside ``atomic`` before its ``BEGIN``, a named cursor's ``DECLARE``,
-    ``executemany``, ``copy``, ``stream``); psycopg's own commands go through ``_exec_command()``
-    (``transaction()``); its ``pipeline()`` resets before it starts."""
-
-    def _start_query(self) -> Any:
-        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
-            return _reset_then(self, super()._start_query())  # type: ignore[misc]
-        return super()._start_query()  # type: ignore[misc]
+    """Mixed into the pool's connection class: while a reset is due, psycopg's own commands
+    (the ``BEGIN`` of a statement inside ``atomic``, ``transaction()``, a named cursor's
+    ``FETCH``) and its ``pipeline()`` reset first. Not on the path of a statement in autocommit
+    mode, so a statement pays nothing for it."""
 
     def _exec_command(self, command: Any, result_format: Any = Format.TEXT) -> Any:
         if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
@@ -126,17 +124,62 @@ class ResetOnFirstCommand:
 
 class ResetWithFirstStatement:
     """Mixed into the pool's cursor classes: while the connection's reset is due, the first
-    ``execute()`` in autocommit mode sends it with the statement (:func:`_pipelined_gen`).
-    (Anything else resets first through the connection's ``_start_query()``.)"""
+    ``execute()`` in autocommit mode sends it with the statement (:func:`_pipelined_gen`); any
+    other first use of the cursor (``executemany``, ``copy``, ``stream``) resets first. Per
+    statement otherwise: one call and an attribute read. (Making the connection's cursors with
+    this class only while a reset is due was tried: 27k instructions more on a request of three
+    statements, callgrind; a cursor type that changes within a request defeats Python's
+    specialised attribute lookups in psycopg's and Django's code that touches cursors.)"""
 
     __slots__ = ()
 
     def _execute_gen(self, query: Any, params: Any = None, *, prepare: bool | None = None,
                      binary: bool | None = None) -> Any:  # fmt: skip
         conn = self._conn  # type: ignore[attr-defined]
-        if conn._pooled_pg_reset_due and conn.autocommit and conn._pipeline is None and not prepare:
-            return _pipelined_gen(self, query, params, binary)
+        if conn._pooled_pg_reset_due:
+            if conn.autocommit and conn._pipeline is None and not prepare:
+                return _pipelined_gen(self, query, params, binary)
+            return _reset_then(conn, super()._execute_gen(query, params, prepare=prepare, binary=binary))  # type: ignore[misc]
         return super()._execute_gen(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        reset_now(self._conn)  # type: ignore[attr-defined]
+        return super().executemany(*args, **kwargs)  # type: ignore[misc]
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        reset_now(self._conn)  # type: ignore[attr-defined]
+        return super().copy(*args, **kwargs)  # type: ignore[misc]
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        reset_now(self._conn)  # type: ignore[attr-defined]
+        return super().stream(*args, **kwargs)  # type: ignore[misc]
+
+
+class ResetWithFirstDeclare:
+    """Mixed into the pool's named (server-side) cursor classes: ``DECLARE`` resets first."""
+
+    __slots__ = ()
+
+    def _declare_gen(self, query: Any, params: Any = None, binary: bool | None = None) -> Any:
+        conn = self._conn  # type: ignore[attr-defined]
+        if conn._pooled_pg_reset_due:
+            return _reset_then(conn, super()._declare_gen(query, params, binary))  # type: ignore[misc]
+        return super()._declare_gen(query, params, binary)  # type: ignore[misc]
+
+
+#: Named cursor classes with ResetWithFirstDeclare, by the class they stand for.
+_declaring_classes: dict[type, type] = {}
+
+
+def declaring_cursor_class(cls: type) -> type:
+    """``cls`` (a psycopg ServerCursor class) with :class:`ResetWithFirstDeclare` in front."""
+    if issubclass(cls, ResetWithFirstDeclare):
+        return cls
+    declaring = _declaring_classes.get(cls)
+    if declaring is None:
+        declaring = type(cls.__name__, (ResetWithFirstDeclare, cls), {"__module__": cls.__module__})
+        _declaring_classes[cls] = declaring
+    return declaring
 
 
 def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> Any:
