@@ -78,14 +78,19 @@ def _reset_done(conn: Any) -> None:
 
 
 def _reset_gen(conn: Any) -> Any:
-    """The reset alone, one round trip (psycopg's generator protocol: run by ``conn.wait()``)."""
-    _reset_done(conn)
+    """The reset alone, one round trip (psycopg's generator protocol: run by ``conn.wait()``).
+    If it does not complete, the connection is closed: nobody gets that session again."""
     pgconn = conn.pgconn
-    pgconn.send_query(PIPELINED_RESET)
-    results = yield from execute(pgconn)
+    try:
+        pgconn.send_query(PIPELINED_RESET)
+        results = yield from execute(pgconn)
+    except BaseException:
+        conn.close()
+        raise
     if not results or any(r.status not in _OK for r in results):
         conn.close()
         raise OperationalError("the connection's session reset failed; it was closed")
+    _reset_done(conn)
 
 
 def _reset_then(conn: Any, gen: Any) -> Any:
@@ -137,7 +142,7 @@ class ResetWithFirstStatement:
                      binary: bool | None = None) -> Any:  # fmt: skip
         conn = self._conn  # type: ignore[attr-defined]
         if conn._pooled_pg_reset_due:
-            if conn.autocommit and conn._pipeline is None and not prepare:
+            if conn.autocommit and conn._pipeline is None and not prepare and not binary:
                 return _pipelined_gen(self, query, params, binary)
             return _reset_then(conn, super()._execute_gen(query, params, prepare=prepare, binary=binary))  # type: ignore[misc]
         return super()._execute_gen(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
@@ -186,9 +191,8 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
     """``Cursor._execute_gen()`` for the first statement of a borrow, in autocommit mode:
     ``DISCARD ALL``, the statement, one Sync, in one write; both answers in one read."""
     conn = cur._conn
-    _reset_done(conn)  # (the statement carries it; if anything below fails, the connection is closed)
     yield from cur._start_query(query)  # (in autocommit mode: no command of its own)
-    pgq = cur._convert_query(query, params)
+    pgq = cur._convert_query(query, params)  # (a bad parameter raises here: nothing sent, still due)
     pgconn = cur._pgconn
     pgconn.enter_pipeline_mode()
     try:
@@ -206,6 +210,7 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
     if not reset or reset[0].status not in _OK:
         conn.close()
         raise OperationalError("the connection's session reset failed; it was closed")
+    _reset_done(conn)
     if results and results[0].status == ExecStatus.FATAL_ERROR and results[0].error_field(
         0x43  # PG_DIAG_SQLSTATE ('C')
     ) == _SYNTAX_ERROR:

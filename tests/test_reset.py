@@ -240,6 +240,11 @@ def first_through(path: str) -> str:
                 with connection.cursor() as cursor:
                     cursor.execute("SELEC 1")
             return one(TIMEOUT)
+        if path == "a bad parameter":
+            with pytest.raises(Exception, match="placeholder"):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT %s, %s", [1])  # (refused before anything is sent)
+            return one(TIMEOUT)
         if path == "an error":
             with pytest.raises(Exception, match="division by zero"):
                 with connection.cursor() as cursor:
@@ -251,7 +256,7 @@ def first_through(path: str) -> str:
 @pytest.mark.parametrize("path", [
     "atomic", "raw psycopg execute", "psycopg transaction()", "psycopg pipeline()", "named cursor",
     "executemany", "copy", "stream", "two statements in one string", "VACUUM", "a syntax error",
-    "an error",
+    "a bad parameter", "an error",
 ])
 def test_whichever_way_the_first_statement_goes_the_session_is_reset_first(one_connection, path):
     pid = backend_pid()
