@@ -553,8 +553,9 @@ def fmt_statuses(statuses: dict) -> str:
 
 def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = False) -> list[str]:
     base = results.get("persistent", {}).get(endpoint)
-    head = "| mode | req/s (range of rounds) | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| mode | req/s (range of rounds) | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends "
+            "| CPU µs/request: gunicorn + PostgreSQL |")  # fmt: skip
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if statuses:
         head += " non-2xx statuses |"
         sep += "---|"
@@ -563,13 +564,15 @@ def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = Fal
         r = entry.get(endpoint)
         if r is None:
             why = "not available" if "unavailable" in entry else "failed" if "failed" in entry else "not run"
-            lines.append(f"| {mode} | {why} | | | | | | |" + (" |" if statuses else ""))
+            lines.append(f"| {mode} | {why} | | | | | | | |" + (" |" if statuses else ""))
             continue
         ratio = f"{r['rps'] / base['rps']:.2f}x" if base and base["rps"] else "-"
         rounds = r.get("rounds_rps", [])
         spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
+        cpu = r.get("cpu_us_per_request")
+        cpu_text = f"{cpu['gunicorn']:.0f} + {cpu['postgres']:.0f}" if cpu else "-"
         row = (f"| {mode} | {r['rps']:.0f}{spread} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
-               f"{r['errors']} | {r['peak_backends']} |")  # fmt: skip
+               f"{r['errors']} | {r['peak_backends']} | {cpu_text} |")  # fmt: skip
         if statuses:
             row += f" {fmt_statuses(r['statuses'])} |"
         lines.append(row)
@@ -712,7 +715,10 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         f"{a['pool_size']}. PostgreSQL runs on the same machine (max_connections {a['max_connections']}, "
         "fsync off; the site connects as an ordinary role, so superuser_reserved_connections keep room for "
         "the harness's monitoring). Peak backends: client backends on the database, from `pg_stat_activity` every 100 ms. "
-        "Orders written by earlier runs are deleted before each mode. "
+        "Orders written by earlier runs are deleted before each mode. CPU µs/request: user + system time of the "
+        "gunicorn processes and of PostgreSQL's processes over the measured run (from /proc, per request served; "
+        "on 2 shared cores throughput follows their sum; backends that exit during the run, as in `direct` "
+        "and `pgbouncer`, are not counted). "
         + (RECONNECT_NOTE.format(n=a["reconnect_every"]) if a.get("reconnect_every")
            else "wrk keeps its connections open for the whole run (`--reconnect-every 0`).")
     )
@@ -804,7 +810,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-n", type=int, default=10000)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s runs, 1 s warm-up, small micro")
     parser.add_argument("--output", default=str(BENCH / "results"), help="where RESULTS.md, chart.png, raw/ go")
+    parser.add_argument("--report", metavar="RAW_JSON", help="only write RESULTS.md again from a raw result file")
     args = parser.parse_args(argv)
+    if args.report:
+        data = json.loads(Path(args.report).read_text())
+        write_report(Path(args.output) / "RESULTS.md", data)
+        print((Path(args.output) / "RESULTS.md").read_text())
+        return 0
     if args.quick:
         args.duration, args.warmup = min(args.duration, 2), min(args.warmup, 1)
         args.micro_rounds, args.micro_n = 1, 2000
