@@ -202,7 +202,12 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
         yield from send(pgconn)
         reset = yield from fetch_many(pgconn)
         results = yield from fetch_many(pgconn)
-        yield from fetch_many(pgconn)  # the Sync
+        while not results or results[-1].status != ExecStatus.PIPELINE_SYNC:
+            # Up to the Sync: an error of the implicit transaction's commit (a deferred foreign
+            # key) comes after the statement's results, as in one simple query; it is the
+            # statement's to raise.
+            results += yield from fetch_many(pgconn)
+        results.pop()  # (the Sync)
         pgconn.exit_pipeline_mode()
     except BaseException:
         conn.close()  # the reset may not have run: nobody gets this session again

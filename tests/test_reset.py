@@ -266,3 +266,26 @@ def test_whichever_way_the_first_statement_goes_the_session_is_reset_first(one_c
     assert backend_pid() == pid, "the same server session"
     connection.close()
     assert one(TIMEOUT) == "0"
+
+
+def test_an_error_at_the_implicit_commit_of_the_first_statement_is_its_own(one_connection, superuser):
+    """A deferred foreign key fails when the statement's implicit transaction commits, after the
+    statement's own results: the error is the statement's, the connection stays usable (it
+    was "cannot exit pipeline mode while busy" and a closed connection, in Django's own suite)."""
+    from django.db import IntegrityError
+
+    superuser.execute(
+        "DROP TABLE IF EXISTS pooled_child, pooled_parent; CREATE TABLE pooled_parent (id int PRIMARY KEY); "
+        "CREATE TABLE pooled_child (p int REFERENCES pooled_parent DEFERRABLE INITIALLY DEFERRED)"
+    )
+    try:
+        pid = backend_pid()
+        connection.close()
+        dirty_and_given_back()
+        with pytest.raises(IntegrityError, match="foreign key"):
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO pooled_child VALUES (42) RETURNING p")
+        assert one(TIMEOUT) == "0" and backend_pid() == pid, "reset, and the same session"
+    finally:
+        connection.close()
+        superuser.execute("DROP TABLE pooled_child, pooled_parent")
