@@ -1,11 +1,10 @@
 """The session reset on the wire: sent with the next borrower's first statement.
 
 Every returned connection is reset (:mod:`.session` says why and with what). Sent on its own,
-the reset is a round trip of its own: measured under ``make bench`` (gunicorn, 2 workers x 16
-threads, 2 cores) it cost the server 48 us of CPU per request and the workers another 50-100 us,
-most of it the scheduler waking the server's process and the borrower's thread once more
-(``perf``: ``finish_task_switch`` and ``try_to_wake_up`` +50 us per request), against Django's
-pool, which resets nothing.
+the reset is a round trip of its own, a wake-up of the server's process more per request:
+measured under ``make bench`` (gunicorn, 2 workers x 16 threads, 2 cores, the single lookup) it
+cost the server 48 us of CPU per request more than Django's pool, which resets nothing. Carried
+by the first statement, 20 us.
 
 So a returned connection is only *marked*: its reset is due (:func:`mark_reset_due`), nothing
 is sent. The next borrower's first statement carries it, in one write and one answer, with
@@ -21,10 +20,9 @@ overrides, :class:`ResetOnFirstCommand` in the pool's connection class, and
 :class:`ResetWithFirstDeclare` in its named cursor classes (``SessionSetup`` sets psycopg's
 ``server_cursor_factory``, ``DatabaseWrapper.chunked_cursor()`` resets before Django makes its
 own). A statement after the first pays one Python call and an attribute read (1.2k
-instructions). (Swapping the classes in only while
-a reset is due was tried: a type that changes twice per request defeats Python 3.11's
-specialised attribute lookups wherever the connection is touched, +33k instructions on a request
-of three statements, callgrind.)
+instructions). (Swapping the classes in only while a reset is due was tried: a type that
+changes twice per request defeats Python 3.11's specialised attribute lookups wherever the
+connection is touched, +33k instructions on a request of three statements, callgrind.)
 
 Only what bypasses psycopg's classes runs before the reset: libpq itself, called directly on
 ``connection.connection.pgconn``, or a cursor class instantiated directly rather than through
