@@ -57,7 +57,7 @@ from .ledger import capture_frames, current_view, ledger
 from .pool import RECENT, Pool
 from .registry import registry
 from .release import prepare_return
-from .reset import ResetWithFirstStatement, declaring_cursor_class, reset_now
+from .reset import ResetWithFirstDeclare, ResetWithFirstStatement, reset_now, with_mixins
 from .session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
 from .snapshot import application_name
@@ -78,10 +78,6 @@ class SessionTrackingMixin:
         return result
 
 
-#: The pool's cursor classes, by (the class they stand for, with session tracking).
-_cursor_classes: dict[tuple[type, bool], type] = {}
-
-
 def pooled_cursor_class(factory: Any, tracking: bool) -> type:
     """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
     subclass of this backend put in ``get_connection_params()``, as django-prometheus does) with
@@ -89,13 +85,9 @@ def pooled_cursor_class(factory: Any, tracking: bool) -> type:
     statement of a borrow carries the reset), and with ``release="transaction"`` the tracking of
     pinning statements (:class:`SessionTrackingMixin`) in front of that."""
     checked_cursor_class(factory)
-    cls = _cursor_classes.get((factory, tracking))
-    if cls is None:
-        mixins = (SessionTrackingMixin, ResetWithFirstStatement) if tracking else (ResetWithFirstStatement,)
-        bases = tuple(m for m in mixins if not issubclass(factory, m)) + (factory,)
-        cls = factory if len(bases) == 1 else type(factory.__name__, bases, {"__module__": __name__})
-        _cursor_classes[(factory, tracking)] = cls
-    return cls
+    if tracking:
+        return with_mixins(factory, SessionTrackingMixin, ResetWithFirstStatement)
+    return with_mixins(factory, ResetWithFirstStatement)
 
 
 def tracking_cursor_class(factory: Any) -> type:
@@ -170,7 +162,7 @@ class SessionSetup:
 
     def __call__(self, conn: Connection) -> None:
         conn._pooled_pg_setup = self  # type: ignore[attr-defined]
-        conn.server_cursor_factory = declaring_cursor_class(conn.server_cursor_factory)
+        conn.server_cursor_factory = with_mixins(conn.server_cursor_factory, ResetWithFirstDeclare)
         conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
         baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:

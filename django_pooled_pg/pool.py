@@ -214,7 +214,7 @@ class Pool(ConnectionPool):
         or sent when they went back, and pass at the cost of an attribute read."""
         if not conn._pooled_pg_used:  # type: ignore[attr-defined]
             return True
-        if self.can_keep and can_pipeline(conn):
+        if can_pipeline(conn):
             mark_reset_due(conn)
             return True
         try:

@@ -17,7 +17,7 @@ from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from .reset import can_pipeline, mark_reset_due, reset_now
+from .reset import can_pipeline, mark_reset_due
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -67,12 +67,12 @@ def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
                 conn.autocommit = True
             if conn._pooled_pg_used:  # type: ignore[attr-defined]
                 reset = True
-                if not conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
-                    reset_session(conn)  # (a reset callback of the user's runs after it)
-                elif can_pipeline(conn):
+                if can_pipeline(conn):
                     mark_reset_due(conn)  # sent with the next borrower's first statement
+                elif conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
+                    send_reset(conn)  # (a session with a baseline)
                 else:
-                    send_reset(conn)
+                    reset_session(conn)  # (a reset callback of the user's runs after it)
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
@@ -98,10 +98,7 @@ def reset_session(conn: Connection) -> None:
     """Bring the session back to its defaults and baseline (:func:`.session.reset_statement`),
     whatever its borrower did: one round trip, whose statement was made when the session was
     set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
-    if conn._pooled_pg_reset_due:  # type: ignore[attr-defined]
-        reset_now(conn)
-    else:
-        conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
+    conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
     conn._pooled_pg_used = False  # type: ignore[attr-defined]
     conn._pooled_pg_changed = False  # type: ignore[attr-defined]
 

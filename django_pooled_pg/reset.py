@@ -56,8 +56,10 @@ _SYNTAX_ERROR = b"42601"
 
 
 def can_pipeline(conn: Connection) -> bool:
-    """Whether ``conn``'s reset can wait for its next borrower's first statement."""
-    return HAS_PIPELINE and conn._pooled_pg_reset == PIPELINED_RESET  # type: ignore[attr-defined]
+    """Whether ``conn``'s reset can wait for its next borrower's first statement: a reset of one
+    statement (no baseline), a libpq with pipeline mode, and no ``reset`` callback of the user's
+    (which psycopg_pool runs on return: ``_pooled_pg_pipelined``)."""
+    return HAS_PIPELINE and conn._pooled_pg_pipelined and conn._pooled_pg_reset == PIPELINED_RESET  # type: ignore[attr-defined]
 
 
 def mark_reset_due(conn: Connection) -> None:
@@ -170,19 +172,20 @@ class ResetWithFirstDeclare:
         return super()._declare_gen(query, params, binary)  # type: ignore[misc]
 
 
-#: Named cursor classes with ResetWithFirstDeclare, by the class they stand for.
-_declaring_classes: dict[type, type] = {}
+#: Classes made by with_mixins(), by (class, mixins).
+_mixed_classes: dict[tuple[type, tuple[type, ...]], type] = {}
 
 
-def declaring_cursor_class(cls: type) -> type:
-    """``cls`` (a psycopg ServerCursor class) with :class:`ResetWithFirstDeclare` in front."""
-    if issubclass(cls, ResetWithFirstDeclare):
-        return cls
-    declaring = _declaring_classes.get(cls)
-    if declaring is None:
-        declaring = type(cls.__name__, (ResetWithFirstDeclare, cls), {"__module__": cls.__module__})
-        _declaring_classes[cls] = declaring
-    return declaring
+def with_mixins(cls: type, *mixins: type) -> type:
+    """``cls`` with the ``mixins`` it lacks in front, made once per combination (the pool's
+    cursor classes: :class:`ResetWithFirstStatement`, the tracking of ``release="transaction"``;
+    its named cursor classes: :class:`ResetWithFirstDeclare`)."""
+    mixed = _mixed_classes.get((cls, mixins))
+    if mixed is None:
+        bases = tuple(m for m in mixins if not issubclass(cls, m)) + (cls,)
+        mixed = cls if len(bases) == 1 else type(cls.__name__, bases, {"__module__": mixins[0].__module__})
+        _mixed_classes[(cls, mixins)] = mixed
+    return mixed
 
 
 def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> Any:
