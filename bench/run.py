@@ -26,7 +26,7 @@ Every pool (ours, Django's, PgBouncer's) gets the same size per worker: ``--pool
 (min = max), so PgBouncer's ``default_pool_size`` is workers x pool size.
 
     python bench/run.py [--quick] [--modes a,b] [--endpoints product,slow] [--duration 8]
-                        [--workers 2] [--threads 16] [--connections N] [--skip-overload] ...
+                        [--workers 2] [--threads 16] [--connections N] [--skip-overload] [--perf] ...
 
 Needs wrk and pgbouncer (installed with apt-get when missing and running as root), PostgreSQL
 server binaries (see testsupport/pgcluster.py), and in this interpreter Django, this package,
@@ -420,6 +420,37 @@ def cpu_seconds(server_group: int, postmaster: int) -> dict[str, float]:
     return totals
 
 
+PERF_EVENTS = ("context-switches", "syscalls:sys_enter_futex")
+
+
+def start_perf(server_group: int) -> subprocess.Popen[str] | None:
+    """``perf stat`` on the gunicorn processes (``--perf``): context switches and futex calls.
+
+    On 2 shared cores a mode whose threads hand the GIL (or a lock) to each other more often
+    spends CPU in the scheduler that no instruction count of one thread shows; these counts, per
+    request, show it (software events, which work where the hardware counters are not offered).
+    """
+    perf = find_tool("perf")
+    pids = [pid for pid in os.listdir("/proc") if pid.isdigit() and (f := _stat_fields(pid)) and int(f[2]) == server_group]
+    if perf is None or not pids:
+        return None
+    return subprocess.Popen([perf, "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", ",".join(pids)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finish_perf(proc: subprocess.Popen[str] | None) -> dict[str, float]:
+    if proc is None:
+        return {}
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    counts = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2] in PERF_EVENTS and fields[0].replace(".", "").isdigit():
+            counts[fields[2].removeprefix("syscalls:sys_enter_")] = float(fields[0])
+    return counts
+
+
 def postmaster_pid(cluster: PgCluster) -> int:
     return int((cluster.datadir / "postmaster.pid").read_text().split()[0])
 
@@ -491,21 +522,26 @@ class Bench:
                 sampler = Sampler(self.cluster)
                 sampler.start()
                 cpu_before, wrk_before = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
+                perf = start_perf(server.proc.pid) if a.perf else None
                 try:
                     result = run_wrk(self.tools["wrk"], url, a.duration, connections, a.wrk_threads, a.wrk_timeout,
                                      a.reconnect_every, cookie)  # fmt: skip
                 finally:
                     result_backends = sampler.finish()
+                    perf_counts = finish_perf(perf)
                 cpu_after, wrk_after = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
                 result.update(result_backends)
                 cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
                 cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
                 result["cpu_us_per_request"] = {k: round(v / max(1, result["requests"]) * 1e6, 1) for k, v in cpu.items()}
+                if perf_counts:
+                    result["gunicorn_per_request"] = {k: round(v / max(1, result["requests"]), 2) for k, v in perf_counts.items()}
                 out[endpoint] = result
                 log(f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
                     f"p99 {result['p99_ms']:.1f} ms, non-2xx {result['non2xx']}, errors {result['errors']}, "
                     f"peak backends {result['peak_backends']}, CPU us/request "
-                    + ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_us_per_request"].items()))  # fmt: skip
+                    + ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_us_per_request"].items())
+                    + "".join(f", {k}/request {v:.1f}" for k, v in result.get("gunicorn_per_request", {}).items()))  # fmt: skip
         except RuntimeError as exc:
             log(f"{scenario}/{mode}: FAILED: {exc}")
             out["failed"] = str(exc)
@@ -805,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-workers", type=int, default=4)
     parser.add_argument("--overload-threads", type=int, default=16)
     parser.add_argument("--overload-connections", type=int, default=128)
+    parser.add_argument("--perf", action="store_true", help="count the workers' context switches and futex calls (perf stat)")
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--micro-rounds", type=int, default=3)
     parser.add_argument("--micro-n", type=int, default=10000)

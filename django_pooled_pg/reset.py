@@ -38,8 +38,9 @@ from __future__ import annotations
 from typing import Any
 
 from psycopg import Connection, OperationalError, capabilities
-from psycopg.generators import execute, fetch_many, send
+from psycopg.generators import execute, send
 from psycopg.pq import ExecStatus, Format
+from psycopg.waiting import Wait
 
 from .session import RESET_SQL
 
@@ -50,6 +51,7 @@ PIPELINED_RESET = RESET_SQL.encode()
 HAS_PIPELINE = capabilities.has_pipeline()
 
 _OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+_LAST = (ExecStatus.PIPELINE_SYNC, ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH)
 #: SQLSTATE of "cannot insert multiple commands into a prepared statement" (and of any syntax
 #: error): the first statement goes again alone through the simple protocol, see _pipelined_gen.
 _SYNTAX_ERROR = b"42601"
@@ -188,6 +190,39 @@ def with_mixins(cls: type, *mixins: type) -> type:
     return mixed
 
 
+def _answers(pgconn: Any) -> Any:
+    """The results of the next query of a pipeline, up to the None that ends them; a Sync alone.
+
+    psycopg's ``fetch_many()`` does this too, but lets go of the GIL around every libpq call
+    (``PQisBusy``, ``PQconsumeInput``, ``PQnotifies``, ``PQgetResult``): three to four times per
+    result, and a pipeline of three queries has five. Each time, under load, another thread of
+    the worker may take the GIL and this one waits to get it back: ``make bench``'s single
+    lookup counted 36 futex calls per request in the workers, 29.5 with Django's pool, whose
+    statement has two results (``perf record -e syscalls:sys_enter_futex``). Here only
+    ``PQisBusy`` lets go, once per query: libpq returns the None after a query's result
+    without reading (its state is then ``PGASYNC_PIPELINE_IDLE``), and ``PQgetResult`` runs only
+    when ``PQisBusy`` said it would not block. Notifications that came in stay queued in libpq
+    and psycopg hands them on at its next read, as it does for those that arrive between
+    statements.
+    """
+    results: list[Any] = []
+    while True:
+        while pgconn.is_busy():
+            while not (yield Wait.R):
+                continue
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return results
+        results.append(result)
+        if result.status in _LAST:
+            return results  # (a Sync is not followed by a None; COPY would never end)
+        end = pgconn.get_result()  # (the None: not busy after a result in a pipeline)
+        if end is None:
+            return results
+        results.append(end)
+
+
 def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> Any:
     """``Cursor._execute_gen()`` for the first statement of a borrow, in autocommit mode:
     ``DISCARD ALL``, the statement, one Sync, in one write; both answers in one read."""
@@ -200,14 +235,18 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
         pgconn.send_query_params(PIPELINED_RESET, None)
         cur._execute_send(pgq, force_extended=True, binary=binary)
         pgconn.pipeline_sync()
-        yield from send(pgconn)
-        reset = yield from fetch_many(pgconn)
-        results = yield from fetch_many(pgconn)
+        if pgconn.flush():
+            yield from send(pgconn)  # (the rest once the socket takes it)
+        while not (yield Wait.R):  # (the server answers a pipeline at its Sync, all at once)
+            continue
+        pgconn.consume_input()
+        reset = yield from _answers(pgconn)
+        results = yield from _answers(pgconn)
         while not results or results[-1].status != ExecStatus.PIPELINE_SYNC:
             # Up to the Sync: an error of the implicit transaction's commit (a deferred foreign
             # key) comes after the statement's results, as in one simple query; it is the
             # statement's to raise.
-            results += yield from fetch_many(pgconn)
+            results += yield from _answers(pgconn)
         results.pop()  # (the Sync)
         pgconn.exit_pipeline_mode()
     except BaseException:
