@@ -20,13 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .snapshot import WATCHED, PoolSnapshot, hostname, parse_application_name
-from .stats import Histogram
+from .stats import COUNTER_NAMES, Histogram
 
-#: Counters summed in the totals, in display order.
-COUNTERS = (
-    "borrows", "exhausted", "unavailable", "responses_503", "leaks", "reclaimed", "rollbacks",
-    "resets", "discarded", "opened", "failed", "lost", "recycled",
-)  # fmt: skip
 STATES = ("active", "idle", "idle in transaction", "other")
 
 
@@ -92,7 +87,7 @@ class ProcessStats:
             "min_size": s.min_size, "max_size": s.max_size, "timeout": s.timeout,
             "size": s.size, "idle": s.idle, "in_use": s.in_use, "waiting": s.waiting,
             "leaked_now": s.leaked_now,
-            "counters": {k: s.counters.get(k, 0) for k in COUNTERS},
+            "counters": {k: s.counters.get(k, 0) for k in COUNTER_NAMES},
             "last_increase": dict(s.last_increase),
             "wait": Histogram.from_dict(s.wait).summary(), "hold": Histogram.from_dict(s.hold).summary(),
             "server": asdict(self.server) if self.server is not None else None,
@@ -113,7 +108,7 @@ class AliasFleet:
     in_use: int = 0
     waiting: int = 0
     max_size: int = 0
-    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0))
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
     #: The server's view of every pooled connection of this alias, of live processes or not.
@@ -316,7 +311,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         entry.in_use += snap.in_use
         entry.waiting += snap.waiting
         entry.max_size += snap.max_size
-        for counter in COUNTERS:
+        for counter in COUNTER_NAMES:
             entry.counters[counter] += snap.counters.get(counter, 0)
         entry.wait.merge(Histogram.from_dict(snap.wait))
         entry.hold.merge(Histogram.from_dict(snap.hold))

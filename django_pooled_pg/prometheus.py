@@ -35,29 +35,13 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
     ) from exc
 
 from .fleet import AliasFleet, FleetStats, fleet_stats
-from .stats import BUCKETS, Histogram, bucket_floor
+from .stats import BUCKETS, COUNTERS, Histogram, bucket_floor
 
 PREFIX = "django_pooled_pg"
 
 #: Histogram bounds (seconds): 100 us to 30 s.
 BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-#: Counters of :class:`~django_pooled_pg.stats.AliasStats`: (metric name, help).
-COUNTERS = {
-    "borrows": ("borrows", "Connections borrowed from the pool."),
-    "exhausted": ("exhausted", "Borrowers that got PoolExhausted (timeout or max_waiting)."),
-    "unavailable": ("unavailable", "Borrowers that got DatabaseUnavailable."),
-    "responses_503": ("responses_503", "HTTP 503 responses given by PoolMiddleware."),
-    "leaks": ("leaks", "Connections reported as held longer than leak_timeout."),
-    "reclaimed": ("reclaimed", "Connections returned for threads that ended holding them."),
-    "rollbacks": ("rollbacks", "Connections rolled back when given back."),
-    "resets": ("session_resets", "Sessions reset (DISCARD ALL) when given back."),
-    "discarded": ("discarded", "Connections discarded when given back (broken or not cleanable)."),
-    "opened": ("connections_opened", "Connections the pool opened."),
-    "failed": ("connections_failed", "Connection attempts that failed."),
-    "lost": ("connections_lost", "Connections found dead (and replaced)."),
-    "recycled": ("connections_recycled", "Healthy connections closed for max_lifetime or max_idle."),
-}
 GAUGES = {
     "size": "Connections in the pool (idle, in use, being opened).",
     "idle": "Idle connections in the pool.",
@@ -95,10 +79,7 @@ class FleetCollector:
     def collect(self) -> Iterator[Any]:
         labels = ["alias", "host", "pid"]
         gauges = {name: GaugeMetricFamily(f"{PREFIX}_pool_{name}", text, labels=labels) for name, text in GAUGES.items()}
-        counters = {
-            key: CounterMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
-            for key, (name, text) in COUNTERS.items()
-        }
+        counters = {c.name: CounterMetricFamily(f"{PREFIX}_{c.metric}", c.help, labels=labels) for c in COUNTERS}
         wait = HistogramMetricFamily(f"{PREFIX}_wait_seconds", "Time borrowers waited for a connection.", labels=labels)
         hold = HistogramMetricFamily(f"{PREFIX}_hold_seconds", "Time borrowers held a connection.", labels=labels)
         server = GaugeMetricFamily(f"{PREFIX}_server_connections", "Pooled connections the server reports, by state.", labels=["alias", "state"])

@@ -3,7 +3,7 @@
 A :class:`PoolSnapshot` is one row per process and alias: the pool's size right now (from
 psycopg_pool's ``get_stats()``: size, idle, waiting; in use from the ledger), the counters this
 package records on the borrow path (:class:`~django_pooled_pg.stats.AliasStats`), psycopg_pool's
-own counts of connections lost (``connections_lost`` + ``returns_bad``), and the wait and hold
+count of connections its checks found dead (``connections_lost``), and the wait and hold
 histograms. Building one reads counters that the borrow path updates without a lock; a value may
 be one borrow behind, which is fine for statistics, and the hot path pays nothing for it.
 """
@@ -109,7 +109,9 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
         stats = ledger.stats_for(name)
         measures = pool.get_stats()
         counters = stats.counters()
-        counters["lost"] = measures.get("connections_lost", 0) + measures.get("returns_bad", 0)
+        # Dead connections its own checks found, which no borrower saw. (Not its returns_bad:
+        # those are the connections counted as lost or discarded when they went back.)
+        counters["lost"] += measures.get("connections_lost", 0)
         last_increase = {}
         for key in WATCHED:
             value = counters.get(key, 0)

@@ -106,44 +106,70 @@ class Histogram:
         self.max_us = max(self.max_us, other.max_us)
 
 
+@dataclass(frozen=True)
+class Counter:
+    """One counter of :class:`AliasStats`: what it counts, and how each reporter shows it."""
+
+    #: The attribute of AliasStats, and the key under which snapshots publish it.
+    name: str
+    #: What it counts (Prometheus's help text; the README's table says the same).
+    help: str
+    #: The Prometheus family, after the ``django_pooled_pg_`` prefix (the client adds ``_total``).
+    metric: str
+    #: Its column in ``manage.py poolstats`` ("": published and exported, not a column there).
+    column: str = ""
+
+
+#: Every counter, in display order: the one list that recording (AliasStats), publishing
+#: (snapshot, fleet), ``poolstats``, the admin page and Prometheus read. Each is incremented in
+#: one place on the borrow and return paths; ``lost`` also adds psycopg_pool's own count of
+#: connections its checks found dead (snapshot.take()).
+COUNTERS: tuple[Counter, ...] = (
+    Counter("borrows", "Connections borrowed from the pool.", "borrows", "borrows"),
+    Counter("exhausted", "Borrowers that got PoolExhausted (timeout or max_waiting).", "exhausted", "timeouts"),
+    Counter("unavailable", "Borrowers that got DatabaseUnavailable.", "unavailable"),
+    Counter("responses_503", "HTTP 503 responses given by PoolMiddleware.", "responses_503", "503s"),
+    Counter("leaks", "Connections reported as held longer than leak_timeout.", "leaks", "leaks"),
+    Counter("reclaimed", "Connections returned for threads that ended holding them.", "reclaimed", "reclaimed"),
+    Counter("rollbacks", "Connections rolled back when given back.", "rollbacks", "rollbacks"),
+    Counter("resets", "Sessions reset (DISCARD ALL, or the baseline's reset) when given back.", "session_resets"),
+    Counter("discarded", "Connections discarded when given back (broken or not cleanable).", "discarded"),
+    Counter("opened", "Connections the pool opened.", "connections_opened", "opened"),
+    Counter("failed", "Connection attempts that failed.", "connections_failed", "failed"),
+    Counter("lost", "Connections found dead (and replaced): by a borrower, or by the pool's checks.",
+            "connections_lost", "lost"),
+    Counter("recycled", "Healthy connections closed for max_lifetime or max_idle, or drained.",
+            "connections_recycled", "recycled"),
+    Counter("parked_reused", 'release="transaction": statements that took back their own parked connection.',
+            "parked_reused"),
+    Counter("parked_taken", 'release="transaction": parked connections taken by another borrower (also borrows).',
+            "parked_taken"),
+)  # fmt: skip
+COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
+
+
 @dataclass
 class AliasStats:
-    """Everything measured for one alias in this process since it started."""
+    """Everything measured for one alias in this process since it started: the counters of
+    :data:`COUNTERS` (what each means is said there) and the wait and hold histograms."""
 
     borrows: int = 0
-    #: Borrowers that got PoolExhausted (timeout or max_waiting) / DatabaseUnavailable.
     exhausted: int = 0
     unavailable: int = 0
-    #: 503 responses the middleware gave.
     responses_503: int = 0
     leaks: int = 0
-    #: Connections returned for threads that ended without closing them.
     reclaimed: int = 0
-    #: Connections rolled back when given back.
     rollbacks: int = 0
-    #: Session resets (DISCARD ALL) when given back.
     resets: int = 0
-    #: Connections discarded when given back (broken, or could not be cleaned).
     discarded: int = 0
-    #: Connection attempts by the pool that succeeded / failed.
     opened: int = 0
     failed: int = 0
-    #: Idle connections found dead when borrowed (and replaced at once).
     lost: int = 0
-    #: Healthy connections the pool closed while open: past max_lifetime, idle above min_size
-    #: longer than max_idle, or drained.
     recycled: int = 0
-    #: release="transaction": parked connections taken back by their own borrower / taken by
-    #: another borrower (counted in ``borrows`` too).
     parked_reused: int = 0
     parked_taken: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
 
-    COUNTERS = (
-        "borrows", "exhausted", "unavailable", "responses_503", "leaks", "reclaimed",
-        "rollbacks", "resets", "discarded", "opened", "failed", "lost", "recycled",
-    )
-
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.COUNTERS}
+        return {name: getattr(self, name) for name in COUNTER_NAMES}

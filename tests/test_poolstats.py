@@ -185,6 +185,18 @@ def test_stale_rows_are_marked_left_out_of_totals_and_pruned(superuser):
     assert not [p for p in fleet_stats("default").aliases["default"].processes if p.host == "gone-host"]
 
 
+def test_one_table_of_counters_recorded_and_published():
+    """AliasStats counts exactly the counters of stats.COUNTERS, and a snapshot publishes each."""
+    import dataclasses
+
+    from django_pooled_pg.stats import COUNTER_NAMES, AliasStats
+
+    recorded = [f.name for f in dataclasses.fields(AliasStats) if f.type in (int, "int")]
+    assert recorded == list(COUNTER_NAMES)
+    query()
+    assert list(snapshot.take("default")[0].counters) == list(COUNTER_NAMES)
+
+
 def test_recording_recycled_and_lost(pool_options, superuser):
     pool_options(min_size=1, max_size=2, max_lifetime=0.2)
     query()

@@ -76,3 +76,23 @@ def test_histogram_buckets_are_cumulative_and_round_up():
     values = [n for _, n in buckets]
     assert values == sorted(values)
     assert total == pytest.approx(50.70265, rel=1e-3)
+
+
+def test_every_counter_is_exported_the_parked_ones_too(pool_options):
+    """Every counter of the one table (stats.COUNTERS) is a Prometheus counter with its help
+    text, and what release="transaction" counts reaches it (parked_reused was counted in-process
+    and published nowhere)."""
+    from django_pooled_pg.stats import COUNTERS
+
+    pool_options(release="transaction")
+    with connection.cursor() as cursor:  # outside atomic: parked after each, taken back by the next
+        cursor.execute("SELECT 1")
+        cursor.execute("SELECT 2")
+    connection.close()
+    publish_now()
+    families = scrape()
+    for counter in COUNTERS:
+        family = families[f"django_pooled_pg_{counter.metric}"]
+        assert family.type == "counter" and family.documentation == counter.help, counter
+    reused = [s for s in families["django_pooled_pg_parked_reused"].samples if s.name.endswith("_total")]
+    assert sum(s.value for s in reused) >= 1, reused

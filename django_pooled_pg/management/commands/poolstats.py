@@ -30,13 +30,11 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from django_pooled_pg.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
-from django_pooled_pg.stats import Histogram
+from django_pooled_pg.stats import COUNTERS, Histogram
 
 EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
-COUNTER_COLUMNS = (
-    "borrows", "exhausted", "responses_503", "leaks", "reclaimed", "rollbacks", "opened", "failed",
-    "lost", "recycled",
-)  # fmt: skip
+#: The counters shown as columns, with their headers.
+COUNTER_COLUMNS = [(c.name, c.column) for c in COUNTERS if c.column]
 
 
 def ms(seconds: float) -> str:
@@ -114,17 +112,14 @@ def render_alias(entry: AliasFleet) -> list[str]:
             "process", "age", "size", "idle", "in use", "waiting", "max",
             "server: conns", "active", "idle", "idle in tx",
         ]  # fmt: skip
-        count_headers = [
-            "process", "borrows", "timeouts", "503s", "leaks", "reclaimed", "rollbacks",
-            "opened", "failed", "lost", "recycled",
-        ]  # fmt: skip
+        count_headers = ["process", *(header for _, header in COUNTER_COLUMNS)]
         time_headers = [
             "process", "wait mean", "p50", "p95", "p99", "max", "hold mean", "p50", "p95", "p99", "max",
         ]  # fmt: skip
         pool_rows, count_rows, time_rows = [], [], []
 
         def counters(c: dict[str, int]) -> list[str]:
-            return [str(c.get(k, 0)) for k in COUNTER_COLUMNS]
+            return [str(c.get(k, 0)) for k, _ in COUNTER_COLUMNS]
 
         for p in entry.processes:
             s = p.snapshot
