@@ -57,8 +57,8 @@ if db["ENGINE"].startswith("django_pooled_pg"):
     # Under valgrind the loop runs about 50 times slower, so a connection taken back a moment
     # after its return would often be past RECENT (50 ms) and polled first, which at full speed
     # it is not (and how often depends on the machine's load). Count the full-speed path.
-    import django_pooled_pg.base, django_pooled_pg.pool
-    django_pooled_pg.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
+    import django_pooled_pg.base, django_pooled_pg.pooling.pool
+    django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
 from django.db import connection
 end = connection.close_if_unusable_or_obsolete
 def borrow():
@@ -103,8 +103,8 @@ import io, os, sys
 import django
 django.setup()
 if os.environ["BENCH_DATABASE"].find("django_pooled_pg") >= 0:
-    import django_pooled_pg.base, django_pooled_pg.pool  # (see CHILD: RECENT under valgrind)
-    django_pooled_pg.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
+    import django_pooled_pg.base, django_pooled_pg.pooling.pool  # (see CHILD: RECENT under valgrind)
+    django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
 from django.core.handlers.wsgi import WSGIHandler
 handler = WSGIHandler()
 path, n, cookie = sys.argv[1], int(sys.argv[2]), sys.argv[3]

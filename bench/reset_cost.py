@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from django_pooled_pg.session import reset_statement  # noqa: E402
+from django_pooled_pg.pooling.session import reset_statement  # noqa: E402
 
 STATE_CHECK = (
     "SELECT (SELECT count(*) FROM pg_settings WHERE source = 'session')"

@@ -678,7 +678,7 @@ def chart(path: Path, scenarios: list[tuple[str, dict[str, dict], str]]) -> None
             ax = axes[row][i]
             values = [res[m].get(endpoint, {}).get(key) for m in modes]
             bars = ax.bar(range(len(modes)), [v or 0 for v in values], color=[COLORS.get(m, "#333") for m in modes])
-            for bar, v in zip(bars, values):
+            for bar, v in zip(bars, values, strict=True):
                 ax.annotate("n/a" if v is None else f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)  # fmt: skip
             ax.set_xticks(range(len(modes)))

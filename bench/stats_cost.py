@@ -32,7 +32,7 @@ db = json.loads(sys.argv[1]); n = int(sys.argv[2])
 settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
 django.setup()
 from django.db import connection
-from django_pooled_pg.stats import Histogram
+from django_pooled_pg.pooling.stats import Histogram
 real, noop = Histogram.record, lambda self, seconds: None
 end = connection.close_if_unusable_or_obsolete
 def borrow():
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20000)
     args = parser.parse_args()
 
-    from django_pooled_pg.stats import Histogram
+    from django_pooled_pg.pooling.stats import Histogram
     from testsupport.pgcluster import PgCluster
 
     h = Histogram()

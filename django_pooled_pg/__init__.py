@@ -20,10 +20,10 @@ _EXPORTS = {
     "PoolExhausted": "errors",
     "DatabaseUnavailable": "errors",
     "signals": "signals",
-    # Not "stats": django_pooled_pg.stats is the module of the per-process counters.
-    "fleet_stats": "fleet",
-    "FleetStats": "fleet",
-    "publish_now": "publisher",
+    # Not "stats": django_pooled_pg.pooling.stats is the module of the per-process counters.
+    "fleet_stats": "telemetry.fleet",
+    "FleetStats": "telemetry.fleet",
+    "publish_now": "telemetry.publisher",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,7 +5,7 @@ Registered for :class:`~django_pooled_pg.models.PoolSnapshot`, so the admin inde
 status page. The model's only permission is ``django_pooled_pg.view_poolsnapshot``: there is
 nothing to add, change or delete, and the page has only two URLs, the page and its JSON.
 
-Each render is one :func:`~django_pooled_pg.fleet.fleet_stats` call (the snapshot table and
+Each render is one :func:`~django_pooled_pg.telemetry.fleet.fleet_stats` call (the snapshot table and
 ``pg_stat_activity``) plus, for the chart, one read of the history table, each over a
 short-lived connection outside the pools, so the page works while the pools are saturated.
 """
@@ -24,9 +24,9 @@ from django.urls import path, reverse
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from . import history, status
-from .fleet import fleet_stats
 from .models import PoolSnapshot
+from .telemetry import history, status
+from .telemetry.fleet import fleet_stats
 
 
 def rows_html(rows: list[dict[str, Any]]) -> SafeString:
@@ -51,7 +51,7 @@ class PoolStatusAdmin(admin.ModelAdmin):
     #: The chart's span, in seconds, and its bucket width.
     window = history.KEEP
     step = 30.0
-    template_name = "admin/django_pooled_pg/status.html"
+    template_name = "admin/django_pooled_pg/telemetry/status.html"
 
     # ----- Permissions: view only, from the model permission --------------------------------------
 
@@ -72,10 +72,10 @@ class PoolStatusAdmin(admin.ModelAdmin):
     # ----- URLs: the page and its JSON, nothing else -----------------------------------------------
 
     def get_urls(self) -> list[Any]:
-        info = self.opts.app_label, self.opts.model_name
+        prefix = f"{self.opts.app_label}_{self.opts.model_name}"
         return [
-            path("", self.admin_site.admin_view(self.changelist_view), name="%s_%s_changelist" % info),
-            path("status.json", self.admin_site.admin_view(self.status_json_view), name="%s_%s_status" % info),
+            path("", self.admin_site.admin_view(self.changelist_view), name=f"{prefix}_changelist"),
+            path("status.json", self.admin_site.admin_view(self.status_json_view), name=f"{prefix}_status"),
         ]
 
     # ----- Views ---------------------------------------------------------------------------------

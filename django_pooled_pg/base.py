@@ -3,11 +3,11 @@
 A small diff against ``django.db.backends.postgresql.base``:
 
 * :meth:`DatabaseWrapper.connect` borrows from the process-wide pool of the alias
-  (:mod:`django_pooled_pg.registry`) and does only the per-borrow bookkeeping Django needs; the
+  (:mod:`django_pooled_pg.pooling.registry`) and does only the per-borrow bookkeeping Django needs; the
   per-session work (time zone, role, ``connection_created``) was done once, when the pool opened
   the connection (:class:`SessionSetup`).
 * :meth:`DatabaseWrapper._close` gives the connection back clean
-  (:func:`django_pooled_pg.release.prepare_return`) and keeps it for the thread's next borrow
+  (:func:`django_pooled_pg.pooling.release.prepare_return`) and keeps it for the thread's next borrow
   while nobody else needs it (:meth:`DatabaseWrapper._keep`).
 * With ``release="transaction"``, cursors note statements that change session state
   (:class:`SessionTrackingMixin`), which keep the connection until the request ends.
@@ -50,17 +50,18 @@ from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
 from . import apm, signals
-from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .creation import DatabaseCreation
+from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
-from .ledger import capture_frames, current_view, ledger
-from .pool import RECENT, Pool
-from .registry import registry
-from .release import prepare_return
-from .reset import ResetWithFirstDeclare, ResetWithFirstStatement, reset_now, with_mixins
-from .session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
+from .pooling.ledger import capture_frames, current_view, ledger
+from .pooling.pool import RECENT, Pool
+from .pooling.registry import registry
+from .pooling.release import prepare_return
+from .pooling.reset import ResetWithFirstDeclare, ResetWithFirstStatement, reset_now, with_mixins
+from .pooling.session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
-from .snapshot import application_name
+from .telemetry.publisher import publisher
+from .telemetry.snapshot import application_name
 
 
 class SessionTrackingMixin:
@@ -734,3 +735,23 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # statement goes through.)
             self.connection._pooled_pg_cursors.append(wrapper.cursor)
         return wrapper
+
+
+def _forget_inherited_connections() -> None:
+    """In a forked child: Django's connection objects of the thread that forked may hold a
+    connection the parent borrowed; they drop it without closing it (after the registry's own
+    fork handler, registered first, which marks the parent's borrows as another generation)."""
+    try:
+        wrappers = connections.all(initialized_only=True)
+    except Exception:  # Django not configured in this process: nothing borrowed
+        return
+    for wrapper in wrappers:
+        forget = getattr(wrapper, "forget_inherited_connection", None)
+        if forget is not None:
+            forget()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+# The statistics publisher starts with this process's first pool (a no-op once running): the
+# pooling core knows nothing of the telemetry above it.
+registry.pool_created.append(lambda alias: publisher.ensure_started())

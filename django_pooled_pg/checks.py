@@ -14,21 +14,11 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .settings import find_problems, find_stats_problems
+from .settings import find_problems, find_stats_problems, pooled_aliases
 
-ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
 MIDDLEWARE = "django_pooled_pg.middleware.PoolMiddleware"
 
 logger = logging.getLogger("django_pooled_pg")
-
-
-def pooled_aliases() -> dict[str, dict[str, Any]]:
-    """The aliases of ``settings.DATABASES`` that use this ENGINE."""
-    return {
-        alias: settings_dict
-        for alias, settings_dict in settings.DATABASES.items()
-        if settings_dict.get("ENGINE") in ENGINES
-    }
 
 
 @register()

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.backends.postgresql import creation as postgresql
 
-from .registry import registry
+from .pooling.registry import registry
 
 
 class DatabaseCreation(postgresql.DatabaseCreation):

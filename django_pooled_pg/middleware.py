@@ -25,7 +25,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from . import eventlog
 from .api import held_connections, release_connections
 from .errors import DatabaseUnavailable, PoolError, pool_error
-from .ledger import current_view, ledger
+from .pooling.ledger import current_view, ledger
 
 #: view function -> its name for reports (``module.qualname``), made once per view.
 _view_names: dict[Any, str] = {}

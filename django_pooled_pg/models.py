@@ -1,4 +1,4 @@
-"""The table pool snapshots are published to (see :mod:`django_pooled_pg.publisher`).
+"""The table pool snapshots are published to (see :mod:`django_pooled_pg.telemetry.publisher`).
 
 Created UNLOGGED by the migration on PostgreSQL: the rows are rewritten every few seconds and
 worthless after a crash, so they skip the write-ahead log (and replication). The model also
@@ -39,7 +39,7 @@ class PoolSnapshot(models.Model):
 
 class PoolHistory(models.Model):
     """One point of one alias's pool in one process, for the admin page's chart of the last hour
-    (written by the publisher, read by :mod:`django_pooled_pg.history`, which explains why)."""
+    (written by the publisher, read by :mod:`django_pooled_pg.telemetry.history`, which explains why)."""
 
     #: The server's clock (``now()``) when the point was written.
     taken_at = models.DateTimeField()

@@ -5,7 +5,7 @@ Include the URL where your scraper looks::
     urlpatterns += [path("metrics/", include("django_pooled_pg.prometheus"))]
 
 Correct under gunicorn's many processes without ``prometheus_client``'s multiprocess mode: the
-metrics come from the snapshots every process publishes (:func:`~django_pooled_pg.fleet.fleet_stats`),
+metrics come from the snapshots every process publishes (:func:`~django_pooled_pg.telemetry.fleet.fleet_stats`),
 so whichever worker answers the scrape reports the whole fleet, one series per ``host`` and ``pid``
 (stale processes are left out). Values are as fresh as ``POOLED_PG["STATS_INTERVAL"]``.
 
@@ -34,8 +34,8 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
         "django_pooled_pg.prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'"
     ) from exc
 
-from .fleet import AliasFleet, FleetStats, fleet_stats
-from .stats import BUCKETS, COUNTERS, Histogram, bucket_floor
+from .pooling.stats import BUCKETS, COUNTERS, Histogram, bucket_floor
+from .telemetry.fleet import AliasFleet, FleetStats, fleet_stats
 
 PREFIX = "django_pooled_pg"
 
@@ -64,7 +64,7 @@ def histogram_buckets(data: dict[str, Any]) -> tuple[list[tuple[str, float]], fl
         slot = next((i for i, bound in enumerate(BOUNDS) if top <= bound), len(BOUNDS))
         per_bound[slot] += n
     buckets, running = [], 0
-    for bound, n in zip((*map(str, BOUNDS), "+Inf"), per_bound):
+    for bound, n in zip((*map(str, BOUNDS), "+Inf"), per_bound, strict=True):
         running += n
         buckets.append((bound, running))
     return buckets, histogram.total_us / 1_000_000

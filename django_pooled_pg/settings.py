@@ -15,6 +15,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.conf import settings as django_settings
+
+#: The ENGINE values that are this package.
+ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
+
+
+def pooled_aliases() -> dict[str, dict[str, Any]]:
+    """The aliases of ``settings.DATABASES`` that use this ENGINE."""
+    return {
+        alias: settings_dict
+        for alias, settings_dict in django_settings.DATABASES.items()
+        if settings_dict.get("ENGINE") in ENGINES
+    }
+
 #: Defaults for a pool when ``OPTIONS["pool"]`` is missing or ``True``. They favour failing fast
 #: (a 10 s wait rather than psycopg_pool's 30 s) and recycling connections before the network
 #: or the server drops them.

@@ -8,8 +8,8 @@ import pytest
 from django.db import connections
 
 from django_pooled_pg import eventlog
-from django_pooled_pg.ledger import ledger
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.ledger import ledger
+from django_pooled_pg.pooling.registry import registry
 from tests import dbserver
 
 

@@ -8,13 +8,13 @@ restart the server or change ``max_connections`` are skipped then.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from urllib.parse import urlparse
 
 from testsupport.pgcluster import PgCluster
 
 
-@lru_cache(maxsize=None)
+@cache
 def cluster() -> PgCluster | None:
     """The cluster owned by this test run, or None when DATABASE_URL names a server."""
     if os.environ.get("DATABASE_URL"):

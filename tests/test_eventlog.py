@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from django_pooled_pg import eventlog
-from django_pooled_pg.ledger import ledger
+from django_pooled_pg.pooling.ledger import ledger
 from tests.conftest import held_borrows, warnings_from
 
 pytestmark = pytest.mark.django_db(transaction=True)

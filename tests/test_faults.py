@@ -16,8 +16,8 @@ import pytest
 from django.db import connection
 from django.test import Client
 
-from django_pooled_pg.ledger import ledger
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.ledger import ledger
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import pool_in_use
 from tests.tcpproxy import SilentProxy

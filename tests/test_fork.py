@@ -11,7 +11,7 @@ import threading
 import pytest
 from django.db import connection
 
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -10,7 +10,6 @@ import time
 import pytest
 from django.db import connection, connections
 
-from django_pooled_pg.ledger import ledger
 from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -77,7 +77,7 @@ settings.configure(DATABASES={"default": {
     "HOST": "%(PGHOST)s", "PORT": "%(PGPORT)s", "OPTIONS": {"pool": {"min_size": 3, "max_size": 3}}}})
 django.setup()
 from django.db import connection
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.registry import registry
 pool = connection.pool
 pool.wait()
 with connection.cursor() as cursor:
@@ -86,7 +86,7 @@ with connection.cursor() as cursor:
 # before and (via a handler registered first, below) after.
 def report():
     print("CLOSED_AT_EXIT", pool.closed, flush=True)
-import django_pooled_pg.registry as r
+import django_pooled_pg.pooling.registry as r
 atexit.unregister(r.registry.close_all)
 atexit.register(report)
 atexit.register(r.registry.close_all)

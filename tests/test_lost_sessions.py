@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.registry import registry
 from tests.conftest import pool_in_use
 from tests.tcpproxy import SilentProxy
 

@@ -3,7 +3,6 @@ leaks are reported, exhaustion and a dead server answer 503 quickly."""
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from django.test import AsyncClient, Client
 from django.test.utils import override_settings
 
 from django_pooled_pg import PoolExhausted, borrow, signals
-from django_pooled_pg.ledger import current_view, ledger
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.ledger import current_view, ledger
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import held_borrows, pool_in_use, warnings_from
 

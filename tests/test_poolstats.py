@@ -20,11 +20,11 @@ from django.test.utils import override_settings
 
 import django_pooled_pg
 from django_pooled_pg import PoolExhausted, borrow, snapshot
-from django_pooled_pg.fleet import fleet_stats
-from django_pooled_pg.ledger import ledger
-from django_pooled_pg.publisher import TABLE, publisher
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.ledger import ledger
+from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import find_stats_problems, read_stats_settings
+from django_pooled_pg.telemetry.fleet import fleet_stats
+from django_pooled_pg.telemetry.publisher import TABLE, publisher
 from tests.app.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -189,7 +189,7 @@ def test_one_table_of_counters_recorded_and_published():
     """AliasStats counts exactly the counters of stats.COUNTERS, and a snapshot publishes each."""
     import dataclasses
 
-    from django_pooled_pg.stats import COUNTER_NAMES, AliasStats
+    from django_pooled_pg.pooling.stats import COUNTER_NAMES, AliasStats
 
     recorded = [f.name for f in dataclasses.fields(AliasStats) if f.type in (int, "int")]
     assert recorded == list(COUNTER_NAMES)

@@ -63,8 +63,8 @@ def test_metrics_cover_every_process_with_conventional_names_and_types():
 
 
 def test_histogram_buckets_are_cumulative_and_round_up():
+    from django_pooled_pg.pooling.stats import Histogram
     from django_pooled_pg.prometheus import histogram_buckets
-    from django_pooled_pg.stats import Histogram
 
     histogram = Histogram()
     for seconds in (0.00005, 0.0003, 0.0003, 0.002, 0.7, 50.0):
@@ -82,7 +82,7 @@ def test_every_counter_is_exported_the_parked_ones_too(pool_options):
     """Every counter of the one table (stats.COUNTERS) is a Prometheus counter with its help
     text, and what release="transaction" counts reaches it (parked_reused was counted in-process
     and published nowhere)."""
-    from django_pooled_pg.stats import COUNTERS
+    from django_pooled_pg.pooling.stats import COUNTERS
 
     pool_options(release="transaction")
     with connection.cursor() as cursor:  # outside atomic: parked after each, taken back by the next

@@ -8,8 +8,8 @@ from django.db import connections
 from django.test import Client
 from django.test.utils import override_settings
 
-from django_pooled_pg.ledger import ledger
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.ledger import ledger
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import held_borrows
 

@@ -152,7 +152,7 @@ def test_a_parked_connection_taken_by_another_borrower_is_reset_first(pool_optio
     connection.close()
 
 
-# ----- The reset travels with the next borrower's first statement (django_pooled_pg/reset.py) -----
+# ----- The reset travels with the next borrower's first statement (django_pooled_pg/pooling/reset.py) -----
 
 DIRTY = "SELECT set_config('statement_timeout', '4321ms', false)"
 

@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from django_pooled_pg.registry import registry
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Account
 from tests.test_servers import ROOT, free_port, get, server_env
 

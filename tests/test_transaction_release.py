@@ -9,14 +9,14 @@ import time
 
 import psycopg
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import connection, connections, transaction
 from django.db.models import F, Sum
-from asgiref.sync import async_to_sync
 from django.test import AsyncClient, Client
 from django.test.utils import override_settings
 
 from django_pooled_pg import pinned
-from django_pooled_pg.ledger import ledger
+from django_pooled_pg.pooling.ledger import ledger
 from tests.app.models import Account, Item
 from tests.conftest import held_borrows, pool_in_use
 

@@ -74,7 +74,7 @@ class PgBouncer:
             except psycopg.OperationalError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     log = (self.dir / "pgbouncer.log")
-                    raise RuntimeError("pgbouncer did not start:\n" + (log.read_text() if log.exists() else ""))
+                    raise RuntimeError("pgbouncer did not start:\n" + (log.read_text() if log.exists() else "")) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -1,7 +1,6 @@
 from django.contrib import admin
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path
-
 from shop import views
 
 urlpatterns = [

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from django.db import connection, transaction
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 
-from django_pooled_pg.ledger import ledger
+from django_pooled_pg.pooling.ledger import ledger
 
 from .models import Account, Item
 

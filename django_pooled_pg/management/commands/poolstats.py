@@ -29,8 +29,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_pooled_pg.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
-from django_pooled_pg.stats import COUNTERS, Histogram
+from django_pooled_pg.pooling.stats import COUNTERS, Histogram
+from django_pooled_pg.telemetry.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
 
 EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
 #: The counters shown as columns, with their headers.

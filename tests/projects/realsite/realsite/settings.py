@@ -78,9 +78,8 @@ if "toolbar" in TOOLS:
 
 if "sentry" in TOOLS:
     import sentry_sdk
-    from sentry_sdk.integrations.django import DjangoIntegration
-
     from catalog.sentry import CapturingTransport
+    from sentry_sdk.integrations.django import DjangoIntegration
 
     sentry_sdk.init(
         dsn="http://public@127.0.0.1:9/1",  # nothing is sent: the transport keeps the envelopes

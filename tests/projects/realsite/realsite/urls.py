@@ -1,8 +1,7 @@
+from catalog import views
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
-
-from catalog import views
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import queue
 import sys
 import threading
@@ -24,7 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import eventlog, signals
+from .. import eventlog, signals
 from .stats import AliasStats
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Borrow:
     frames: Frames | None = None
     reported: bool = False
     #: The borrower parked the connection between statements or kept it for its next borrow
-    #: (see :meth:`Pool.park <django_pooled_pg.pool.Pool.park>`); it is not in use.
+    #: (see :meth:`Pool.park <django_pooled_pg.pooling.pool.Pool.park>`); it is not in use.
     parked: bool = False
     #: ``id()`` of the connection object (DatabaseWrapper) that borrowed: a ``copy.copy()`` of it
     #: carries the same record and must not return or take back what the original holds.
@@ -274,3 +275,4 @@ class BorrowLedger:
 
 
 ledger = BorrowLedger()
+os.register_at_fork(after_in_child=ledger.after_fork_in_child)

@@ -21,14 +21,13 @@ from psycopg import Connection, OperationalError
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from .errors import DatabaseUnavailable, PoolError, PoolExhausted
+from ..errors import DatabaseUnavailable, PoolError, PoolExhausted
+from ..settings import PoolSettings
 from .ledger import Borrow, ledger
 from .release import release_connection, reset_session
 from .reset import ResetOnFirstCommand, can_pipeline, mark_reset_due
 from .session import RESET_SQL
-from .settings import PoolSettings
 from .stats import AliasStats
-
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
 RECENT = 0.05

@@ -33,8 +33,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pooling.stats import Histogram
+from ..settings import read_stats_settings
+from .outside import connect, describe_error
 from .snapshot import PoolSnapshot
-from .stats import Histogram
 
 TABLE = "django_pooled_pg_poolhistory"
 #: Seconds between two points of one process and alias, at least.
@@ -165,26 +167,24 @@ class History:
 def read(alias: str | None = None, *, using: str | None = None, window: float = KEEP, step: float = 30.0) -> History:
     """Each alias's points of the last ``window`` seconds, in buckets of ``step`` seconds.
 
-    Reads over a short-lived connection outside the pools, as :func:`~django_pooled_pg.fleet.stats`
+    Reads over a short-lived connection outside the pools, as :func:`~django_pooled_pg.telemetry.fleet.stats`
     does, and never raises for a missing table or an unreachable server (see ``errors``).
     """
     import psycopg
 
-    from .fleet import _connect, _describe_error
-    from .settings import read_stats_settings
 
     using = using or read_stats_settings().database
     history = History()
     where, params = ("AND alias = %(alias)s", {"alias": alias}) if alias else ("", {})
     try:
-        with _connect(using) as conn:
+        with connect(using) as conn:
             end = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()[0]
             rows = conn.execute(READ.format(where=where), {"step": step, "window": window, **params}).fetchall()
     except psycopg.errors.UndefinedTable:
         history.errors.append(f"no history table in database {using!r}: run `manage.py migrate django_pooled_pg`")
         return history
     except psycopg.Error as exc:
-        history.errors.append(f"could not read the history from database {using!r}: {_describe_error(exc)}")
+        history.errors.append(f"could not read the history from database {using!r}: {describe_error(exc)}")
         return history
     for name, bucket, in_use, waiting, max_size, wait_p95, borrows in rows:
         series = history.aliases.get(name)

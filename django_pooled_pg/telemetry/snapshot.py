@@ -2,7 +2,7 @@
 
 A :class:`PoolSnapshot` is one row per process and alias: the pool's size right now (from
 psycopg_pool's ``get_stats()``: size, idle, waiting; in use from the ledger), the counters this
-package records on the borrow path (:class:`~django_pooled_pg.stats.AliasStats`), psycopg_pool's
+package records on the borrow path (:class:`~django_pooled_pg.pooling.stats.AliasStats`), psycopg_pool's
 count of connections its checks found dead (``connections_lost``), and the wait and hold
 histograms. Building one reads counters that the borrow path updates without a lock; a value may
 be one borrow behind, which is fine for statistics, and the hot path pays nothing for it.
@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .ledger import ledger
-from .registry import registry
+from ..pooling.ledger import ledger
+from ..pooling.registry import registry
 
 #: When this process started, as the publisher sees it (reset in a forked child).
 STARTED_AT = time.time()
@@ -153,3 +153,6 @@ def after_fork_in_child() -> None:
     global STARTED_AT
     STARTED_AT = time.time()
     _last_seen.clear()
+
+
+os.register_at_fork(after_in_child=after_fork_in_child)

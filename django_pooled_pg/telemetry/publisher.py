@@ -4,7 +4,7 @@ One daemon thread per process, started when the process builds its first pool, w
 per alias into the UNLOGGED table ``django_pooled_pg_poolsnapshot`` (this app's migration) of
 ``POOLED_PG["STATS_DATABASE"]`` every ``STATS_INTERVAL`` seconds, keyed by host, pid and alias,
 and deletes rows nobody has refreshed for ``PRUNE_AFTER`` seconds. ``poolstats`` and
-:func:`django_pooled_pg.stats` read them.
+:func:`django_pooled_pg.pooling.stats` read them.
 
 How a publication gets a connection, so that it never competes with the borrowers it reports on:
 
@@ -30,8 +30,12 @@ import os
 import threading
 from typing import Any
 
-from . import eventlog, history, snapshot
-from .settings import StatsSettings, read_stats_settings
+from .. import eventlog
+from ..pooling.registry import registry
+from ..pooling.release import release_connection
+from ..settings import StatsSettings, read_stats_settings
+from . import history, snapshot
+from .outside import plain_connection_params
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -46,20 +50,6 @@ ON CONFLICT (host, pid, alias) DO UPDATE SET
 """
 PRUNE = f"DELETE FROM {TABLE} WHERE published_at < now() - make_interval(secs => %s)"
 GONE = f"DELETE FROM {TABLE} WHERE host = %s AND pid = %s AND NOT (alias = ANY(%s))"
-
-
-def plain_connection_params(alias: str, application_name: str, connect_timeout: float | None = None) -> dict[str, Any]:
-    """psycopg connection parameters of ``alias``'s database, for a connection outside its pool."""
-    from django.db import connections
-
-    params = dict(connections[alias].get_connection_params())
-    for key in ("cursor_factory", "context", "prepare_threshold", "server_side_binding"):
-        params.pop(key, None)
-    params["application_name"] = application_name
-    params["autocommit"] = True
-    if connect_timeout is not None:
-        params["connect_timeout"] = max(2, int(connect_timeout + 0.999))
-    return params
 
 
 class Publisher:
@@ -167,8 +157,6 @@ class Publisher:
         import psycopg
         from psycopg.types.json import Jsonb
 
-        from .registry import registry
-        from .release import release_connection
 
         def run(conn: Any) -> None:
             ms = max(1, int(config.publish_timeout * 1000))
@@ -247,6 +235,7 @@ class Publisher:
 
 
 publisher = Publisher()
+os.register_at_fork(after_in_child=publisher.after_fork_in_child)
 
 
 def publish_now() -> int:

@@ -1,6 +1,6 @@
 """The pools of every process, on every host, and the server's side: :func:`stats`.
 
-Reads the rows the publishers write (:mod:`django_pooled_pg.publisher`), the server's
+Reads the rows the publishers write (:mod:`django_pooled_pg.telemetry.publisher`), the server's
 ``pg_stat_activity`` (each pooled connection's ``application_name`` is ``dpp ALIAS HOST:PID``)
 and its connection limits, and puts them together per alias: one :class:`ProcessStats` per
 process, totals with merged percentiles, the server's count of each process's connections by
@@ -14,13 +14,14 @@ server's clock, so hosts whose clocks disagree still agree on which rows are sta
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .snapshot import WATCHED, PoolSnapshot, hostname, parse_application_name
-from .stats import COUNTER_NAMES, Histogram
+from ..pooling.stats import COUNTER_NAMES, Histogram
+from ..settings import pooled_aliases, read_stats_settings
+from .outside import connect, describe_error
+from .snapshot import WATCHED, PoolSnapshot, parse_application_name
 
 STATES = ("active", "idle", "idle in transaction", "other")
 
@@ -234,20 +235,6 @@ class FleetStats:
         }  # fmt: skip
 
 
-def _connect(alias: str) -> Any:
-    import psycopg
-
-    from .publisher import plain_connection_params
-
-    name = f"dpp-poolstats {hostname()}:{os.getpid()}"[:63]
-    return psycopg.connect(**plain_connection_params(alias, name, connect_timeout=5))
-
-
-def _describe_error(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 ROWS = """
 SELECT host, pid, alias, extract(epoch FROM now() - published_at)::float8, stale_after, data
 FROM django_pooled_pg_poolsnapshot {where} ORDER BY alias, host, pid
@@ -276,8 +263,6 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
     import psycopg
     from django.db import connections
 
-    from .checks import pooled_aliases
-    from .settings import read_stats_settings
 
     using = using or read_stats_settings().database
     fleet = FleetStats(taken_at=time.time(), stats_database=using)
@@ -285,7 +270,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
 
     rows: list[tuple[Any, ...]] = []
     try:
-        with _connect(using) as conn:
+        with connect(using) as conn:
             where, params = ("WHERE alias = %s", [alias]) if alias else ("", [])
             rows = conn.execute(ROWS.format(where=where), params).fetchall()
     except psycopg.errors.UndefinedTable:
@@ -293,9 +278,9 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
             f"no statistics table in database {using!r}: run `manage.py migrate django_pooled_pg`"
         )
     except psycopg.Error as exc:
-        fleet.errors.append(f"could not read statistics from database {using!r}: {_describe_error(exc)}")
+        fleet.errors.append(f"could not read statistics from database {using!r}: {describe_error(exc)}")
 
-    for host, pid, name, age, stale_after, data in rows:
+    for _host, _pid, name, age, stale_after, data in rows:
         snap = PoolSnapshot.from_dict(data)
         entry = fleet.aliases.get(name)
         if entry is None:
@@ -329,11 +314,11 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         if name not in connections.settings or entry.server in asked:
             continue
         try:
-            with _connect(name) as conn:
+            with connect(name) as conn:
                 activity = conn.execute(ACTIVITY).fetchall()
                 limits[entry.server] = conn.execute(LIMITS).fetchone()
         except psycopg.Error as exc:
-            fleet.errors.append(f"could not ask the server of {name!r} ({entry.server}): {_describe_error(exc)}")
+            fleet.errors.append(f"could not ask the server of {name!r} ({entry.server}): {describe_error(exc)}")
             continue
         asked.add(entry.server)
         _assign_activity(fleet, entry.server, activity)
@@ -377,7 +362,7 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
             user_names[app_name].server_view.add(state, seconds)  # type: ignore[union-attr]
 
 
-#: The public name (``django_pooled_pg.fleet_stats``): ``django_pooled_pg.stats`` is a module.
+#: The public name (``django_pooled_pg.fleet_stats``): ``django_pooled_pg.pooling.stats`` is a module.
 fleet_stats = stats
 
 __all__ = ["stats", "fleet_stats", "FleetStats", "AliasFleet", "ProcessStats", "ServerView", "Capacity", "WATCHED"]

@@ -19,7 +19,6 @@ import atexit
 import copy
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,9 @@ class PoolRegistry:
         #: Pools and connections inherited over fork. Kept referenced so their finalisers never
         #: run in the child.
         self._inherited: list[Any] = []
+        #: Called with the alias after a pool is made. The layers above hook in here (the
+        #: ENGINE starts the statistics publisher with the first pool); the core imports none.
+        self.pool_created: list[Callable[[str], None]] = []
 
     def pool_for(
         self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]
@@ -60,10 +62,8 @@ class PoolRegistry:
             return pool
         with self._lock:
             entry = self._entries.get(alias)
-            if entry is None or entry.fingerprint != fingerprint or entry.pool.closed:
-                from .publisher import publisher
-
-                publisher.ensure_started()  # statistics for poolstats; a no-op once running
+            created = entry is None or entry.fingerprint != fingerprint or entry.pool.closed
+            if created:
                 pool = build()  # may raise ImproperlyConfigured: leave the old pool alone then
                 if entry is not None:
                     logger.info("settings of database %r changed: replacing its pool", alias)
@@ -71,6 +71,9 @@ class PoolRegistry:
                 pool.open(wait=False)
                 # A copy: the settings dicts may be edited in place later (tests do).
                 entry = self._entries[alias] = PoolEntry(alias, copy.deepcopy(fingerprint), pool)
+        if created:
+            for hook in self.pool_created:
+                hook(alias)
         return entry.pool
 
     def current(self, alias: str, fingerprint: Any) -> ConnectionPool | None:
@@ -126,26 +129,8 @@ class PoolRegistry:
         self._entries = {}
         self._lock = threading.Lock()
         self.generation += 1
-        from .ledger import ledger
-
-        ledger.after_fork_in_child()
-        # Statistics: only if loaded (an import in a fork handler could wait on a parent's lock).
-        if "django_pooled_pg.publisher" in sys.modules:
-            sys.modules["django_pooled_pg.snapshot"].after_fork_in_child()
-            sys.modules["django_pooled_pg.publisher"].publisher.after_fork_in_child()
-        # Django's connections of the thread that forked may hold a borrowed connection.
-        if "django.db" not in sys.modules:
-            return
-        from django.db import connections
-
-        try:
-            wrappers = connections.all(initialized_only=True)
-        except Exception:  # Django not configured in this process: nothing borrowed
-            return
-        for wrapper in wrappers:
-            forget = getattr(wrapper, "forget_inherited_connection", None)
-            if forget is not None:
-                forget()
+        # The ledger, the statistics and Django's connection objects forget theirs in fork
+        # handlers of their own (base.py's, which reads the generation, is registered later).
 
 
 registry = PoolRegistry()

@@ -1,7 +1,7 @@
 """What the admin status page shows, as plain data: :func:`page` turns one :func:`fleet_stats`
 call (and, for the chart, one :func:`history.read`) into display strings and chart geometry.
 
-The page's template renders this model and its script (``static/django_pooled_pg/status.js``)
+The page's template renders this model and its script (``static/django_pooled_pg/telemetry/status.js``)
 re-renders the same model from the JSON endpoint, so both show the same text, formatted once, in
 Python. Every value here is data: the template escapes it and the script sets it with
 ``textContent``; the only values put into attributes are numbers (bar widths, SVG path data).
@@ -15,9 +15,9 @@ import datetime
 import math
 from typing import Any
 
+from ..pooling.stats import bucket_floor
 from .fleet import AliasFleet, Capacity, FleetStats, ProcessStats, ServerView
 from .history import History, Series
-from .stats import bucket_floor
 
 PROCESS_COLUMNS = (
     "Host", "PID", "Up", "Size", "In use", "Waiting", "Borrows", "p95 wait", "p95 hold", "Last seen",

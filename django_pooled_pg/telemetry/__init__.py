@@ -1,0 +1,1 @@
+"""Fleet statistics above the pooling core: snapshots, the publisher, history, fleet view, status page data."""

@@ -1,0 +1,140 @@
+"""The package's layers, read from its source (no database): the pooling core below, the fleet
+telemetry above it, the public face (ENGINE, middleware, API, admin, commands) on top, and no
+import cycle anywhere. Every import counts, those inside functions too; only ``if
+TYPE_CHECKING:`` blocks, which never run, are left out."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "django_pooled_pg"
+#: Modules every layer may use: they import nothing of the package.
+SHARED = {"errors", "signals", "settings", "eventlog"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py") if "migrations" not in p.parts}
+
+
+def _type_checking_only(tree: ast.Module) -> set[ast.AST]:
+    skipped: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            skipped.update(ast.walk(node))
+    return skipped
+
+
+def imports_of(name: str, source: str, package: str, known: set[str]) -> set[str]:
+    """The package's modules that module ``name`` (of ``package``) imports, anywhere in its code."""
+    tree = ast.parse(source)
+    skipped = _type_checking_only(tree)
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [f"{target}.{alias.name}" for alias in node.names] + [target]
+        else:
+            continue
+        for candidate in candidates:
+            while candidate and candidate not in known:
+                candidate = candidate.rpartition(".")[0]
+            if candidate and candidate != name and candidate != "django_pooled_pg":
+                found.add(candidate)
+                break
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {
+        name: imports_of(name, path.read_text(), name if path.name == "__init__.py" else name.rpartition(".")[0], set(mods))
+        for name, path in mods.items()
+    }
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def layer(name: str) -> str:
+    short = name.removeprefix("django_pooled_pg.")
+    if short.startswith("pooling"):
+        return "pooling"
+    if short.startswith("telemetry"):
+        return "telemetry"
+    return "shared" if short in SHARED else "face"
+
+
+def test_no_import_cycle():
+    assert cycles(graph()) == []
+
+
+def test_the_layers_import_only_downwards():
+    allowed = {"shared": {"shared"}, "pooling": {"shared", "pooling"}, "telemetry": {"shared", "pooling", "telemetry"},
+               "face": {"shared", "pooling", "telemetry", "face"}}  # fmt: skip
+    wrong = [
+        f"{name} ({layer(name)}) imports {target} ({layer(target)})"
+        for name, targets in graph().items()
+        for target in sorted(targets)
+        if layer(target) not in allowed[layer(name)]
+    ]
+    assert wrong == []
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+    """The checks can fail: an import inside a function of the core that reaches telemetry is
+    found, is upward, and closes a cycle (what registry.py had before the pool_created hook)."""
+    known = set(modules())
+    source = "def start():\n    from ..telemetry.publisher import publisher\n"
+    found = imports_of("django_pooled_pg.pooling.registry", source, "django_pooled_pg.pooling", known)
+    assert found == {"django_pooled_pg.telemetry.publisher"}
+    assert layer("django_pooled_pg.pooling.registry") == "pooling"
+    assert layer("django_pooled_pg.telemetry.publisher") == "telemetry"
+    edges = graph()
+    edges["django_pooled_pg.pooling.registry"] |= found
+    assert any("django_pooled_pg.pooling.registry" in cycle for cycle in cycles(edges))
