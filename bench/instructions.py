@@ -142,7 +142,10 @@ def instructions(db: dict, op: str, n: int, tree: Path, site: Site | None = None
             program = [CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL]
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", *program],
-            env=env, capture_output=True, text=True, cwd=tree,  # (-c puts the cwd first on sys.path)
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tree,  # (-c puts the cwd first on sys.path)
         )
         if done.returncode != 0:
             sys.exit(f"the measured process failed:\n{done.stderr[-3000:]}")
@@ -191,8 +194,11 @@ class Site:
         run = self.run
         shop = {**self.cluster.django_settings(run.DB_NAME), "USER": run.DB_USER, "CONN_MAX_AGE": 0, **db}
         # (no statistics publisher: see CHILD)
-        return {**run.django_env(shop), "POOLED_PG_STATS_INTERVAL": "0", "PYTHONPATH": os.pathsep.join(
-            [str(tree / "bench"), str(tree / "testproject"), str(tree)])}
+        return {
+            **run.django_env(shop),
+            "POOLED_PG_STATS_INTERVAL": "0",
+            "PYTHONPATH": os.pathsep.join([str(tree / "bench"), str(tree / "testproject"), str(tree)]),
+        }
 
     def path(self, op: str) -> str:
         return self.PATHS[op].format(pid=self.pid)
@@ -224,8 +230,10 @@ def main() -> None:
                 value = per_operation(db, op, args.n1, args.n2, args.tree, site)
                 results.setdefault(mode, {})[op] = value
                 print(f"{mode:<20} {op:<8} {value / 1000:10.1f}k instructions", file=sys.stderr)
-    print(f"Django {django.get_version()}, Python {sys.version.split()[0]}, tree {args.tree}; "
-          f"instructions per operation, ({args.n2} - {args.n1}) iterations")
+    print(
+        f"Django {django.get_version()}, Python {sys.version.split()[0]}, tree {args.tree}; "
+        f"instructions per operation, ({args.n2} - {args.n1}) iterations"
+    )
     print(f"{'mode':<20}" + "".join(f"{op:>12}" for op in ops))
     for mode, values in results.items():
         print(f"{mode:<20}" + "".join(f"{values[op] / 1000:>11.1f}k" for op in ops))

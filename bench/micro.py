@@ -92,7 +92,10 @@ def run(url_parts: dict, mode: str, n: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(db), str(n), "1" if receiver else "0"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -136,9 +139,11 @@ def main() -> None:
 
     with PgCluster() as cluster:
         results = measure(cluster.django_settings("postgres"), args.rounds, args.n)
-    print(f"Django {django.get_version()}, psycopg {psycopg.__version__}, "
-          f"psycopg_pool {psycopg_pool.__version__}, Python {sys.version.split()[0]}; "
-          f"median of {args.rounds} rounds x {args.n} operations")
+    print(
+        f"Django {django.get_version()}, psycopg {psycopg.__version__}, "
+        f"psycopg_pool {psycopg_pool.__version__}, Python {sys.version.split()[0]}; "
+        f"median of {args.rounds} rounds x {args.n} operations"
+    )
     print(table({m: {op: statistics.median(v) for op, v in ops.items()} for m, ops in results.items()}))
 
 

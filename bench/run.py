@@ -131,7 +131,9 @@ def ensure_tools(need_pgbouncer: bool) -> dict[str, str]:
     missing = [pkg for tool, pkg in wanted.items() if find_tool(tool) is None]
     if missing:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            raise SystemExit(f"bench: missing {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})")
+            raise SystemExit(
+                f"bench: missing {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})"
+            )
         log(f"installing {' '.join(missing)} with apt-get")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -246,7 +248,9 @@ class Gunicorn:
             except (urllib.error.URLError, OSError) as exc:
                 last = str(exc)
             time.sleep(0.2)
-        raise RuntimeError(f"gunicorn not ready on {self.base}{path} within {timeout:.0f} s: {last} (log: {self.logfile})")
+        raise RuntimeError(
+            f"gunicorn not ready on {self.base}{path} within {timeout:.0f} s: {last} (log: {self.logfile})"
+        )
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -311,7 +315,9 @@ class PgBouncer:
             except psycopg.OperationalError as exc:
                 last = exc
                 time.sleep(0.1)
-        log_text = (self.dir / "pgbouncer.log").read_text(errors="replace") if (self.dir / "pgbouncer.log").exists() else ""
+        log_text = (
+            (self.dir / "pgbouncer.log").read_text(errors="replace") if (self.dir / "pgbouncer.log").exists() else ""
+        )
         self.stop()
         raise RuntimeError(f"pgbouncer did not start: {last}\n{log_text[-2000:]}")
 
@@ -398,7 +404,7 @@ def _stat_fields(pid: str) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # fields from the 3rd (state) on
+    return text[text.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
 
 
 def cpu_seconds(server_group: int, postmaster: int) -> dict[str, float]:
@@ -431,7 +437,9 @@ def start_perf(server_group: int) -> subprocess.Popen[str] | None:
     request, show it (software events, which work where the hardware counters are not offered).
     """
     perf = find_tool("perf")
-    pids = [pid for pid in os.listdir("/proc") if pid.isdigit() and (f := _stat_fields(pid)) and int(f[2]) == server_group]
+    pids = [
+        pid for pid in os.listdir("/proc") if pid.isdigit() and (f := _stat_fields(pid)) and int(f[2]) == server_group
+    ]
     if perf is None or not pids:
         return None
     return subprocess.Popen([perf, "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", ",".join(pids)],
@@ -482,7 +490,9 @@ class Bench:
         #: The session cookie of a logged-in superuser, for the admin endpoint (bench_login).
         self.cookie = cookie
         self.pid = int(cluster.execute("SELECT min(id) FROM shop_product", dbname=DB_NAME)[0][0])
-        self.last_seeded_order = int(cluster.execute("SELECT coalesce(max(id), 0) FROM shop_order", dbname=DB_NAME)[0][0])
+        self.last_seeded_order = int(
+            cluster.execute("SELECT coalesce(max(id), 0) FROM shop_order", dbname=DB_NAME)[0][0]
+        )
 
     def path(self, endpoint: str) -> str:
         return ENDPOINTS[endpoint][1].format(pid=self.pid)
@@ -521,7 +531,10 @@ class Bench:
                             cookie)  # fmt: skip
                 sampler = Sampler(self.cluster)
                 sampler.start()
-                cpu_before, wrk_before = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu_before, wrk_before = (
+                    cpu_seconds(server.proc.pid, postmaster),
+                    resource.getrusage(resource.RUSAGE_CHILDREN),
+                )
                 perf = start_perf(server.proc.pid) if a.perf else None
                 try:
                     result = run_wrk(self.tools["wrk"], url, a.duration, connections, a.wrk_threads, a.wrk_timeout,
@@ -529,13 +542,20 @@ class Bench:
                 finally:
                     result_backends = sampler.finish()
                     perf_counts = finish_perf(perf)
-                cpu_after, wrk_after = cpu_seconds(server.proc.pid, postmaster), resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu_after, wrk_after = (
+                    cpu_seconds(server.proc.pid, postmaster),
+                    resource.getrusage(resource.RUSAGE_CHILDREN),
+                )
                 result.update(result_backends)
                 cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
                 cpu["wrk"] = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
-                result["cpu_us_per_request"] = {k: round(v / max(1, result["requests"]) * 1e6, 1) for k, v in cpu.items()}
+                result["cpu_us_per_request"] = {
+                    k: round(v / max(1, result["requests"]) * 1e6, 1) for k, v in cpu.items()
+                }
                 if perf_counts:
-                    result["gunicorn_per_request"] = {k: round(v / max(1, result["requests"]), 2) for k, v in perf_counts.items()}
+                    result["gunicorn_per_request"] = {
+                        k: round(v / max(1, result["requests"]), 2) for k, v in perf_counts.items()
+                    }
                 out[endpoint] = result
                 log(f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
                     f"p99 {result['p99_ms']:.1f} ms, non-2xx {result['non2xx']}, errors {result['errors']}, "
@@ -656,9 +676,17 @@ def targets(main: dict[str, dict], overload: dict[str, dict] | None) -> list[str
             runs = [v for k, v in entry.items() if k in ENDPOINTS]
             if runs:
                 bad = sum(r["non2xx"] + r["errors"] for r in runs)
-                add(f"overload: zero non-2xx for `{mode}`", f"{bad} non-2xx/errors over {len(runs)} endpoint(s)", bad == 0)
+                add(
+                    f"overload: zero non-2xx for `{mode}`",
+                    f"{bad} non-2xx/errors over {len(runs)} endpoint(s)",
+                    bad == 0,
+                )
             else:
-                add(f"overload: zero non-2xx for `{mode}`", "not available" if "unavailable" in entry else "not measured", None)
+                add(
+                    f"overload: zero non-2xx for `{mode}`",
+                    "not available" if "unavailable" in entry else "not measured",
+                    None,
+                )
     return rows
 
 
@@ -755,8 +783,11 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         "gunicorn processes and of PostgreSQL's processes over the measured run (from /proc, per request served; "
         "on 2 shared cores throughput follows their sum; backends that exit during the run, as in `direct` "
         "and `pgbouncer`, are not counted). "
-        + (RECONNECT_NOTE.format(n=a["reconnect_every"]) if a.get("reconnect_every")
-           else "wrk keeps its connections open for the whole run (`--reconnect-every 0`).")
+        + (
+            RECONNECT_NOTE.format(n=a["reconnect_every"])
+            if a.get("reconnect_every")
+            else "wrk keeps its connections open for the whole run (`--reconnect-every 0`)."
+        )
     )
     lines += ["", "## Targets", "", *targets(data["main"], data.get("overload")), ""]
     for endpoint in a["endpoints"]:
@@ -776,7 +807,9 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
             for flag in ("unavailable", "failed"):
                 if flag in entry:
                     first = entry[flag].strip().splitlines()[0] if entry[flag].strip() else flag
-                    notes.append(f"* {scenario} `{mode}`: {'not available' if flag == 'unavailable' else 'failed'}: {first}")
+                    notes.append(
+                        f"* {scenario} `{mode}`: {'not available' if flag == 'unavailable' else 'failed'}: {first}"
+                    )
     if notes:
         lines += ["Modes that did not run:", "", *notes, ""]
     if data.get("micro"):
@@ -828,7 +861,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--connections", type=int, help="wrk connections (default: workers x threads)")
     parser.add_argument("--wrk-threads", type=int, default=2)
-    parser.add_argument("--wrk-timeout", type=float, default=10, help="seconds before wrk counts a request as timed out")
+    parser.add_argument(
+        "--wrk-timeout", type=float, default=10, help="seconds before wrk counts a request as timed out"
+    )
     parser.add_argument("--reconnect-every", type=int, default=10,
                         help="wrk closes a connection after every Nth request and opens another (0: never; see RECONNECT_NOTE)")  # fmt: skip
     parser.add_argument("--pool-size", type=int, default=4, help="connections per worker for every pool")
@@ -836,12 +871,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-connections", type=int, default=100, help="PostgreSQL max_connections (main runs)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every mode; report the median run")
     parser.add_argument("--skip-overload", action="store_true")
-    parser.add_argument("--overload-endpoints", type=lambda v: csv_list(v, list(ENDPOINTS)), default=["product", "slow"])
+    parser.add_argument(
+        "--overload-endpoints", type=lambda v: csv_list(v, list(ENDPOINTS)), default=["product", "slow"]
+    )
     parser.add_argument("--overload-max-connections", type=int, default=20)
     parser.add_argument("--overload-workers", type=int, default=4)
     parser.add_argument("--overload-threads", type=int, default=16)
     parser.add_argument("--overload-connections", type=int, default=128)
-    parser.add_argument("--perf", action="store_true", help="count the workers' context switches and futex calls (perf stat)")
+    parser.add_argument(
+        "--perf", action="store_true", help="count the workers' context switches and futex calls (perf stat)"
+    )
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--micro-rounds", type=int, default=3)
     parser.add_argument("--micro-n", type=int, default=10000)
@@ -923,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
             overload = {}
             for mode in args.modes:
                 log(f"overload: {mode}")
-                overload[mode] = bench.run_mode("overload", mode, o["endpoints"], o["workers"], o["threads"], o["connections"])
+                overload[mode] = bench.run_mode(
+                    "overload", mode, o["endpoints"], o["workers"], o["threads"], o["connections"]
+                )
             data["overload"] = collapse([overload], args.modes, o["endpoints"])
     except KeyboardInterrupt:
         interrupted = True
@@ -934,7 +975,9 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted or "main" not in data:
         return 1
     data["elapsed_min"] = (time.monotonic() - started) / 60
-    data["load_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    data["load_after"] = (
+        " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = rawdir / f"bench-{stamp}.json"
     raw.write_text(json.dumps(data, indent=1, default=str))

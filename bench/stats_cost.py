@@ -67,12 +67,20 @@ def main() -> None:
     alone = min(timeit.repeat(lambda: h.record(0.000123), number=200_000, repeat=5)) / 200_000 * 1e6
     results: dict[str, list[float]] = {"on": [], "off": []}
     with PgCluster() as cluster:
-        db = {**cluster.django_settings("postgres"), "ENGINE": "django_pooled_pg",
-              "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}}}
+        db = {
+            **cluster.django_settings("postgres"),
+            "ENGINE": "django_pooled_pg",
+            "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},
+        }
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for _ in range(args.rounds):
-            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(db), str(args.n)],
-                                 env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(db), str(args.n)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             for mode, value in json.loads(out.stdout).items():
                 results[mode].append(value)
     on, off = statistics.median(results["on"]), statistics.median(results["off"])

@@ -133,18 +133,25 @@ def undo_request_transactions(wrapper: BaseDatabaseWrapper, depth: int, autocomm
     transaction and blocks stay as they were."""
     if len(wrapper.atomic_blocks) > depth:
         eventlog.warn(
-            "a transaction left open", wrapper.alias, view,
+            "a transaction left open",
+            wrapper.alias,
+            view,
             "%s left %d atomic block(s) open on database %r; rolled back to where the request began",
-            f"view {view}" if view else "a request", len(wrapper.atomic_blocks) - depth, wrapper.alias,
+            f"view {view}" if view else "a request",
+            len(wrapper.atomic_blocks) - depth,
+            wrapper.alias,
         )
         error = TransactionManagementError("atomic block left open by a request")
         while len(wrapper.atomic_blocks) > depth:
             wrapper.atomic_blocks[-1].__exit__(TransactionManagementError, error, None)
     elif autocommit and not wrapper.in_atomic_block and not wrapper.autocommit:
         eventlog.warn(
-            "a transaction left open", wrapper.alias, view,
+            "a transaction left open",
+            wrapper.alias,
+            view,
             "%s left a transaction open on database %r; it was rolled back",
-            f"view {view}" if view else "a request", wrapper.alias,
+            f"view {view}" if view else "a request",
+            wrapper.alias,
         )
         wrapper.rollback()
         wrapper.set_autocommit(True)
@@ -163,9 +170,12 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
         in_transaction = status != 0  # not IDLE
     if in_transaction:
         eventlog.warn(
-            "a transaction left open", wrapper.alias, view,
+            "a transaction left open",
+            wrapper.alias,
+            view,
             "%s left a transaction open on database %r; it was rolled back",
-            f"view {view}" if view else "code outside a request", wrapper.alias,
+            f"view {view}" if view else "code outside a request",
+            wrapper.alias,
         )
     # Django refuses to close inside atomic (it marks the block instead); leave it first.
     wrapper.in_atomic_block = False

@@ -70,7 +70,9 @@ class SessionTrackingMixin:
     is never read. (Whether to reset needs no cursor: every borrowed connection is reset when it
     goes back, see ``DatabaseWrapper._borrowed``.)"""
 
-    def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None) -> Any:
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
         # (psycopg's signature spelled out: a call through **kwargs costs more per statement)
         result = super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
         pgresult = self.pgresult  # type: ignore[attr-defined]
@@ -206,7 +208,6 @@ class SessionSetup:
 _contrib_postgres_installed: tuple[Any, bool] = (None, False)
 
 
-
 def _sync_allowed() -> bool:
     """Django's ``async_unsafe`` test without its cost: ``asyncio._get_running_loop()`` returns
     None where Django's ``get_running_loop()`` raises an exception and catches it (timeit here:
@@ -266,10 +267,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         value against a copy the registry keeps (so in-place edits of OPTIONS are seen)."""
         sd = self.settings_dict
         return (
-            sd["NAME"], sd["USER"], sd["PASSWORD"], sd["HOST"], sd["PORT"],
+            sd["NAME"],
+            sd["USER"],
+            sd["PASSWORD"],
+            sd["HOST"],
+            sd["PORT"],
             # (self.timezone is None without USE_TZ: Django's cached property, cheaper to read
             # than settings.USE_TZ, dropped with timezone_name when either setting changes)
-            sd["OPTIONS"], sd["CONN_HEALTH_CHECKS"], self.timezone_name, self.timezone is None,
+            sd["OPTIONS"],
+            sd["CONN_HEALTH_CHECKS"],
+            self.timezone_name,
+            self.timezone is None,
         )
 
     def _build_pool(self) -> Pool:
@@ -310,7 +318,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             kwargs=kwargs,
             open=False,
             configure=SessionSetup(
-                type(self), dict(self.settings_dict), self.alias, configure, set_time_zone,
+                type(self),
+                dict(self.settings_dict),
+                self.alias,
+                configure,
+                set_time_zone,
             ),
             **pool_kwargs,
         )
@@ -335,8 +347,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return IsolationLevel(value)
         except ValueError:
             raise ImproperlyConfigured(
-                f"Invalid transaction isolation level {value} specified. "
-                "Use one of the psycopg.IsolationLevel values."
+                f"Invalid transaction isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
             ) from None
 
     # ----- Borrow and return --------------------------------------------------------------------
@@ -541,8 +552,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             pool.finish_reset(conn)  # the reset it went back with; closed if that failed
         now = time.monotonic()
         if conn._expire_at > now:  # (past max_lifetime, putconn() below recycles it)
-            if not conn.closed and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn)) \
-                    and pool.user_check(conn):
+            if (
+                not conn.closed
+                and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn))
+                and pool.user_check(conn)
+            ):
                 return self._borrowed_again(pool, conn, now)
             pool.stats.lost += 1  # dead after a pause, as an idle connection can be
             conn.close()
@@ -575,7 +589,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.pool.stats.hold.record(held)
         if signals.connection_returned.receivers:
             signals.connection_returned.send(
-                sender=type(self), alias=self.alias, connection=self, held=held, rolled_back=rolled_back,
+                sender=type(self),
+                alias=self.alias,
+                connection=self,
+                held=held,
+                rolled_back=rolled_back,
             )
 
     def close(self) -> None:

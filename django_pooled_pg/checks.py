@@ -26,16 +26,16 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     errors: list[Error] = []
     aliases = pooled_aliases()
     if aliases and importlib.util.find_spec("psycopg") is None:
-        errors.append(Error(
-            "django_pooled_pg needs psycopg 3, which is not installed.",
-            hint="pip install 'psycopg[binary]' psycopg-pool",
-            id="django_pooled_pg.E007",
-        ))
+        errors.append(
+            Error(
+                "django_pooled_pg needs psycopg 3, which is not installed.",
+                hint="pip install 'psycopg[binary]' psycopg-pool",
+                id="django_pooled_pg.E007",
+            )
+        )
     for alias, settings_dict in aliases.items():
         for problem in find_problems(alias, settings_dict):
-            errors.append(Error(
-                f"{problem.setting} {problem.message}", hint=problem.fix, id=problem.id
-            ))
+            errors.append(Error(f"{problem.setting} {problem.message}", hint=problem.fix, id=problem.id))
     return errors
 
 
@@ -58,19 +58,23 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     if not pooled_aliases() or not middleware:
         return []
     if MIDDLEWARE not in middleware:
-        return [Warning(
-            f"{MIDDLEWARE} is not in MIDDLEWARE: connections are given back only by Django's "
-            "end-of-request handler, and pool exhaustion shows as HTTP 500.",
-            hint=f'Put "{MIDDLEWARE}" first in MIDDLEWARE.',
-            id="django_pooled_pg.W001",
-        )]
+        return [
+            Warning(
+                f"{MIDDLEWARE} is not in MIDDLEWARE: connections are given back only by Django's "
+                "end-of-request handler, and pool exhaustion shows as HTTP 500.",
+                hint=f'Put "{MIDDLEWARE}" first in MIDDLEWARE.',
+                id="django_pooled_pg.W001",
+            )
+        ]
     if middleware[0] != MIDDLEWARE:
-        return [Warning(
-            f"{MIDDLEWARE} is not the first entry of MIDDLEWARE: middleware listed before it "
-            f"({middleware[0]}) runs after the connection was given back and borrows again.",
-            hint=f'Move "{MIDDLEWARE}" to the top of MIDDLEWARE.',
-            id="django_pooled_pg.W002",
-        )]
+        return [
+            Warning(
+                f"{MIDDLEWARE} is not the first entry of MIDDLEWARE: middleware listed before it "
+                f"({middleware[0]}) runs after the connection was given back and borrows again.",
+                hint=f'Move "{MIDDLEWARE}" to the top of MIDDLEWARE.',
+                id="django_pooled_pg.W002",
+            )
+        ]
     return []
 
 

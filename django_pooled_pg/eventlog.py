@@ -49,7 +49,8 @@ def warn(kind: str, alias: str, view: str | None, message: str, *args: Any) -> N
     if summary is None and entry is None:
         logger.warning(
             message + " (more like it for this view and database are counted, and summed up every %gs)",
-            *args, SUMMARY_INTERVAL,
+            *args,
+            SUMMARY_INTERVAL,
         )
     elif summary is not None:
         _log_summary(*summary)
@@ -92,5 +93,9 @@ def _take_due(key: tuple[str, str, str | None], entry: list[Any], now: float) ->
 def _log_summary(kind: str, alias: str, view: str | None, count: int, seconds: float) -> None:
     logger.warning(
         "%s: %d more time(s) in the last %.0fs%s on database %r (counted in poolstats)",
-        kind, count, seconds, f" in view {view}" if view else "", alias,
+        kind,
+        count,
+        seconds,
+        f" in view {view}" if view else "",
+        alias,
     )

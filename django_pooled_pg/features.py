@@ -14,10 +14,8 @@ POOLED_TEST_SKIPS: dict[str, set[str]] = {
     "health-check it itself.": {
         "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_disabled",
         "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled",
-        "backends.base.test_base.ConnectionHealthChecksTests."
-        "test_health_checks_enabled_errors_occurred",
-        "backends.base.test_base.ConnectionHealthChecksTests."
-        "test_set_autocommit_health_checks_enabled",
+        "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled_errors_occurred",
+        "backends.base.test_base.ConnectionHealthChecksTests.test_set_autocommit_health_checks_enabled",
     },
     "A pool with CONN_MAX_AGE != 0 is refused with django_pooled_pg.E001's message (which names "
     "the setting and the fix), not Django's 'Pooling doesn't support persistent connections.'": {
@@ -50,8 +48,7 @@ PER_STATEMENT_TEST_SKIPS: dict[str, set[str]] = {
     "using the psycopg connection (or open a cursor from a mocked ensure_connection) across "
     "statements. Code that needs one session across statements uses django_pooled_pg.pinned().": {
         "backends.tests.ThreadTests.test_default_connection_thread_local",
-        "test_utils.tests.AssertNumQueriesUponConnectionTests."
-        "test_ignores_connection_configuration_queries",
+        "test_utils.tests.AssertNumQueriesUponConnectionTests.test_ignores_connection_configuration_queries",
     },
 }
 

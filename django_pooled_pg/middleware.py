@@ -34,7 +34,8 @@ _view_names: dict[Any, str] = {}
 def service_unavailable(error: PoolError) -> HttpResponse:
     response = HttpResponse(
         "Service temporarily unavailable: the database is busy or unreachable. Try again shortly.\n",
-        status=503, content_type="text/plain; charset=utf-8",
+        status=503,
+        content_type="text/plain; charset=utf-8",
     )
     response["Retry-After"] = str(error.retry_after)
     return response
@@ -159,6 +160,12 @@ class PoolMiddleware:
         ledger.stats_for(error.alias).responses_503 += 1
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
         eventlog.warn(
-            "a 503", error.alias, self.view_name(request),
-            "503 for %s %s: %s%s", request.method, request.path, error, cause,
+            "a 503",
+            error.alias,
+            self.view_name(request),
+            "503 for %s %s: %s%s",
+            request.method,
+            request.path,
+            error,
+            cause,
         )

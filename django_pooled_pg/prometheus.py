@@ -78,16 +78,30 @@ class FleetCollector:
 
     def collect(self) -> Iterator[Any]:
         labels = ["alias", "host", "pid"]
-        gauges = {name: GaugeMetricFamily(f"{PREFIX}_pool_{name}", text, labels=labels) for name, text in GAUGES.items()}
+        gauges = {
+            name: GaugeMetricFamily(f"{PREFIX}_pool_{name}", text, labels=labels) for name, text in GAUGES.items()
+        }
         counters = {c.name: CounterMetricFamily(f"{PREFIX}_{c.metric}", c.help, labels=labels) for c in COUNTERS}
         wait = HistogramMetricFamily(f"{PREFIX}_wait_seconds", "Time borrowers waited for a connection.", labels=labels)
         hold = HistogramMetricFamily(f"{PREFIX}_hold_seconds", "Time borrowers held a connection.", labels=labels)
-        server = GaugeMetricFamily(f"{PREFIX}_server_connections", "Pooled connections the server reports, by state.", labels=["alias", "state"])
+        server = GaugeMetricFamily(
+            f"{PREFIX}_server_connections",
+            "Pooled connections the server reports, by state.",
+            labels=["alias", "state"],
+        )
         for alias in self.fleet.aliases.values():
             self._alias(alias, gauges, counters, wait, hold, server)
-        capacity_max = GaugeMetricFamily(f"{PREFIX}_capacity_available_connections", "max_connections minus reserved slots.", labels=["server"])
-        capacity_fleet = GaugeMetricFamily(f"{PREFIX}_capacity_fleet_max_size", "Sum of max_size over live processes and aliases.", labels=["server"])
-        capacity_over = GaugeMetricFamily(f"{PREFIX}_capacity_over", "1 when the fleet can open more connections than the server takes.", labels=["server"])
+        capacity_max = GaugeMetricFamily(
+            f"{PREFIX}_capacity_available_connections", "max_connections minus reserved slots.", labels=["server"]
+        )
+        capacity_fleet = GaugeMetricFamily(
+            f"{PREFIX}_capacity_fleet_max_size", "Sum of max_size over live processes and aliases.", labels=["server"]
+        )
+        capacity_over = GaugeMetricFamily(
+            f"{PREFIX}_capacity_over",
+            "1 when the fleet can open more connections than the server takes.",
+            labels=["server"],
+        )
         for capacity in self.fleet.capacity:
             capacity_max.add_metric([capacity.server], capacity.available)
             capacity_fleet.add_metric([capacity.server], capacity.fleet_max)

@@ -29,6 +29,7 @@ def pooled_aliases() -> dict[str, dict[str, Any]]:
         if settings_dict.get("ENGINE") in ENGINES
     }
 
+
 #: Defaults for a pool when ``OPTIONS["pool"]`` is missing or ``True``. They favour failing fast
 #: (a 10 s wait rather than psycopg_pool's 30 s) and recycling connections before the network
 #: or the server drops them.
@@ -169,47 +170,61 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
 
     max_age = settings_dict.get("CONN_MAX_AGE", 0)
     if max_age != 0:
-        problems.append(Problem(
-            "django_pooled_pg.E001",
-            f'DATABASES["{alias}"]["CONN_MAX_AGE"]',
-            f"is {max_age!r}, but the pool already keeps connections open between requests; "
-            "a persistent connection would hold a pool slot for the life of each thread.",
-            'remove CONN_MAX_AGE or set it to 0, and size the pool with OPTIONS["pool"]["max_size"].',
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E001",
+                f'DATABASES["{alias}"]["CONN_MAX_AGE"]',
+                f"is {max_age!r}, but the pool already keeps connections open between requests; "
+                "a persistent connection would hold a pool slot for the life of each thread.",
+                'remove CONN_MAX_AGE or set it to 0, and size the pool with OPTIONS["pool"]["max_size"].',
+            )
+        )
 
     if raw is True or raw is None:
         return problems
     if not isinstance(raw, Mapping):
-        problems.append(Problem(
-            "django_pooled_pg.E002", _pool_setting(alias),
-            f"must be True, False or a dict of pool options, got {type(raw).__name__} {raw!r}.",
-            'write e.g. "pool": {"min_size": 2, "max_size": 10, "timeout": 10}.',
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E002",
+                _pool_setting(alias),
+                f"must be True, False or a dict of pool options, got {type(raw).__name__} {raw!r}.",
+                'write e.g. "pool": {"min_size": 2, "max_size": 10, "timeout": 10}.',
+            )
+        )
         return problems
 
     known = {**PSYCOPG_POOL_OPTIONS, **OWN_OPTIONS}
     for key, value in raw.items():
         spec = known.get(key)
         if key in MANAGED_BY_US:
-            problems.append(Problem(
-                "django_pooled_pg.E003", _pool_setting(alias, key),
-                f"is set by django_pooled_pg itself: {MANAGED_BY_US[key]}.",
-                f'remove "{key}" from the pool options.',
-            ))
+            problems.append(
+                Problem(
+                    "django_pooled_pg.E003",
+                    _pool_setting(alias, key),
+                    f"is set by django_pooled_pg itself: {MANAGED_BY_US[key]}.",
+                    f'remove "{key}" from the pool options.',
+                )
+            )
         elif spec is None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f'did you mean "{close[0]}"? ' if close else ""
-            problems.append(Problem(
-                "django_pooled_pg.E004", _pool_setting(alias, key),
-                "is not a pool option.",
-                f"{hint}Valid options: {', '.join(sorted(known))}.",
-            ))
+            problems.append(
+                Problem(
+                    "django_pooled_pg.E004",
+                    _pool_setting(alias, key),
+                    "is not a pool option.",
+                    f"{hint}Valid options: {', '.join(sorted(known))}.",
+                )
+            )
         elif not spec.check(value):
-            problems.append(Problem(
-                "django_pooled_pg.E005", _pool_setting(alias, key),
-                f"must be {spec.expected}, got {value!r}.",
-                f'give "{key}" {spec.expected}.',
-            ))
+            problems.append(
+                Problem(
+                    "django_pooled_pg.E005",
+                    _pool_setting(alias, key),
+                    f"must be {spec.expected}, got {value!r}.",
+                    f'give "{key}" {spec.expected}.',
+                )
+            )
 
     if raw.get("behind_pgbouncer") is True:
         problems += pgbouncer_problems(alias, settings_dict)
@@ -222,11 +237,14 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
         and PSYCOPG_POOL_OPTIONS["max_size"].check(max_size)
         and min_size > max_size
     ):
-        problems.append(Problem(
-            "django_pooled_pg.E006", _pool_setting(alias, "min_size"),
-            f"is {min_size}, larger than max_size {max_size}.",
-            "make min_size <= max_size.",
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E006",
+                _pool_setting(alias, "min_size"),
+                f"is {min_size}, larger than max_size {max_size}.",
+                "make min_size <= max_size.",
+            )
+        )
     return problems
 
 
@@ -236,26 +254,35 @@ def pgbouncer_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Pro
     problems = []
     options = settings_dict.get("OPTIONS") or {}
     if not settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
-        problems.append(Problem(
-            "django_pooled_pg.E020", f'DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"]',
-            "must be True behind PgBouncer in transaction mode: QuerySet.iterator()'s server-side "
-            "cursor outlives its transaction, and the next one may run on another server connection.",
-            f'set DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"] = True.',
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E020",
+                f'DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"]',
+                "must be True behind PgBouncer in transaction mode: QuerySet.iterator()'s server-side "
+                "cursor outlives its transaction, and the next one may run on another server connection.",
+                f'set DATABASES["{alias}"]["DISABLE_SERVER_SIDE_CURSORS"] = True.',
+            )
+        )
     if options.get("assume_role"):
-        problems.append(Problem(
-            "django_pooled_pg.E021", f'DATABASES["{alias}"]["OPTIONS"]["assume_role"]',
-            "cannot be used behind PgBouncer in transaction mode: SET ROLE would stay on whichever "
-            "server connection ran it, for other clients.",
-            "connect as that role (USER), or set it in PgBouncer's database definition (user=).",
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E021",
+                f'DATABASES["{alias}"]["OPTIONS"]["assume_role"]',
+                "cannot be used behind PgBouncer in transaction mode: SET ROLE would stay on whichever "
+                "server connection ran it, for other clients.",
+                "connect as that role (USER), or set it in PgBouncer's database definition (user=).",
+            )
+        )
     if options.get("prepare_threshold") is not None:
-        problems.append(Problem(
-            "django_pooled_pg.E022", f'DATABASES["{alias}"]["OPTIONS"]["prepare_threshold"]',
-            "must be unset (None) behind PgBouncer in transaction mode: a statement prepared on "
-            "one server connection does not exist on the next.",
-            '"prepare_threshold": None, as Django\'s default.',
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E022",
+                f'DATABASES["{alias}"]["OPTIONS"]["prepare_threshold"]',
+                "must be unset (None) behind PgBouncer in transaction mode: a statement prepared on "
+                "one server connection does not exist on the next.",
+                '"prepare_threshold": None, as Django\'s default.',
+            )
+        )
     return problems
 
 
@@ -314,19 +341,27 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        return [Problem(
-            "django_pooled_pg.E010", "POOLED_PG", f"must be a dict, got {type(raw).__name__} {raw!r}.",
-            'write e.g. POOLED_PG = {"STATS_INTERVAL": 5}.',
-        )]
+        return [
+            Problem(
+                "django_pooled_pg.E010",
+                "POOLED_PG",
+                f"must be a dict, got {type(raw).__name__} {raw!r}.",
+                'write e.g. POOLED_PG = {"STATS_INTERVAL": 5}.',
+            )
+        ]
     problems: list[Problem] = []
     for key in raw:
         if key not in STATS_DEFAULTS:
             close = difflib.get_close_matches(str(key), STATS_DEFAULTS, n=1)
             hint = f'did you mean "{close[0]}"? ' if close else ""
-            problems.append(Problem(
-                "django_pooled_pg.E011", f'POOLED_PG["{key}"]', "is not a POOLED_PG setting.",
-                f"{hint}Valid settings: {', '.join(STATS_DEFAULTS)}.",
-            ))
+            problems.append(
+                Problem(
+                    "django_pooled_pg.E011",
+                    f'POOLED_PG["{key}"]',
+                    "is not a POOLED_PG setting.",
+                    f"{hint}Valid settings: {', '.join(STATS_DEFAULTS)}.",
+                )
+            )
     numbers = {
         "STATS_INTERVAL": (_number(0, strict=False), True),
         "STALE_AFTER": (_number(0), True),
@@ -336,25 +371,35 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
     for key, (spec, none_ok) in numbers.items():
         if key in raw and not ((none_ok and raw[key] is None) or spec.check(raw[key])):
             expected = f"None or {spec.expected}" if none_ok else spec.expected
-            problems.append(Problem(
-                "django_pooled_pg.E012", f'POOLED_PG["{key}"]', f"must be {expected}, got {raw[key]!r}.",
-                f'give "{key}" {expected}.',
-            ))
+            problems.append(
+                Problem(
+                    "django_pooled_pg.E012",
+                    f'POOLED_PG["{key}"]',
+                    f"must be {expected}, got {raw[key]!r}.",
+                    f'give "{key}" {expected}.',
+                )
+            )
     if "STATS_DATABASE" not in raw:
         return problems  # the default picks a suitable alias (default_stats_database)
     alias = raw["STATS_DATABASE"]
     if not isinstance(alias, str) or alias not in databases:
-        problems.append(Problem(
-            "django_pooled_pg.E013", 'POOLED_PG["STATS_DATABASE"]',
-            f"is {alias!r}, which is not an alias of DATABASES.",
-            f"use one of: {', '.join(map(repr, databases))}.",
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E013",
+                'POOLED_PG["STATS_DATABASE"]',
+                f"is {alias!r}, which is not an alias of DATABASES.",
+                f"use one of: {', '.join(map(repr, databases))}.",
+            )
+        )
     elif databases[alias].get("ENGINE") not in ("django_pooled_pg", "django_pooled_pg.base"):
-        problems.append(Problem(
-            "django_pooled_pg.E014", 'POOLED_PG["STATS_DATABASE"]',
-            f"is {alias!r}, whose ENGINE is not django_pooled_pg.",
-            'name an alias with "ENGINE": "django_pooled_pg" (where this app is migrated).',
-        ))
+        problems.append(
+            Problem(
+                "django_pooled_pg.E014",
+                'POOLED_PG["STATS_DATABASE"]',
+                f"is {alias!r}, whose ENGINE is not django_pooled_pg.",
+                'name an alias with "ENGINE": "django_pooled_pg" (where this app is migrated).',
+            )
+        )
     return problems
 
 
@@ -380,7 +425,9 @@ def read_stats_settings() -> StatsSettings:
         stale = 3 * (interval or STATS_DEFAULTS["STATS_INTERVAL"])
     return StatsSettings(
         interval=interval,
-        database=merged["STATS_DATABASE"] if "STATS_DATABASE" in (raw or {}) else default_stats_database(settings.DATABASES),
+        database=merged["STATS_DATABASE"]
+        if "STATS_DATABASE" in (raw or {})
+        else default_stats_database(settings.DATABASES),
         stale_after=float(stale),
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),

@@ -305,7 +305,12 @@ def admin_login(base: str, password: str) -> bool:
             token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', resp.read())
         if token is None:
             return False
-        form = {"csrfmiddlewaretoken": token.group(1).decode(), "username": ADMIN, "password": password, "next": "/admin/"}
+        form = {
+            "csrfmiddlewaretoken": token.group(1).decode(),
+            "username": ADMIN,
+            "password": password,
+            "next": "/admin/",
+        }
         req = urllib.request.Request(base + "/admin/login/?next=/admin/", data=urlencode(form).encode(),
                                      headers={"Referer": base + "/admin/login/"})  # fmt: skip
         with opener.open(req, timeout=15) as resp:  # follows the redirect to /admin/

@@ -15,7 +15,9 @@ from tests import dbserver
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--soak-seconds", type=float, default=10.0,
+        "--soak-seconds",
+        type=float,
+        default=10.0,
         help="how long tests/test_soak.py keeps its load running (default 10)",
     )
 
@@ -34,8 +36,12 @@ def superuser():
     """A plain psycopg connection as superuser to the test database, outside any pool."""
     params = connections["default"].settings_dict
     conn = psycopg.connect(
-        dbname=params["NAME"], user=params["USER"], password=params["PASSWORD"] or None,
-        host=params["HOST"], port=params["PORT"], autocommit=True,
+        dbname=params["NAME"],
+        user=params["USER"],
+        password=params["PASSWORD"] or None,
+        host=params["HOST"],
+        port=params["PORT"],
+        autocommit=True,
     )
     yield conn
     conn.close()
@@ -116,7 +122,8 @@ def backend_pid() -> int:
 def warnings_from(caplog, words: str) -> list[str]:
     """This package's WARNING lines that contain ``words``."""
     return [
-        r.getMessage() for r in caplog.records
+        r.getMessage()
+        for r in caplog.records
         if r.name == "django_pooled_pg" and r.levelno == logging.WARNING and words in r.getMessage()
     ]
 

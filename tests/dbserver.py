@@ -30,8 +30,11 @@ def database_settings(name: str) -> dict:
     if url:
         parts = urlparse(url)
         base = {
-            "NAME": name, "USER": parts.username or "", "PASSWORD": parts.password or "",
-            "HOST": parts.hostname or "", "PORT": str(parts.port or ""),
+            "NAME": name,
+            "USER": parts.username or "",
+            "PASSWORD": parts.password or "",
+            "HOST": parts.hostname or "",
+            "PORT": str(parts.port or ""),
         }
     else:
         base = cluster().django_settings(name)

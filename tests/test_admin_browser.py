@@ -100,8 +100,11 @@ def test_status_page_in_chromium(fleet):
     try:
         wait_for(
             "every worker to publish borrows",
-            lambda: (d := fleet.poolstats()) and set(live(d)) == workers
-            and all(p["counters"]["borrows"] > 0 for p in live(d).values()),
+            lambda: (
+                (d := fleet.poolstats())
+                and set(live(d)) == workers
+                and all(p["counters"]["borrows"] > 0 for p in live(d).values())
+            ),
         )
     finally:
         stop.set()
@@ -114,8 +117,12 @@ def test_status_page_in_chromium(fleet):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
-                    and errors.append(f"{r.status} {r.url}"))
+            page.on(
+                "response",
+                lambda r: (
+                    r.status >= 400 and not r.url.endswith("/favicon.ico") and errors.append(f"{r.status} {r.url}")
+                ),
+            )
 
             # Log in through the admin's own form; it sends us on to the page.
             page.goto(f"{fleet.base}/admin/login/?next={PAGE}")
@@ -176,7 +183,10 @@ def test_status_page_in_chromium(fleet):
             updated = page.locator(".dpp-meta [data-k=taken_at]").inner_text()
             assert updated in page.locator("#dpp-state").inner_text()
             # A young fleet's chart spans its life, and its title says so.
-            assert page.locator("section[data-alias=default] h3[data-k='chart.span_title']").inner_text() == "The last 5 minutes"
+            assert (
+                page.locator("section[data-alias=default] h3[data-k='chart.span_title']").inner_text()
+                == "The last 5 minutes"
+            )
 
             # A phone's width: the tables scroll inside their boxes, nothing runs off the page.
             page.set_viewport_size({"width": 420, "height": 900})

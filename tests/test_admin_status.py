@@ -41,7 +41,9 @@ def user(name: str, *, staff: bool = True, view: bool = False, superuser: bool =
     else:
         made = User.objects.create_user(name, f"{name}@example.com", "pw", is_staff=staff)
     if view:
-        made.user_permissions.add(Permission.objects.get(codename="view_poolsnapshot", content_type__app_label="django_pooled_pg"))
+        made.user_permissions.add(
+            Permission.objects.get(codename="view_poolsnapshot", content_type__app_label="django_pooled_pg")
+        )
     return made
 
 
@@ -122,8 +124,20 @@ def test_page_shows_the_fleet_in_the_admins_look():
         assert f'data-alias="{alias}"' in html
     host, pid = snapshot.hostname(), os.getpid()
     assert f'data-key="{host}:{pid}"' in html and f"<td>{pid}</td>" in html
-    for words in ("In use", "Waiting", "Borrows", "Timeouts", "Leaks", "Server capacity", "p95 wait",
-                  "p95 hold", "Last seen", "The server's view", "Idle in transaction", "The last "):
+    for words in (
+        "In use",
+        "Waiting",
+        "Borrows",
+        "Timeouts",
+        "Leaks",
+        "Server capacity",
+        "p95 wait",
+        "p95 hold",
+        "Last seen",
+        "The server's view",
+        "Idle in transaction",
+        "The last ",
+    ):
         assert words in html, words
 
     model = client_for(User.objects.get(username="ops")).get(JSON).json()

@@ -106,8 +106,10 @@ def test_a_cursor_class_of_ones_own_keeps_the_session_reset(one_connection):
     assert issubclass(tracking, CountingCursor) and tracking_cursor_class(CountingCursor) is tracking
     connection.close()
     wrapper = DatabaseWrapper({**connection.settings_dict}, "default")
-    wrapper.get_connection_params = lambda: {**DatabaseWrapper.get_connection_params(wrapper),
-                                             "cursor_factory": CountingCursor}
+    wrapper.get_connection_params = lambda: {
+        **DatabaseWrapper.get_connection_params(wrapper),
+        "cursor_factory": CountingCursor,
+    }
     wrapper.close_pool()
     try:
         with wrapper.cursor() as cursor:

@@ -50,8 +50,14 @@ CASES = [(key, value) for key, values in BAD_VALUES.items() for value in values]
 
 def settings_dict(pool):
     return {
-        "ENGINE": "django_pooled_pg", "NAME": "x", "USER": "", "PASSWORD": "", "HOST": "",
-        "PORT": "", "OPTIONS": {"pool": pool}, "CONN_MAX_AGE": 0,
+        "ENGINE": "django_pooled_pg",
+        "NAME": "x",
+        "USER": "",
+        "PASSWORD": "",
+        "HOST": "",
+        "PORT": "",
+        "OPTIONS": {"pool": pool},
+        "CONN_MAX_AGE": 0,
     }
 
 
@@ -66,8 +72,9 @@ def test_a_bad_value_is_refused_naming_the_option(key, value):
     message = str(info.value)
     assert f'DATABASES["default"]["OPTIONS"]["pool"]["{key}"]: must be' in message, message
     assert "Fix:" in message
-    with warnings.catch_warnings(action="ignore", category=UserWarning), override_settings(
-        DATABASES={"default": settings_dict({key: value})}
+    with (
+        warnings.catch_warnings(action="ignore", category=UserWarning),
+        override_settings(DATABASES={"default": settings_dict({key: value})}),
     ):
         errors = [e for e in run_checks() if e.id.startswith("django_pooled_pg.")]
     assert any(f'["{key}"]' in e.msg for e in errors), errors
@@ -77,8 +84,9 @@ def test_a_bad_value_is_refused_naming_the_option(key, value):
 def test_an_unknown_option_is_refused_naming_it(key):
     with pytest.raises(ImproperlyConfigured, match=rf'\["{key}"\]: is not a pool option'):
         read_pool_settings("default", settings_dict({key: 1}))
-    with warnings.catch_warnings(action="ignore", category=UserWarning), override_settings(
-        DATABASES={"default": settings_dict({key: 1})}
+    with (
+        warnings.catch_warnings(action="ignore", category=UserWarning),
+        override_settings(DATABASES={"default": settings_dict({key: 1})}),
     ):
         errors = [e for e in run_checks() if e.id == "django_pooled_pg.E004"]
     assert errors and f'["{key}"]' in errors[0].msg
@@ -162,7 +170,9 @@ def test_unknown_database(default_settings, caplog):
 @pytestmark_db
 def test_unknown_host(default_settings, caplog):
     default_settings(
-        HOST="dpp-no-such-host.invalid", PASSWORD=SECRET, options={"connect_timeout": 2},
+        HOST="dpp-no-such-host.invalid",
+        PASSWORD=SECRET,
+        options={"connect_timeout": 2},
         pool={"min_size": 1, "max_size": 2, "timeout": 5},
     )
     error, elapsed, seen = fail_and_collect(caplog)

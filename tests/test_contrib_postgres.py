@@ -58,21 +58,21 @@ SCRIPT = textwrap.dedent("""
 def test_hstore_with_pooled_sessions():
     sd = connections["default"].settings_dict
     dbname = "pooled_pg_contrib_postgres"
-    admin = dict(
-        host=sd["HOST"], port=sd["PORT"], user=sd["USER"], dbname="postgres", autocommit=True
-    )
+    admin = dict(host=sd["HOST"], port=sd["PORT"], user=sd["USER"], dbname="postgres", autocommit=True)
     with psycopg.connect(**admin) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{dbname}"')
     try:
         env = {
-            **os.environ, "PGHOST": sd["HOST"], "PGPORT": str(sd["PORT"]), "PGUSER": sd["USER"],
-            "DBNAME": dbname, "PYTHONPATH": str(ROOT),
+            **os.environ,
+            "PGHOST": sd["HOST"],
+            "PGPORT": str(sd["PORT"]),
+            "PGUSER": sd["USER"],
+            "DBNAME": dbname,
+            "PYTHONPATH": str(ROOT),
         }
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        res = subprocess.run(
-            [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=60
-        )
+        res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == "ok"
     finally:

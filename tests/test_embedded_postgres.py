@@ -22,7 +22,9 @@ def test_pgcluster_embedded_starts_the_wheels_server(tmp_path):
     env = {**os.environ, pgcluster.EMBEDDED_ENV: "1", "PYTHONPATH": str(ROOT)}
     datadir = tmp_path / "embedded"
     cli = [sys.executable, "-m", "testsupport.pgcluster"]
-    started = subprocess.run([*cli, "start", "--datadir", str(datadir)], env=env, capture_output=True, text=True, timeout=120)
+    started = subprocess.run(
+        [*cli, "start", "--datadir", str(datadir)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert started.returncode == 0, started.stderr
     url = started.stdout.strip()
     try:

@@ -102,12 +102,11 @@ def test_close_inside_atomic_returns_rolled_back(single_connection_pool, superus
 
 SESSION_CHANGES = {
     "SET": ("SET statement_timeout = '1234ms'", "SELECT current_setting('statement_timeout')", "0"),
-    "set_config": (
-        "SELECT set_config('work_mem', '7MB', false)", "SELECT current_setting('work_mem')", "4MB"
-    ),
+    "set_config": ("SELECT set_config('work_mem', '7MB', false)", "SELECT current_setting('work_mem')", "4MB"),
     "temp table": (
         "CREATE TEMP TABLE scratch (id int)",
-        "SELECT count(*)::text FROM pg_tables WHERE tablename = 'scratch'", "0",
+        "SELECT count(*)::text FROM pg_tables WHERE tablename = 'scratch'",
+        "0",
     ),
     "advisory lock": (
         "SELECT pg_advisory_lock(4242)",
@@ -115,9 +114,7 @@ SESSION_CHANGES = {
         "0",
     ),
     "LISTEN": ("LISTEN pooled_channel", "SELECT count(*)::text FROM pg_listening_channels()", "0"),
-    "PREPARE": (
-        "PREPARE pooled_stmt AS SELECT 1", "SELECT count(*)::text FROM pg_prepared_statements", "0"
-    ),
+    "PREPARE": ("PREPARE pooled_stmt AS SELECT 1", "SELECT count(*)::text FROM pg_prepared_statements", "0"),
 }
 
 
@@ -141,7 +138,9 @@ def test_set_role_is_reset_and_assume_role_kept(superuser):
     saved = settings_dict["OPTIONS"]
     connection.close()
     settings_dict["OPTIONS"] = {
-        **saved, "assume_role": "pooled_reader", "pool": {"min_size": 1, "max_size": 1},
+        **saved,
+        "assume_role": "pooled_reader",
+        "pool": {"min_size": 1, "max_size": 1},
     }
     try:
         assert one("SELECT current_user") == "pooled_reader"

@@ -139,9 +139,7 @@ def test_in_flight_requests_fail_with_503_during_a_restart(pool_options, server)
     pool_options(min_size=4, max_size=4, timeout=5)
     fill_pool(4)
     results: list[tuple[int, float] | None] = []
-    worker = threading.Thread(
-        target=lambda: results.extend(concurrently(["/query-wait-query/?s=0.6"] * 4))
-    )
+    worker = threading.Thread(target=lambda: results.extend(concurrently(["/query-wait-query/?s=0.6"] * 4)))
     worker.start()
     time.sleep(0.25)  # every request has run its first query and is "calling another service"
     server.restart()
@@ -162,6 +160,7 @@ def test_liveness_check_costs_a_poll_not_a_round_trip(pool_options):
     pool = registry.get("default")
     conn = pool.getconn()
     try:
+
         def per_call(fn, n: int) -> float:
             rounds = []
             for _ in range(5):
@@ -230,7 +229,9 @@ def test_silent_network(default_settings, server):
     proxy = SilentProxy(server.host, server.port)
     try:
         default_settings(
-            HOST="127.0.0.1", PORT=str(proxy.port), options={"connect_timeout": 2},
+            HOST="127.0.0.1",
+            PORT=str(proxy.port),
+            options={"connect_timeout": 2},
             pool={"min_size": 2, "max_size": 4, "timeout": 3, "ping_after": 0.3},
         )
         fill_pool(2)

@@ -34,8 +34,12 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
     try:
         data = wait_for(
             "every worker to publish borrows",
-            lambda: (d := fleet.poolstats()) and set(live(d)) == workers
-            and all(p["counters"]["borrows"] > 0 for p in live(d).values()) and d,
+            lambda: (
+                (d := fleet.poolstats())
+                and set(live(d)) == workers
+                and all(p["counters"]["borrows"] > 0 for p in live(d).values())
+                and d
+            ),
         )
     finally:
         stop.set()
@@ -50,8 +54,7 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
         ))  # fmt: skip
         processes = live(data)
         ok = set(processes) == workers and all(
-            p["server"]["total"] == counts.get(p["application_name"], 0) > 0
-            and p["server"]["total"] == p["size"]
+            p["server"]["total"] == counts.get(p["application_name"], 0) > 0 and p["server"]["total"] == p["size"]
             for p in processes.values()
         )
         return data if ok else None

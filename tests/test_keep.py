@@ -14,6 +14,7 @@ from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+
 def in_thread(fn):
     """Run ``fn`` in a new thread that closes its connection after; its result."""
     out = []

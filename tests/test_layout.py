@@ -61,7 +61,9 @@ def imports_of(name: str, source: str, package: str, known: set[str]) -> set[str
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {
-        name: imports_of(name, path.read_text(), name if path.name == "__init__.py" else name.rpartition(".")[0], set(mods))
+        name: imports_of(
+            name, path.read_text(), name if path.name == "__init__.py" else name.rpartition(".")[0], set(mods)
+        )
         for name, path in mods.items()
     }
 

@@ -20,7 +20,10 @@ def pg_env():
     """Environment naming the test server, for subprocesses."""
     sd = connections["default"].settings_dict
     env = {
-        **os.environ, "PGHOST": sd["HOST"], "PGPORT": str(sd["PORT"]), "PGUSER": sd["USER"],
+        **os.environ,
+        "PGHOST": sd["HOST"],
+        "PGPORT": str(sd["PORT"]),
+        "PGUSER": sd["USER"],
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(EARLY)]),
     }
     env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -56,7 +59,11 @@ def test_startup_query_does_not_send_the_test_run_to_the_real_database(pg_env):
     env = {**pg_env, "EARLY_DB": "early_real"}
     run = subprocess.run(
         [sys.executable, "manage.py", "test", "--noinput", "--parallel", "2", "-v", "2"],
-        cwd=EARLY, env=env, capture_output=True, text=True, timeout=240,
+        cwd=EARLY,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
@@ -69,7 +76,8 @@ def test_startup_query_does_not_send_the_test_run_to_the_real_database(pg_env):
 
 def test_pools_close_at_interpreter_exit(pg_env):
     fresh_database(pg_env, "exit_check")
-    code = """
+    code = (
+        """
 import atexit, django
 from django.conf import settings
 settings.configure(DATABASES={"default": {
@@ -90,7 +98,9 @@ import django_pooled_pg.pooling.registry as r
 atexit.unregister(r.registry.close_all)
 atexit.register(report)
 atexit.register(r.registry.close_all)
-""" % pg_env
+"""
+        % pg_env
+    )
     run = subprocess.run([sys.executable, "-c", code], env=pg_env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "CLOSED_AT_EXIT True" in run.stdout, run.stdout + run.stderr

@@ -277,20 +277,35 @@ def test_middleware_system_check(middleware, check_id):
     assert ids == ([check_id] if check_id else [])
 
 
-@pytest.mark.parametrize("middleware, check_id", [
-    (["django.middleware.common.CommonMiddleware"], "django_pooled_pg.W001"),
-    (["django.middleware.common.CommonMiddleware", "django_pooled_pg.middleware.PoolMiddleware"], "django_pooled_pg.W002"),
-])
+@pytest.mark.parametrize(
+    "middleware, check_id",
+    [
+        (["django.middleware.common.CommonMiddleware"], "django_pooled_pg.W001"),
+        (
+            ["django.middleware.common.CommonMiddleware", "django_pooled_pg.middleware.PoolMiddleware"],
+            "django_pooled_pg.W002",
+        ),
+    ],
+)
 def test_middleware_warnings_are_logged_when_a_process_starts(tmp_path, middleware, check_id):
     """A server process (gunicorn, uvicorn, a Celery worker) runs no system checks: the warning
     is logged once when Django sets up, as it is for any process."""
     (tmp_path / "startup_settings.py").write_text(f"from tests.settings import *\nMIDDLEWARE = {middleware!r}\n")
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "startup_settings",
-           "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing",  # (setting up connects to nothing)
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
-    done = subprocess.run([sys.executable, "-c", "import django; django.setup()"], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=root)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "startup_settings",
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing",  # (setting up connects to nothing)
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count(f"({check_id})") == 1, done.stderr
 

@@ -31,8 +31,10 @@ def through(bouncer, *, behind_pgbouncer=True, **extra):
 
     settings_dict = {
         **connections["default"].settings_dict,
-        "HOST": bouncer.host, "PORT": str(bouncer.port),
-        "DISABLE_SERVER_SIDE_CURSORS": True, "TIME_ZONE": "Asia/Tokyo",
+        "HOST": bouncer.host,
+        "PORT": str(bouncer.port),
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+        "TIME_ZONE": "Asia/Tokyo",
         "OPTIONS": {"pool": {"min_size": 1, "max_size": 6, "timeout": 5, "behind_pgbouncer": behind_pgbouncer}},
         **extra,
     }
@@ -110,8 +112,11 @@ def test_without_the_option_the_error_says_what_to_set(bouncer):
 )
 def test_system_checks_for_pgbouncer(change, check_id):
     settings_dict = {
-        "ENGINE": "django_pooled_pg", "NAME": "x", "DISABLE_SERVER_SIDE_CURSORS": True,
-        "OPTIONS": {"pool": {"behind_pgbouncer": True}}, **change,
+        "ENGINE": "django_pooled_pg",
+        "NAME": "x",
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+        "OPTIONS": {"pool": {"behind_pgbouncer": True}},
+        **change,
     }
     import warnings
 

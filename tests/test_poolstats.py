@@ -79,9 +79,7 @@ def test_pooled_connections_are_named_after_alias_host_and_pid(superuser):
     assert name == f"dpp default {ME}"
     assert snapshot.parse_application_name(name) == ("default", snapshot.hostname(), os.getpid())
     assert snapshot.parse_application_name("psql") is None
-    count = superuser.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [name]
-    ).fetchone()[0]
+    count = superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [name]).fetchone()[0]
     assert count == registry.get("default").get_stats()["pool_size"] >= 1
 
 
@@ -98,9 +96,10 @@ def test_the_users_application_name_wins(superuser):
     wrapper.settings_dict["OPTIONS"] = {**saved, "application_name": "my shop"}
     try:
         query()
-        assert superuser.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'my shop'"
-        ).fetchone()[0] >= 1
+        assert (
+            superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'my shop'").fetchone()[0]
+            >= 1
+        )
         publisher.publish_now()
         fleet = fleet_stats("default")
         assert not fleet.aliases["default"].split_by_process

@@ -43,11 +43,21 @@ def test_metrics_cover_every_process_with_conventional_names_and_types():
     assert len({s.labels["pid"] for s in default}) == 2, default
     assert all(s.value > 0 for s in default)
 
-    for name in ("django_pooled_pg_pool_size", "django_pooled_pg_pool_in_use", "django_pooled_pg_pool_waiting",
-                 "django_pooled_pg_capacity_available_connections"):
+    for name in (
+        "django_pooled_pg_pool_size",
+        "django_pooled_pg_pool_in_use",
+        "django_pooled_pg_pool_waiting",
+        "django_pooled_pg_capacity_available_connections",
+    ):
         assert families[name].type == "gauge", name
-    for name in ("django_pooled_pg_exhausted", "django_pooled_pg_leaks", "django_pooled_pg_reclaimed",
-                 "django_pooled_pg_rollbacks", "django_pooled_pg_connections_opened", "django_pooled_pg_responses_503"):
+    for name in (
+        "django_pooled_pg_exhausted",
+        "django_pooled_pg_leaks",
+        "django_pooled_pg_reclaimed",
+        "django_pooled_pg_rollbacks",
+        "django_pooled_pg_connections_opened",
+        "django_pooled_pg_responses_503",
+    ):
         assert families[name].type == "counter", name
 
     wait = families["django_pooled_pg_wait_seconds"]

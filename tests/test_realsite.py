@@ -29,7 +29,10 @@ def site_env() -> dict[str, str]:
     """Environment for the sample project's processes: the test server, no settings of ours."""
     sd = connections["default"].settings_dict
     env = {
-        **os.environ, "PGHOST": sd["HOST"], "PGPORT": str(sd["PORT"]), "PGUSER": sd["USER"],
+        **os.environ,
+        "PGHOST": sd["HOST"],
+        "PGPORT": str(sd["PORT"]),
+        "PGUSER": sd["USER"],
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(SITE)]),
     }
     for name in ("DJANGO_SETTINGS_MODULE", "PYTEST_ADDOPTS", "PYTEST_XDIST_WORKER"):
@@ -49,13 +52,19 @@ def passed(proc: subprocess.CompletedProcess[str]) -> str:
 
 # ----- The project's own test suite ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("release", ["request", "transaction"])
 def test_project_suite_under_pytest_django(site_env, release):
     """Plain django_db tests, transaction=True, serialized_rollback, TestCase and
     TransactionTestCase classes that call views, with every tool installed; then --reuse-db and
     pytest-xdist. Nothing the tests made is rolled back by a request, no warning is logged."""
-    env = {**site_env, "REALSITE_RELEASE": release, "REALSITE_DB": f"realsite_{release}",
-           "REALSITE_TOOLS": ALL_TOOLS, "REALSITE_POOL_MAX": "1"}
+    env = {
+        **site_env,
+        "REALSITE_RELEASE": release,
+        "REALSITE_DB": f"realsite_{release}",
+        "REALSITE_TOOLS": ALL_TOOLS,
+        "REALSITE_POOL_MAX": "1",
+    }
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-rs"]
     first = passed(run([*pytest_cmd, "--reuse-db", "--create-db"], env))
     assert " passed" in first and "failed" not in first and " skipped" not in first, first[-3000:]
@@ -97,11 +106,13 @@ def test_smoketest_command_in_the_real_database(site_env):
 
 # ----- Celery -------------------------------------------------------------------------------------
 
+
 def _fresh_database(env: dict[str, str], name: str) -> None:
     import psycopg
 
-    with psycopg.connect(host=env["PGHOST"], port=env["PGPORT"], user=env["PGUSER"],
-                         dbname="postgres", autocommit=True) as conn:
+    with psycopg.connect(
+        host=env["PGHOST"], port=env["PGPORT"], user=env["PGUSER"], dbname="postgres", autocommit=True
+    ) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -115,7 +126,8 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         import socket
@@ -138,8 +150,14 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def celery_db(request) -> str:
     sd = connections["default"].settings_dict
-    env = {**os.environ, "PGHOST": sd["HOST"], "PGPORT": str(sd["PORT"]), "PGUSER": sd["USER"],
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(SITE)]), "REALSITE_DB": "realsite_celery"}
+    env = {
+        **os.environ,
+        "PGHOST": sd["HOST"],
+        "PGPORT": str(sd["PORT"]),
+        "PGUSER": sd["USER"],
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(SITE)]),
+        "REALSITE_DB": "realsite_celery",
+    }
     env.pop("DJANGO_SETTINGS_MODULE", None)
     _fresh_database(env, "realsite_celery")
     passed(run([sys.executable, "manage.py", "migrate", "-v", "0"], env))
@@ -161,13 +179,37 @@ print(json.dumps({"runs": runs, "states": states}))
 
 def _run_worker(env: dict[str, str], pool: str, concurrency: int, tasks: int) -> dict:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "realsite", "worker", "--pool", pool,
-         "--concurrency", str(concurrency), "--queues", env["REALSITE_QUEUE"], "--loglevel", "INFO",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=SITE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "realsite",
+            "worker",
+            "--pool",
+            pool,
+            "--concurrency",
+            str(concurrency),
+            "--queues",
+            env["REALSITE_QUEUE"],
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        cwd=SITE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
-        sent = run([sys.executable, "-c", SEND_TASKS, str(tasks)], {**env, "DJANGO_SETTINGS_MODULE": "realsite.settings"}, timeout=180)
+        sent = run(
+            [sys.executable, "-c", SEND_TASKS, str(tasks)],
+            {**env, "DJANGO_SETTINGS_MODULE": "realsite.settings"},
+            timeout=180,
+        )
         result = json.loads(passed(sent).strip().splitlines()[-1]) if sent.returncode == 0 else None
     finally:
         worker.terminate()
@@ -187,17 +229,23 @@ def test_celery_worker_keeps_its_pool(site_env, redis_url, celery_db, pool, rele
     """60 tasks on a worker loaded the way projects load Celery: the fix-up runs around every
     task. Each worker process keeps its pool (a handful of server sessions, not one per task)
     and has given back every connection when a task ends."""
-    env = {**site_env, "REALSITE_DB": celery_db, "REALSITE_BROKER": redis_url,
-           "REALSITE_QUEUE": f"q-{pool}-{release}", "REALSITE_RELEASE": release,
-           "DJANGO_SETTINGS_MODULE": "realsite.settings"}
+    env = {
+        **site_env,
+        "REALSITE_DB": celery_db,
+        "REALSITE_BROKER": redis_url,
+        "REALSITE_QUEUE": f"q-{pool}-{release}",
+        "REALSITE_RELEASE": release,
+        "DJANGO_SETTINGS_MODULE": "realsite.settings",
+    }
     concurrency = 2 if pool == "prefork" else 4
     result = _run_worker(env, pool, concurrency, tasks=60)
     runs = result["runs"]
     assert len(runs) == 60
     backends = {r["backend"] for r in runs}
     workers = {r["worker"] for r in runs}
-    print(f"celery {pool}/{release}: {len(runs)} tasks, {len(workers)} worker processes, "
-          f"{len(backends)} server sessions")
+    print(
+        f"celery {pool}/{release}: {len(runs)} tasks, {len(workers)} worker processes, {len(backends)} server sessions"
+    )
     # Each worker process has one pool of at most max_size (4) connections, usually just 1-2.
     assert len(backends) <= 4 * len(workers), (len(backends), len(workers))
     assert len(backends) < 10, backends

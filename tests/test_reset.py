@@ -15,6 +15,7 @@ from tests.conftest import TIMEOUT, backend_pid, one
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+
 @pytest.fixture(params=["request", "transaction"])
 def one_connection(request, pool_options, superuser):
     """A pool of one connection, so the next borrower gets the same server session."""
@@ -49,10 +50,18 @@ def leave(kind: str) -> None:
         assert one(TIMEOUT) == "1234ms"
 
 
-@pytest.mark.parametrize("kind", [
-    "comment before SET", "line comment before SET", "SET after another statement",
-    "callproc set_config", "DO block", "function", "raw psycopg",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "comment before SET",
+        "line comment before SET",
+        "SET after another statement",
+        "callproc set_config",
+        "DO block",
+        "function",
+        "raw psycopg",
+    ],
+)
 def test_hidden_session_settings_do_not_reach_the_next_borrower(one_connection, kind):
     pid = backend_pid()
     connection.close()
@@ -63,15 +72,23 @@ def test_hidden_session_settings_do_not_reach_the_next_borrower(one_connection, 
 
 
 STATE = {
-    "temp table": ("CREATE TEMP TABLE scratch (id int)",
-                   "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"),
-    "advisory lock": ("SELECT pg_advisory_lock(4242)",
-                      "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"),
+    "temp table": (
+        "CREATE TEMP TABLE scratch (id int)",
+        "SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()",
+    ),
+    "advisory lock": (
+        "SELECT pg_advisory_lock(4242)",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    ),
     "LISTEN": ("LISTEN pooled_channel", "SELECT count(*) FROM pg_listening_channels()"),
-    "prepared statement": ("PREPARE pooled_stmt AS SELECT 1",
-                           "SELECT count(*) FROM pg_prepared_statements WHERE name = 'pooled_stmt'"),
-    "WITH HOLD cursor": ("DECLARE pooled_held CURSOR WITH HOLD FOR SELECT 1",
-                         "SELECT count(*) FROM pg_cursors WHERE name = 'pooled_held'"),
+    "prepared statement": (
+        "PREPARE pooled_stmt AS SELECT 1",
+        "SELECT count(*) FROM pg_prepared_statements WHERE name = 'pooled_stmt'",
+    ),
+    "WITH HOLD cursor": (
+        "DECLARE pooled_held CURSOR WITH HOLD FOR SELECT 1",
+        "SELECT count(*) FROM pg_cursors WHERE name = 'pooled_held'",
+    ),
     "role": ("SET ROLE pg_read_all_data", "SELECT (current_user = 'pg_read_all_data')::int"),
 }
 
@@ -267,11 +284,26 @@ def first_through(path: str) -> str:
     raise AssertionError(path)
 
 
-@pytest.mark.parametrize("path", [
-    "atomic", "raw psycopg execute", "psycopg transaction()", "psycopg pipeline()", "named cursor",
-    "executemany", "copy", "stream", "two statements in one string", "VACUUM", "a syntax error",
-    "a bad parameter", "an error", "a large answer", "a statement larger than the socket takes at once",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "atomic",
+        "raw psycopg execute",
+        "psycopg transaction()",
+        "psycopg pipeline()",
+        "named cursor",
+        "executemany",
+        "copy",
+        "stream",
+        "two statements in one string",
+        "VACUUM",
+        "a syntax error",
+        "a bad parameter",
+        "an error",
+        "a large answer",
+        "a statement larger than the socket takes at once",
+    ],
+)
 def test_whichever_way_the_first_statement_goes_the_session_is_reset_first(one_connection, path):
     pid = backend_pid()
     connection.close()

@@ -53,8 +53,19 @@ def served(request):
     port = free_port()
     if request.param == "gunicorn":
         command = [
-            sys.executable, "-m", "gunicorn", "tests.wsgi:application", "--preload",
-            "-k", "gthread", "--workers", "1", "--threads", "8", "-b", f"127.0.0.1:{port}",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "tests.wsgi:application",
+            "--preload",
+            "-k",
+            "gthread",
+            "--workers",
+            "1",
+            "--threads",
+            "8",
+            "-b",
+            f"127.0.0.1:{port}",
         ]
         env = {**server_env(), "PRELOAD_QUERY": "1"}
     else:

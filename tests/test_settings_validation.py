@@ -23,6 +23,7 @@ def ignore_warnings():
     """override_settings(DATABASES=...) warns; the checks read settings.DATABASES, so it is right here."""
     return warnings.catch_warnings(action="ignore", category=UserWarning)
 
+
 BAD = {
     "unknown key": ({"pool": {"max_sise": 5}}, {}, 'did you mean "max_size"'),
     "wrong type": ({"pool": {"max_size": "ten"}}, {}, '["max_size"]: must be an integer >= 1'),
@@ -39,8 +40,15 @@ BAD = {
 
 def settings_dict(options, extra):
     return {
-        "ENGINE": "django_pooled_pg", "NAME": "x", "USER": "", "PASSWORD": "", "HOST": "",
-        "PORT": "", "OPTIONS": options, "CONN_MAX_AGE": 0, **extra,
+        "ENGINE": "django_pooled_pg",
+        "NAME": "x",
+        "USER": "",
+        "PASSWORD": "",
+        "HOST": "",
+        "PORT": "",
+        "OPTIONS": options,
+        "CONN_MAX_AGE": 0,
+        **extra,
     }
 
 

@@ -34,9 +34,20 @@ def start_gunicorn(release: str) -> tuple[subprocess.Popen, str]:
     pytest.importorskip("gunicorn")
     port = free_port()
     command = [
-        sys.executable, "-m", "gunicorn", "tests.wsgi:application", "-k", "gthread",
-        "--workers", str(WORKERS), "--threads", str(THREADS_PER_WORKER), "-b", f"127.0.0.1:{port}",
-        "--graceful-timeout", "5",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "tests.wsgi:application",
+        "-k",
+        "gthread",
+        "--workers",
+        str(WORKERS),
+        "--threads",
+        str(THREADS_PER_WORKER),
+        "-b",
+        f"127.0.0.1:{port}",
+        "--graceful-timeout",
+        "5",
     ]
     env = {**server_env(), "POOLED_PG_RELEASE": release}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,9 +179,9 @@ def test_soak_with_a_server_restart(server, superuser, request):
         total, count = db.execute("SELECT sum(balance), count(*) FROM testapp_account").fetchone()
         assert (total, count) == (ACCOUNTS * BALANCE, ACCOUNTS), "money was created or lost"
         existing = {name for (name,) in db.execute("SELECT name FROM testapp_item WHERE name LIKE 'soak-%%'")}
-        stuck = db.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"
-        ).fetchone()[0]
+        stuck = db.execute("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'").fetchone()[
+            0
+        ]
     assert stuck == 0, "a backend is idle in transaction"
     for release, load in loads.items():
         ok = sum(n for (kind, status), n in load.statuses.items() if status == 200)

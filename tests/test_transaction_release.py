@@ -334,9 +334,11 @@ def test_session_changes_pin_until_the_request_ends(change):
     assert pool_in_use() == 0
     with pinned():
         with connection.cursor() as cursor:
-            cursor.execute("SELECT current_setting('work_mem'), (SELECT count(*) FROM pg_listening_channels()),"
-                           " (SELECT count(*) FROM pg_prepared_statements),"
-                           " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')")
+            cursor.execute(
+                "SELECT current_setting('work_mem'), (SELECT count(*) FROM pg_listening_channels()),"
+                " (SELECT count(*) FROM pg_prepared_statements),"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')"
+            )
             assert cursor.fetchone() == ("4MB", 0, 0, 0)
 
 

@@ -68,13 +68,16 @@ class PgBouncer:
         deadline = time.monotonic() + 15
         while True:
             try:
-                with psycopg.connect(host=self.host, port=self.port, user=self.cluster.user,
-                                     dbname="postgres", connect_timeout=2):
+                with psycopg.connect(
+                    host=self.host, port=self.port, user=self.cluster.user, dbname="postgres", connect_timeout=2
+                ):
                     return self
             except psycopg.OperationalError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    log = (self.dir / "pgbouncer.log")
-                    raise RuntimeError("pgbouncer did not start:\n" + (log.read_text() if log.exists() else "")) from None
+                    log = self.dir / "pgbouncer.log"
+                    raise RuntimeError(
+                        "pgbouncer did not start:\n" + (log.read_text() if log.exists() else "")
+                    ) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

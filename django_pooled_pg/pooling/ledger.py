@@ -119,8 +119,14 @@ class BorrowLedger:
         local storage, so the connection is lost if the thread ends: return it then."""
         leak_timeout = pool.settings.leak_timeout
         borrow = Borrow(
-            alias, pool, conn, threading.current_thread(), time.monotonic(), current_view.get(),
-            capture_frames(3) if leak_timeout else None, holder=holder,
+            alias,
+            pool,
+            conn,
+            threading.current_thread(),
+            time.monotonic(),
+            current_view.get(),
+            capture_frames(3) if leak_timeout else None,
+            holder=holder,
         )
         self.borrows[id(conn)] = borrow
         self.stats_for(alias).borrows += 1
@@ -193,16 +199,16 @@ class BorrowLedger:
         stats.rollbacks += outcome.rolled_back
         stats.hold.record(time.monotonic() - borrow.started)
         eventlog.warn(
-            "a thread ended holding a connection", borrow.alias, borrow.view,
-            "thread %r ended holding a connection to database %r%s without closing it; "
-            "it was returned to the pool%s",
-            borrow.thread.name, borrow.alias,
+            "a thread ended holding a connection",
+            borrow.alias,
+            borrow.view,
+            "thread %r ended holding a connection to database %r%s without closing it; it was returned to the pool%s",
+            borrow.thread.name,
+            borrow.alias,
             f" (view {borrow.view})" if borrow.view else "",
             " after a rollback" if outcome.rolled_back else "",
         )
-        signals.connection_reclaimed.send(
-            sender=self.__class__, alias=borrow.alias, thread=borrow.thread.name
-        )
+        signals.connection_reclaimed.send(sender=self.__class__, alias=borrow.alias, thread=borrow.thread.name)
         return 1
 
     def _start_reaper(self) -> None:
@@ -235,15 +241,25 @@ class BorrowLedger:
             self.stats_for(borrow.alias).leaks += 1
             stack = borrow.stack()
             eventlog.warn(
-                "a connection held longer than leak_timeout", borrow.alias, borrow.view,
+                "a connection held longer than leak_timeout",
+                borrow.alias,
+                borrow.view,
                 "connection to database %r held for %.1fs by thread %r%s, longer than "
                 "leak_timeout=%gs; it was borrowed at:\n%s",
-                borrow.alias, held, borrow.thread.name,
-                f" (view {borrow.view})" if borrow.view else "", limit, stack,
+                borrow.alias,
+                held,
+                borrow.thread.name,
+                f" (view {borrow.view})" if borrow.view else "",
+                limit,
+                stack,
             )
             signals.leak_reported.send(
-                sender=self.__class__, alias=borrow.alias, held=held, stack=stack,
-                thread=borrow.thread.name, view=borrow.view,
+                sender=self.__class__,
+                alias=borrow.alias,
+                held=held,
+                stack=stack,
+                thread=borrow.thread.name,
+                view=borrow.view,
             )
         return reported
 

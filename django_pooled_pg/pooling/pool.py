@@ -201,7 +201,8 @@ class Pool(ConnectionPool):
             raise PoolExhausted(
                 f"pool of database {self.alias!r} is exhausted: {self.max_waiting} borrowers "
                 f"already waiting (max_waiting). {self.describe()}",
-                alias=self.alias, state=self.describe(),
+                alias=self.alias,
+                state=self.describe(),
             ) from exc
         except PoolTimeout as exc:
             raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
@@ -411,18 +412,18 @@ class Pool(ConnectionPool):
             cause = self.health.last_error
             hint = ""
             if "unsupported startup parameter" in str(cause):
-                hint = (' (behind PgBouncer? set OPTIONS["pool"]["behind_pgbouncer"] = True, '
-                        "see the README)")
+                hint = ' (behind PgBouncer? set OPTIONS["pool"]["behind_pgbouncer"] = True, see the README)'
             error: PoolError = DatabaseUnavailable(
                 f"database {self.alias!r} is unavailable: {str(cause).strip()}{hint}",
-                alias=self.alias, state=state,
+                alias=self.alias,
+                state=state,
             )
             error.__cause__ = cause
             return error
         return PoolExhausted(
-            f"no connection to database {self.alias!r} within {waited:g}s: all "
-            f"{self.max_size} in use. {state}",
-            alias=self.alias, state=state,
+            f"no connection to database {self.alias!r} within {waited:g}s: all {self.max_size} in use. {state}",
+            alias=self.alias,
+            state=state,
         )
 
     def describe(self) -> str:

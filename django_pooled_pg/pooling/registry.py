@@ -53,9 +53,7 @@ class PoolRegistry:
         #: ENGINE starts the statistics publisher with the first pool); the core imports none.
         self.pool_created: list[Callable[[str], None]] = []
 
-    def pool_for(
-        self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]
-    ) -> ConnectionPool:
+    def pool_for(self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]) -> ConnectionPool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
         pool = self.current(alias, fingerprint)
         if pool is not None:

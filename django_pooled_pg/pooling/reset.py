@@ -256,9 +256,14 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
         conn.close()
         raise OperationalError("the connection's session reset failed; it was closed")
     _reset_done(conn)
-    if results and results[0].status == ExecStatus.FATAL_ERROR and results[0].error_field(
-        0x43  # PG_DIAG_SQLSTATE ('C')
-    ) == _SYNTAX_ERROR:
+    if (
+        results
+        and results[0].status == ExecStatus.FATAL_ERROR
+        and results[0].error_field(
+            0x43  # PG_DIAG_SQLSTATE ('C')
+        )
+        == _SYNTAX_ERROR
+    ):
         # Several statements in one string, which only the simple protocol takes (or a syntax
         # error): nothing ran. The session is reset; the statement goes again the usual way.
         return (yield from cur._execute_gen(query, params, binary=binary))

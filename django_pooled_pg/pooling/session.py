@@ -48,10 +48,22 @@ BASELINE_QUERY = "SELECT name, setting FROM pg_settings WHERE source = 'session'
 #: release="transaction" (the README lists them; base.SessionTrackingMixin reads them). SET LOCAL
 #: has the tag SET too: it pins until the request ends, harmlessly. CREATE TABLE / VIEW / SEQUENCE may make a
 #: temporary one; the tag does not say, so they all pin, harmlessly.
-PINNING_TAGS = frozenset({
-    b"SET", b"RESET", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE", b"LOAD", b"DO",
-    b"DECLARE CURSOR", b"CREATE TABLE", b"CREATE VIEW", b"CREATE SEQUENCE",
-})
+PINNING_TAGS = frozenset(
+    {
+        b"SET",
+        b"RESET",
+        b"LISTEN",
+        b"UNLISTEN",
+        b"PREPARE",
+        b"DEALLOCATE",
+        b"LOAD",
+        b"DO",
+        b"DECLARE CURSOR",
+        b"CREATE TABLE",
+        b"CREATE VIEW",
+        b"CREATE SEQUENCE",
+    }
+)
 
 
 def _quote(value: str) -> str:

@@ -76,15 +76,21 @@ class Histogram:
         """count, mean, p50, p95, p99, max (seconds)."""
         mean = self.total_us / self.count / 1_000_000 if self.count else 0.0
         return {
-            "count": self.count, "mean": mean, "p50": self.percentile(50),
-            "p95": self.percentile(95), "p99": self.percentile(99), "max": self.max_us / 1_000_000,
+            "count": self.count,
+            "mean": mean,
+            "p50": self.percentile(50),
+            "p95": self.percentile(95),
+            "p99": self.percentile(99),
+            "max": self.max_us / 1_000_000,
         }
 
     def to_dict(self) -> dict[str, Any]:
         """A compact form for publishing: only the buckets in use."""
         return {
             "buckets": {str(i): n for i, n in enumerate(self.counts) if n},
-            "count": self.count, "total_us": self.total_us, "max_us": self.max_us,
+            "count": self.count,
+            "total_us": self.total_us,
+            "max_us": self.max_us,
         }
 
     @classmethod

@@ -201,18 +201,14 @@ class FleetStats:
             for p in alias.live:
                 s, where = p.snapshot, f"pool {alias.alias!r} of {p.host}:{p.pid}"
                 if p.saturated:
-                    found.append(
-                        f"{where} is saturated: {s.in_use}/{s.max_size} in use, {s.waiting} waiting"
-                    )
+                    found.append(f"{where} is saturated: {s.in_use}/{s.max_size} in use, {s.waiting} waiting")
                 for counter, words in (
                     ("exhausted", "borrowers timed out"),
                     ("unavailable", "borrowers found the database unavailable"),
                 ):
                     since = p.since(counter)
                     if since is not None and since <= window:
-                        found.append(
-                            f"{where}: {words} {since:.0f}s ago ({s.counters.get(counter, 0)} in all)"
-                        )
+                        found.append(f"{where}: {words} {since:.0f}s ago ({s.counters.get(counter, 0)} in all)")
                 since = p.since("leaks")
                 if s.leaked_now or (since is not None and since <= window):
                     found.append(
@@ -263,7 +259,6 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
     import psycopg
     from django.db import connections
 
-
     using = using or read_stats_settings().database
     fleet = FleetStats(taken_at=time.time(), stats_database=using)
     configured = pooled_aliases()
@@ -274,9 +269,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
             where, params = ("WHERE alias = %s", [alias]) if alias else ("", [])
             rows = conn.execute(ROWS.format(where=where), params).fetchall()
     except psycopg.errors.UndefinedTable:
-        fleet.errors.append(
-            f"no statistics table in database {using!r}: run `manage.py migrate django_pooled_pg`"
-        )
+        fleet.errors.append(f"no statistics table in database {using!r}: run `manage.py migrate django_pooled_pg`")
     except psycopg.Error as exc:
         fleet.errors.append(f"could not read statistics from database {using!r}: {describe_error(exc)}")
 

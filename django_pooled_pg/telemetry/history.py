@@ -172,7 +172,6 @@ def read(alias: str | None = None, *, using: str | None = None, window: float = 
     """
     import psycopg
 
-
     using = using or read_stats_settings().database
     history = History()
     where, params = ("AND alias = %(alias)s", {"alias": alias}) if alias else ("", {})

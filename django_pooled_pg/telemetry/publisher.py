@@ -131,9 +131,7 @@ class Publisher:
         """Write this process's snapshots now; the number of rows written (0: skipped)."""
         config = config or read_stats_settings()
         snapshots = snapshot.take()  # before taking a connection: it must not see our own
-        rows = [
-            (s.host, s.pid, s.alias, s.started_at, config.stale_after, s.to_dict()) for s in snapshots
-        ]
+        rows = [(s.host, s.pid, s.alias, s.started_at, config.stale_after, s.to_dict()) for s in snapshots]
         host, pid = snapshot.hostname(), os.getpid()
         points = history.points(snapshots)  # the admin chart's, at most one per history.STEP
         return self._write(config, rows, host, pid, [s.alias for s in snapshots], points=points)
@@ -150,13 +148,19 @@ class Publisher:
             pass
 
     def _write(
-        self, config: StatsSettings, rows: list[tuple[Any, ...]], host: str, pid: int,
-        aliases: list[str], *, prune: bool = True, idle_only: bool = False,
+        self,
+        config: StatsSettings,
+        rows: list[tuple[Any, ...]],
+        host: str,
+        pid: int,
+        aliases: list[str],
+        *,
+        prune: bool = True,
+        idle_only: bool = False,
         points: list[tuple[Any, ...]] | None = None,
     ) -> int:
         import psycopg
         from psycopg.types.json import Jsonb
-
 
         def run(conn: Any) -> None:
             ms = max(1, int(config.publish_timeout * 1000))
@@ -184,8 +188,11 @@ class Publisher:
             # only when it cannot serve within PUBLISH_TIMEOUT (saturated, stuck, failing),
             # which is when the statistics matter most.
             failing = getattr(getattr(pool, "health", None), "failing", False)
-            if pool is not None and not pool.closed and not failing and (
-                not idle_only or pool.get_stats().get("pool_available", 0) > 0
+            if (
+                pool is not None
+                and not pool.closed
+                and not failing
+                and (not idle_only or pool.get_stats().get("pool_available", 0) > 0)
             ):
                 try:
                     conn = pool.getconn(timeout=0.01 if idle_only else config.publish_timeout)
@@ -199,9 +206,7 @@ class Publisher:
                     return self._done(len(rows))
             if idle_only:
                 return 0
-            params = plain_connection_params(
-                config.database, f"dpp-publish {host}:{pid}"[:63], config.publish_timeout
-            )
+            params = plain_connection_params(config.database, f"dpp-publish {host}:{pid}"[:63], config.publish_timeout)
             try:
                 conn = psycopg.connect(**params)
             except psycopg.OperationalError as exc:
@@ -216,9 +221,12 @@ class Publisher:
             self.skipped += 1
             self.last_outcome = "no-table"
             self._log_once(
-                "no-table", logging.INFO,
+                "no-table",
+                logging.INFO,
                 "pool statistics not published: table %s does not exist in database %r yet; run "
-                "`manage.py migrate django_pooled_pg` (retrying every interval)", TABLE, config.database,
+                "`manage.py migrate django_pooled_pg` (retrying every interval)",
+                TABLE,
+                config.database,
             )
             return 0
         except psycopg.Error as exc:

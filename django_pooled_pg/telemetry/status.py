@@ -114,11 +114,23 @@ def _server(entry: AliasFleet) -> dict[str, Any] | None:
     rows = []
     for p in entry.processes:
         if p.server is not None:
-            rows.append({"key": f"{p.host}:{p.pid}", "stale": p.stale, "saturated": False,
-                         "cells": _server_cells(f"{p.host}:{p.pid}" + (" (stale)" if p.stale else ""), p.server)})
+            rows.append(
+                {
+                    "key": f"{p.host}:{p.pid}",
+                    "stale": p.stale,
+                    "saturated": False,
+                    "cells": _server_cells(f"{p.host}:{p.pid}" + (" (stale)" if p.stale else ""), p.server),
+                }
+            )
     for key, count in sorted(entry.unpublished.items()):
-        rows.append({"key": key, "stale": True, "saturated": False,
-                     "cells": [f"{key} (not publishing)", str(count), "–", "–", "–", "–"]})
+        rows.append(
+            {
+                "key": key,
+                "stale": True,
+                "saturated": False,
+                "cells": [f"{key} (not publishing)", str(count), "–", "–", "–", "–"],
+            }
+        )
     idle_in_tx = view.by_state["idle in transaction"]
     return {
         "total": str(view.total),
@@ -200,7 +212,9 @@ def _gaps(times: list[float], step: float) -> list[bool]:
     return [i > 0 and times[i] - times[i - 1] > step * 2 for i in range(len(times))]
 
 
-def chart(series: Series | None, window: float, live: AliasFleet | None = None, now: float | None = None) -> dict[str, Any]:
+def chart(
+    series: Series | None, window: float, live: AliasFleet | None = None, now: float | None = None
+) -> dict[str, Any]:
     """Geometry of one alias's two charts, as SVG path data in a fixed coordinate system:
     connections (in use, waiting, the pools' max size: 30-second averages over the fleet, ending
     with the ``live`` totals now) and the p95 wait (the worst process's per bucket)."""

@@ -51,7 +51,9 @@ def index(request: HttpRequest) -> HttpResponse:
         ("/admin/", "the admin"),
         ("/admin/django_pooled_pg/poolsnapshot/", "the pool status page (every process, the server's view)"),
     ]
-    items = "\n".join(f'<li><a href="{escape(url)}">{escape(url)}</a> &mdash; {escape(text)}</li>' for url, text in links)
+    items = "\n".join(
+        f'<li><a href="{escape(url)}">{escape(url)}</a> &mdash; {escape(text)}</li>' for url, text in links
+    )
     return HttpResponse(
         "<!doctype html><html><head><meta charset='utf-8'><title>django-pooled-pg demo shop</title></head>"
         "<body><h1>django-pooled-pg demo shop</h1>"
@@ -67,10 +69,13 @@ def listings(request: HttpRequest) -> JsonResponse:
     """An ordinary ORM list page: the newest 50 listings, every column, with their product and
     seller joined in (one 2 KB SELECT of 39 columns)."""
     rows = Listing.objects.select_related("product", "seller").order_by("-created_at")[:50]
-    return JsonResponse({"listings": [
-        {**model_to_dict(row), "product": product_json(row.product), "seller": row.seller.name}
-        for row in rows
-    ]})
+    return JsonResponse(
+        {
+            "listings": [
+                {**model_to_dict(row), "product": product_json(row.product), "seller": row.seller.name} for row in rows
+            ]
+        }
+    )
 
 
 def three(request: HttpRequest) -> JsonResponse:

@@ -75,9 +75,14 @@ def pool_state(request):
         if not b.parked or not b.thread.is_alive()  # (a living thread's kept one is free to take)
     ]
     counters = {alias: stats.counters() for alias, stats in ledger.stats.items()}
-    return JsonResponse({
-        "in_use": in_use, "counters": counters, "threads": threading.active_count(), "pid": os.getpid(),
-    })
+    return JsonResponse(
+        {
+            "in_use": in_use,
+            "counters": counters,
+            "threads": threading.active_count(),
+            "pid": os.getpid(),
+        }
+    )
 
 
 def query_wait_query(request):

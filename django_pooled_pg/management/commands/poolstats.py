@@ -98,7 +98,9 @@ def server_cells(view: ServerView | None) -> list[str]:
         return ["-", "-", "-", "-"]
     oldest = view.longest["idle in transaction"]
     return [
-        str(view.total), str(view.by_state["active"]), str(view.by_state["idle"]),
+        str(view.total),
+        str(view.by_state["active"]),
+        str(view.by_state["idle"]),
         f"{view.by_state['idle in transaction']}" + (f" ({duration(oldest)})" if oldest else ""),
     ]
 
@@ -174,7 +176,9 @@ def render_alias(entry: AliasFleet) -> list[str]:
 def render(fleet: FleetStats) -> str:
     when = datetime.fromtimestamp(fleet.taken_at).strftime("%Y-%m-%d %H:%M:%S")
     processes = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
-    out = [f"poolstats {when}: {len(processes)} live process(es), statistics in database alias {fleet.stats_database!r}"]
+    out = [
+        f"poolstats {when}: {len(processes)} live process(es), statistics in database alias {fleet.stats_database!r}"
+    ]
     for entry in fleet.aliases.values():
         out.append("")
         out += render_alias(entry)

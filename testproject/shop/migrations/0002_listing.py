@@ -6,46 +6,62 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('shop', '0001_initial'),
+        ("shop", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Listing',
+            name="Listing",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('title', models.CharField(max_length=200)),
-                ('subtitle', models.CharField(blank=True, max_length=200)),
-                ('description', models.TextField(blank=True)),
-                ('condition', models.CharField(choices=[('new', 'New'), ('used', 'Used'), ('refurbished', 'Refurbished')], default='new', max_length=12)),
-                ('price', models.DecimalField(decimal_places=2, max_digits=10)),
-                ('shipping_price', models.DecimalField(decimal_places=2, default=0, max_digits=8)),
-                ('currency', models.CharField(default='EUR', max_length=3)),
-                ('quantity', models.PositiveIntegerField(default=1)),
-                ('sold', models.PositiveIntegerField(default=0)),
-                ('views', models.PositiveIntegerField(default=0)),
-                ('watchers', models.PositiveIntegerField(default=0)),
-                ('weight_grams', models.PositiveIntegerField(default=0)),
-                ('width_mm', models.PositiveIntegerField(default=0)),
-                ('height_mm', models.PositiveIntegerField(default=0)),
-                ('depth_mm', models.PositiveIntegerField(default=0)),
-                ('color', models.CharField(blank=True, max_length=30)),
-                ('material', models.CharField(blank=True, max_length=30)),
-                ('brand', models.CharField(blank=True, max_length=60)),
-                ('ean', models.CharField(blank=True, max_length=13)),
-                ('location_city', models.CharField(blank=True, max_length=60)),
-                ('location_country', models.CharField(blank=True, max_length=2)),
-                ('is_active', models.BooleanField(default=True)),
-                ('is_featured', models.BooleanField(default=False)),
-                ('accepts_returns', models.BooleanField(default=True)),
-                ('rating', models.FloatField(default=0)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('ends_on', models.DateField(blank=True, null=True)),
-                ('product', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='listings', to='shop.product')),
-                ('seller', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='listings', to='shop.customer')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("title", models.CharField(max_length=200)),
+                ("subtitle", models.CharField(blank=True, max_length=200)),
+                ("description", models.TextField(blank=True)),
+                (
+                    "condition",
+                    models.CharField(
+                        choices=[("new", "New"), ("used", "Used"), ("refurbished", "Refurbished")],
+                        default="new",
+                        max_length=12,
+                    ),
+                ),
+                ("price", models.DecimalField(decimal_places=2, max_digits=10)),
+                ("shipping_price", models.DecimalField(decimal_places=2, default=0, max_digits=8)),
+                ("currency", models.CharField(default="EUR", max_length=3)),
+                ("quantity", models.PositiveIntegerField(default=1)),
+                ("sold", models.PositiveIntegerField(default=0)),
+                ("views", models.PositiveIntegerField(default=0)),
+                ("watchers", models.PositiveIntegerField(default=0)),
+                ("weight_grams", models.PositiveIntegerField(default=0)),
+                ("width_mm", models.PositiveIntegerField(default=0)),
+                ("height_mm", models.PositiveIntegerField(default=0)),
+                ("depth_mm", models.PositiveIntegerField(default=0)),
+                ("color", models.CharField(blank=True, max_length=30)),
+                ("material", models.CharField(blank=True, max_length=30)),
+                ("brand", models.CharField(blank=True, max_length=60)),
+                ("ean", models.CharField(blank=True, max_length=13)),
+                ("location_city", models.CharField(blank=True, max_length=60)),
+                ("location_country", models.CharField(blank=True, max_length=2)),
+                ("is_active", models.BooleanField(default=True)),
+                ("is_featured", models.BooleanField(default=False)),
+                ("accepts_returns", models.BooleanField(default=True)),
+                ("rating", models.FloatField(default=0)),
+                ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("ends_on", models.DateField(blank=True, null=True)),
+                (
+                    "product",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="listings", to="shop.product"
+                    ),
+                ),
+                (
+                    "seller",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="listings", to="shop.customer"
+                    ),
+                ),
             ],
         ),
     ]

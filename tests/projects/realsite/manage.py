@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """The sample project's manage.py, as `django-admin startproject` writes it."""
+
 import os
 import sys
 

@@ -75,13 +75,19 @@ class Command(BaseCommand):
             lines = []
             for order in new_orders:
                 for product in rng.sample(all_products, rng.randint(1, 4)):
-                    lines.append(OrderLine(order=order, product=product, quantity=rng.randint(1, 5), price=product.price))
+                    lines.append(
+                        OrderLine(order=order, product=product, quantity=rng.randint(1, 5), price=product.price)
+                    )
             OrderLine.objects.bulk_create(lines)
 
         missing = listings - Listing.objects.count()
         if missing > 0:
-            self.add_listings(rng, missing, list(Product.objects.order_by("pk")[:products]),
-                              list(Customer.objects.order_by("pk")[:customers]))
+            self.add_listings(
+                rng,
+                missing,
+                list(Product.objects.order_by("pk")[:products]),
+                list(Customer.objects.order_by("pk")[:customers]),
+            )
 
         self.stdout.write(
             f"shop: {Product.objects.count()} products, {Customer.objects.count()} customers, "
@@ -94,20 +100,30 @@ class Command(BaseCommand):
         Listing.objects.bulk_create(
             [
                 Listing(
-                    product=(product := rng.choice(products)), seller=rng.choice(customers),
+                    product=(product := rng.choice(products)),
+                    seller=rng.choice(customers),
                     title=f"{product.name}, {rng.choice(WORDS)} edition",
                     subtitle=f"{rng.choice(WORDS).title()} and {rng.choice(WORDS)}",
                     description=" ".join(rng.choice(WORDS) for _ in range(40)),
                     condition=rng.choice(Listing.Condition.values),
-                    price=product.price, shipping_price=Decimal(rng.randint(0, 999)) / 100,
-                    quantity=rng.randint(1, 50), sold=rng.randint(0, 200), views=rng.randint(0, 10000),
-                    watchers=rng.randint(0, 300), weight_grams=rng.randint(50, 5000),
-                    width_mm=rng.randint(10, 900), height_mm=rng.randint(10, 900), depth_mm=rng.randint(10, 900),
-                    color=rng.choice(WORDS[:5]), material=rng.choice(("steel", "wood", "paper", "glass", "linen")),
-                    brand=f"Brand {rng.randint(1, 40)}", ean=f"{rng.randint(0, 10**13 - 1):013d}",
+                    price=product.price,
+                    shipping_price=Decimal(rng.randint(0, 999)) / 100,
+                    quantity=rng.randint(1, 50),
+                    sold=rng.randint(0, 200),
+                    views=rng.randint(0, 10000),
+                    watchers=rng.randint(0, 300),
+                    weight_grams=rng.randint(50, 5000),
+                    width_mm=rng.randint(10, 900),
+                    height_mm=rng.randint(10, 900),
+                    depth_mm=rng.randint(10, 900),
+                    color=rng.choice(WORDS[:5]),
+                    material=rng.choice(("steel", "wood", "paper", "glass", "linen")),
+                    brand=f"Brand {rng.randint(1, 40)}",
+                    ean=f"{rng.randint(0, 10**13 - 1):013d}",
                     location_city=rng.choice(("Lyon", "Porto", "Graz", "Turku", "Gent")),
                     location_country=rng.choice(("FR", "PT", "AT", "FI", "BE")),
-                    is_featured=rng.random() < 0.1, accepts_returns=rng.random() < 0.8,
+                    is_featured=rng.random() < 0.1,
+                    accepts_returns=rng.random() < 0.8,
                     rating=round(rng.uniform(1, 5), 2),
                     created_at=now - timedelta(minutes=rng.randint(0, 60 * 24 * 90)),
                     ends_on=(now + timedelta(days=rng.randint(1, 60))).date(),

@@ -58,5 +58,3 @@ def backend_pid(request):
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return JsonResponse({"pid": cursor.fetchone()[0]})
-
-

@@ -1,5 +1,6 @@
 """The Celery app, set up the way Celery's Django guide says (DJANGO_SETTINGS_MODULE, so
 Celery's Django fix-up runs around every task)."""
+
 import os
 
 from celery import Celery

@@ -49,7 +49,9 @@ else:
     options = {}
 if "prometheus" in TOOLS:
     # django-prometheus's database metrics, on top of our ENGINE (README: "Works with").
-    engine = "django_pooled_pg.contrib.django_prometheus" if ENGINE == "ours" else "django_prometheus.db.backends.postgresql"
+    engine = (
+        "django_pooled_pg.contrib.django_prometheus" if ENGINE == "ours" else "django_prometheus.db.backends.postgresql"
+    )
     INSTALLED_APPS.append("django_prometheus")
     MIDDLEWARE.insert(1, "django_prometheus.middleware.PrometheusBeforeMiddleware")
     MIDDLEWARE.append("django_prometheus.middleware.PrometheusAfterMiddleware")
@@ -110,15 +112,19 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("REALSITE_QUEUE", "realsite")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 ROOT_URLCONF = "realsite.urls"
-TEMPLATES = [{
-    "BACKEND": "django.template.backends.django.DjangoTemplates",
-    "APP_DIRS": True,
-    "OPTIONS": {"context_processors": [
-        "django.template.context_processors.request",
-        "django.contrib.auth.context_processors.auth",
-        "django.contrib.messages.context_processors.messages",
-    ]},
-}]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Pool statistics would start a background thread; the project's tests do not need it.

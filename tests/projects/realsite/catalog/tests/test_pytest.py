@@ -87,7 +87,7 @@ def test_transactional_test(client):
 def test_borrow_block_around_the_client(client):
     """A borrow() block keeps its session across a request made inside it (pinned() keeps it
     between statements with release="transaction" too)."""
-    with borrow() as wrapper, (pinned() if settings.ENGINE == "ours" else nullcontext()):
+    with borrow() as wrapper, pinned() if settings.ENGINE == "ours" else nullcontext():
         with wrapper.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             before = cursor.fetchone()[0]

@@ -9,8 +9,10 @@ from django.db import connection
 
 from catalog.models import Product
 
-needs = {tool: pytest.mark.skipif(tool not in settings.TOOLS, reason=f"REALSITE_TOOLS has no {tool}")
-         for tool in ("toolbar", "sentry", "prometheus", "otel")}
+needs = {
+    tool: pytest.mark.skipif(tool not in settings.TOOLS, reason=f"REALSITE_TOOLS has no {tool}")
+    for tool in ("toolbar", "sentry", "prometheus", "otel")
+}
 
 
 def sql_panel_forms(page: str) -> list[str]:
@@ -107,8 +109,13 @@ def test_sentry_sees_the_wait_for_a_connection(client):
         assert client.get("/pid/").status_code == 200
     thread.join()
     sentry_sdk.flush()
-    spans = [span for env in ENVELOPES for item in env.items
-             if item.type == "transaction" for span in item.payload.json["spans"]]
+    spans = [
+        span
+        for env in ENVELOPES
+        for item in env.items
+        if item.type == "transaction"
+        for span in item.payload.json["spans"]
+    ]
     connects = [s for s in spans if s["op"] == "db" and s["description"] == "connect"]
     assert connects, [(s["op"], s["description"]) for s in spans]
     assert max(_seconds(s["timestamp"]) - _seconds(s["start_timestamp"]) for s in connects) >= 0.4
@@ -162,6 +169,8 @@ def test_opentelemetry_query_spans(client):
     assert client.get("/products/").json()["names"] == ["lamp"]
     spans = exporter.get_finished_spans()
     statements = [s.attributes.get("db.statement") or s.attributes.get("db.query.text") or "" for s in spans]
-    assert any("catalog_product" in text and text.lstrip().upper().startswith("SELECT") for text in statements), statements
+    assert any("catalog_product" in text and text.lstrip().upper().startswith("SELECT") for text in statements), (
+        statements
+    )
     assert any("INSERT" in text for text in statements), statements
     assert any(s.kind.name == "SERVER" for s in spans), [(s.name, s.kind) for s in spans]
