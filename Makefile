@@ -13,9 +13,14 @@ DJANGO_SUITE_ARGS ?=
 BENCH_VENV := .venv/bench
 BENCH_ARGS ?=
 
-.PHONY: test test-django52 test-django6 test-oldest demo django-suite bench screenshot clean
+.PHONY: lint test test-django52 test-django6 test-oldest demo django-suite bench screenshot clean
 
-test: test-django52 test-django6 test-oldest
+test: lint test-django52 test-django6 test-oldest
+
+# ruff's lint and format check (settings in pyproject.toml), in the Django 6 venv.
+lint: $(VENV_DJ6)/.done
+	$(VENV_DJ6)/bin/ruff check .
+	$(VENV_DJ6)/bin/ruff format --check .
 
 test-django52: $(VENV_DJ52)/.done
 	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)

@@ -44,11 +44,9 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -65,7 +63,9 @@ for p in (str(ROOT), str(BENCH)):
 
 import psycopg  # noqa: E402
 
-from testsupport.pgcluster import PgCluster, _run_user  # noqa: E402
+from testsupport.pgbouncer import PgBouncer  # noqa: E402
+from testsupport.pgcluster import PgCluster  # noqa: E402
+from testsupport.ports import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 DB_NAME = "shop"
@@ -100,6 +100,13 @@ RECONNECT_NOTE = (
     "first, splits of 32 as uneven as 0/32 were measured, and the run then measures the split, not "
     "the connection mode."
 )
+#: PgBouncer's settings for the pgbouncer mode (transaction pooling; see testsupport/pgbouncer.py):
+#: exactly default_pool_size server connections, enough client slots for wrk, no reset query
+#: (unused in transaction mode), quiet logs.
+BOUNCER = {
+    "min_pool_size": "0", "reserve_pool_size": "0", "max_client_conn": "2000",
+    "server_reset_query": "", "log_connections": "0", "log_disconnections": "0",
+}  # fmt: skip
 BACKENDS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s"
     " AND pid <> pg_backend_pid()"
@@ -108,12 +115,6 @@ BACKENDS_SQL = (
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] bench: {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # ----- Tools -------------------------------------------------------------------------------------
@@ -268,74 +269,6 @@ class Gunicorn:
             pass
         proc.wait()
         self._log.close()
-
-
-class PgBouncer:
-    """A private PgBouncer (transaction pooling) in front of the cluster, run as the server's user."""
-
-    def __init__(self, binary: str, cluster: PgCluster, pool_size: int, logdir: Path) -> None:
-        self.binary, self.cluster, self.pool_size, self.logdir = binary, cluster, pool_size, logdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir: Path | None = None
-
-    def start(self) -> None:
-        user = _run_user()
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-pgbouncer-", dir="/tmp"))
-        ini = self.dir / "pgbouncer.ini"
-        ini.write_text(
-            "[databases]\n"
-            f"{DB_NAME} = host={self.cluster.host} port={self.cluster.port} dbname={DB_NAME} user={DB_USER}\n"
-            "[pgbouncer]\n"
-            f"listen_addr = {HOST}\nlisten_port = {self.port}\nunix_socket_dir =\n"
-            "auth_type = any\npool_mode = transaction\n"
-            f"default_pool_size = {self.pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
-            "max_client_conn = 2000\nignore_startup_parameters = extra_float_digits\n"
-            f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
-            "log_connections = 0\nlog_disconnections = 0\n"
-        )
-        if user:
-            import pwd
-
-            pw = pwd.getpwnam(user)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            os.chown(ini, pw.pw_uid, pw.pw_gid)
-        cmd = [self.binary, str(ini)]
-        if user:
-            cmd = ["runuser", "-u", user, "--", *cmd]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     cwd="/", start_new_session=True)  # fmt: skip
-        deadline, last = time.monotonic() + 15, None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                psycopg.connect(host=HOST, port=self.port, dbname=DB_NAME, user=DB_USER, connect_timeout=3).close()
-                return
-            except psycopg.OperationalError as exc:
-                last = exc
-                time.sleep(0.1)
-        log_text = (
-            (self.dir / "pgbouncer.log").read_text(errors="replace") if (self.dir / "pgbouncer.log").exists() else ""
-        )
-        self.stop()
-        raise RuntimeError(f"pgbouncer did not start: {last}\n{log_text[-2000:]}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # pgbouncer: SIGINT = safe shutdown
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        if self.dir is not None:
-            if (self.dir / "pgbouncer.log").exists():
-                shutil.copy(self.dir / "pgbouncer.log", self.logdir / f"pgbouncer-{self.port}.log")
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
 
 
 # ----- Measuring ---------------------------------------------------------------------------------
@@ -511,8 +444,14 @@ class Bench:
         out: dict[str, Any] = {}
         try:
             if mode == "pgbouncer":
-                bouncer = PgBouncer(self.tools["pgbouncer"], self.cluster, workers * a.pool_size, self.rawdir)
-                bouncer.start()
+                bouncer = PgBouncer(
+                    self.cluster,
+                    pool_size=workers * a.pool_size,
+                    logdir=self.rawdir,
+                    settings=BOUNCER,
+                    users=(DB_USER,),
+                )
+                bouncer.start(dbname=DB_NAME, user=DB_USER)
             db = database(mode, self.cluster, a.pool_size, a.pool_timeout, bouncer.port if bouncer else None)
             env = django_env(db)
             if "OPTIONS" in db:  # the pool modes: settings validation may refuse them

@@ -61,7 +61,7 @@ class QuietConnectionCreated:
 
 
 def _quiet_signal() -> None:
-    module = sys.modules[BaseDatabaseWrapper.__module__]
+    module: Any = sys.modules[BaseDatabaseWrapper.__module__]
     if not isinstance(module.connection_created, QuietConnectionCreated):
         module.connection_created = QuietConnectionCreated(module.connection_created)
 

@@ -551,7 +551,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if conn._pooled_pg_pending:
             pool.finish_reset(conn)  # the reset it went back with; closed if that failed
         now = time.monotonic()
-        if conn._expire_at > now:  # (past max_lifetime, putconn() below recycles it)
+        if not pool.expired(conn, now):  # (past max_lifetime, putconn() below recycles it)
             if (
                 not conn.closed
                 and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn))

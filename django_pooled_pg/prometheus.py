@@ -63,7 +63,8 @@ def histogram_buckets(data: dict[str, Any]) -> tuple[list[tuple[str, float]], fl
         top = bucket_floor(index + 1) / 1_000_000  # every value in the bucket is below this
         slot = next((i for i, bound in enumerate(BOUNDS) if top <= bound), len(BOUNDS))
         per_bound[slot] += n
-    buckets, running = [], 0
+    buckets: list[tuple[str, float]] = []
+    running = 0
     for bound, n in zip((*map(str, BOUNDS), "+Inf"), per_bound, strict=True):
         running += n
         buckets.append((bound, running))

@@ -152,12 +152,6 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _no_control_socket() -> list[str]:
     """Recent gunicorn opens a control socket at one fixed path per user, which a second server (a
     ``--check`` while the demo runs) would fight over; the demo does not use it."""
@@ -388,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from testsupport.ports import free_port
+
     port = args.port or (free_port() if args.check else 8000)
     if not port_is_free(port):
         print(f"demo: port {port} on {HOST} is in use (another demo running?); pick one with --port", file=sys.stderr)

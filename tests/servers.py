@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,11 @@ import psycopg
 from django.db import connections
 from psycopg import sql
 
+from testsupport.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "testproject"
 WORKERS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 15) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import tempfile
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg
 
 from .pgcluster import PgCluster
+from .ports import free_port
 
 
 def find_pgbouncer() -> str | None:
@@ -25,38 +26,57 @@ def find_pgbouncer() -> str | None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgBouncer:
-    """PgBouncer on 127.0.0.1 forwarding every database name to ``cluster``."""
+    """PgBouncer on 127.0.0.1 forwarding every database name to ``cluster``.
 
-    def __init__(self, cluster: PgCluster, pool_mode: str = "transaction", pool_size: int = 8) -> None:
+    ``settings`` adds or overrides lines of its ``[pgbouncer]`` section (the benchmark sets
+    ``min_pool_size``, ``max_client_conn``, quieter logging); ``users`` may log in besides the
+    cluster's user (trust); ``logdir``, if given, keeps a copy of its log after :meth:`stop`."""
+
+    def __init__(
+        self,
+        cluster: PgCluster,
+        pool_mode: str = "transaction",
+        pool_size: int = 8,
+        *,
+        settings: dict[str, str] | None = None,
+        logdir: Path | None = None,
+        users: tuple[str, ...] = (),
+    ) -> None:
         binary = find_pgbouncer()
         if binary is None:
             raise RuntimeError("pgbouncer is not installed: apt-get install -y pgbouncer")
         self.binary = binary
         self.cluster = cluster
-        self.port = _free_port()
+        self.port = free_port()
         self.host = "127.0.0.1"
+        self.logdir = logdir
         self.dir = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
         self.process: subprocess.Popen[bytes] | None = None
+        options = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(self.dir / "users.txt"),
+            "pool_mode": pool_mode,
+            "default_pool_size": str(pool_size),
+            "max_client_conn": "500",
+            "server_reset_query": "DISCARD ALL",
+            "ignore_startup_parameters": "extra_float_digits",
+            "logfile": str(self.dir / "pgbouncer.log"),
+            "pidfile": str(self.dir / "pgbouncer.pid"),
+            **(settings or {}),
+        }
         (self.dir / "pgbouncer.ini").write_text(
-            "[databases]\n"
-            f"* = host={cluster.host} port={cluster.port}\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\n"
-            f"unix_socket_dir =\nauth_type = trust\nauth_file = {self.dir / 'users.txt'}\n"
-            f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 500\n"
-            "server_reset_query = DISCARD ALL\nignore_startup_parameters = extra_float_digits\n"
-            f"logfile = {self.dir / 'pgbouncer.log'}\n"
+            f"[databases]\n* = host={cluster.host} port={cluster.port}\n[pgbouncer]\n"
+            + "".join(f"{key} = {value}\n" for key, value in options.items())
         )
-        (self.dir / "users.txt").write_text(f'"{cluster.user}" ""\n')
+        (self.dir / "users.txt").write_text("".join(f'"{user}" ""\n' for user in (cluster.user, *users)))
 
-    def start(self) -> PgBouncer:
+    def start(self, *, dbname: str = "postgres", user: str | None = None) -> PgBouncer:
+        """Start it and wait until ``dbname`` answers through it (as ``user``, by default the
+        cluster's)."""
         command = [self.binary, str(self.dir / "pgbouncer.ini")]
         run_as = self.cluster._owner  # the unprivileged user the cluster runs as, when root
         if run_as:
@@ -64,30 +84,38 @@ class PgBouncer:
             for child in self.dir.iterdir():
                 shutil.chown(child, run_as)
             command = ["runuser", "-u", run_as, "--", *command]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd="/",
+            start_new_session=True,
+        )  # fmt: skip
         deadline = time.monotonic() + 15
         while True:
             try:
                 with psycopg.connect(
-                    host=self.host, port=self.port, user=self.cluster.user, dbname="postgres", connect_timeout=2
+                    host=self.host, port=self.port, user=user or self.cluster.user, dbname=dbname, connect_timeout=2
                 ):
                     return self
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     log = self.dir / "pgbouncer.log"
+                    self.stop()
                     raise RuntimeError(
-                        "pgbouncer did not start:\n" + (log.read_text() if log.exists() else "")
+                        f"pgbouncer did not start: {exc}\n" + (log.read_text() if log.exists() else "")
                     ) from None
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)  # PgBouncer's safe shutdown
             try:
-                self.process.wait(timeout=10)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log = self.dir / "pgbouncer.log"
+        if self.logdir is not None and log.exists():
+            shutil.copy(log, self.logdir / f"pgbouncer-{self.port}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgBouncer:

@@ -30,7 +30,6 @@ import importlib.util
 import os
 import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from typing import Any, Self
 
 import psycopg
 from psycopg import sql
+
+from .ports import free_port
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -167,16 +168,6 @@ def _reachable_bindir(bindir: Path, user: str | None) -> Path:
     return dest / prefix / "bin"
 
 
-def _free_port(preferred: int = 0) -> int:
-    """``preferred`` if it can be bound on 127.0.0.1 right now, else a kernel-chosen free port."""
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, preferred))
-        except OSError:
-            s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 _LIVE: set[PgCluster] = set()
 
 
@@ -295,7 +286,7 @@ class PgCluster:
             self._pg("initdb", "-D", self.datadir, *_INITDB_ARGS)
         if self._port is None:  # keep a previous run's port stable when possible
             old = self._read_auto_conf().get("port", "")
-            self._port = _free_port(int(old) if old.isdigit() else 0)
+            self._port = free_port(int(old) if old.isdigit() else 0)
         sock_ok = len(str(self.datadir)) + len("/.s.PGSQL.65535") <= _SOCKET_PATH_MAX
         self._write_auto_conf(
             {

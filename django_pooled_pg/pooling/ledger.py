@@ -131,12 +131,12 @@ class BorrowLedger:
         self.borrows[id(conn)] = borrow
         self.stats_for(alias).borrows += 1
         if owned_by_thread:
-            holder = self._local.__dict__.get("holder")
-            if holder is None:
-                holder = self._local.holder = ThreadHolder(self)
+            thread_holder = self._local.__dict__.get("holder")
+            if thread_holder is None:
+                thread_holder = self._local.holder = ThreadHolder(self)
                 if self._reaper is None:
                     self._start_reaper()
-            holder.borrows.append(borrow)
+            thread_holder.borrows.append(borrow)
         if leak_timeout:
             self._ensure_watchdog(leak_timeout)
         return borrow

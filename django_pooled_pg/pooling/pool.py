@@ -8,6 +8,11 @@ attempt (:class:`ConnectionHealth`), so a borrower facing a failing server gives
 connect attempt's time with :class:`~django_pooled_pg.errors.DatabaseUnavailable` naming the
 cause, and a borrower facing a busy pool gets
 :class:`~django_pooled_pg.errors.PoolExhausted` with the pool's state.
+
+This module is the seam to psycopg_pool: what the package uses of its internals is used here
+and nowhere else, and listed in :data:`PSYCOPG_POOL_INTERNALS`, which ``tests/test_seam.py``
+compares with the installed psycopg_pool (and the rest of the suite exercises: parking,
+probing, recovery). ``pyproject.toml`` pins the psycopg_pool releases that were tested.
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ from .stats import AliasStats
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
 RECENT = 0.05
+
+#: psycopg_pool's internals this module relies on, with the parameters it calls them with
+#: (methods) or None (attributes), and why.
+PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
+    "_lock": None,  # park() decides under the lock where borrowers decide to wait
+    "_waiting": None,  # ...that is, whether a borrower waits (then no parking)
+    "_pool": None,  # the idle connections: a taker prefers them to parked ones
+    "_nconns": None,  # probe(): a connection added by hand counts against max_size
+    "_closed": None,  # park(): nothing is parked in a closed pool
+    "_check": None,  # the user's `check` callback: a pending reset is read before it runs
+    "_connect": ("timeout",),  # probe(): one connection attempt, bounded
+    "_add_to_pool": ("conn",),  # probe(): the connection joins the idle ones (waiters served)
+    "_get_ready_connection": ("timeout",),  # a taker takes a parked connection before waiting
+    "_get_measures": (),  # parked connections count as available in get_stats()
+    "_shrink_pool": (),  # its periodic upkeep also takes back long-parked connections
+    "_reset_connection": ("conn",),  # putconn(): the reset is marked due, not run
+    "_check_connection": ("conn",),  # getconn() with a `check`: a pending reset first
+    "_close_connection": ("conn",),  # a connection closed for max_lifetime/max_idle: recycled
+}
+#: The attribute psycopg_pool sets on each connection it opens: when max_lifetime ends.
+EXPIRE_AT = "_expire_at"
 
 
 class ConnectionHealth:
@@ -153,7 +179,7 @@ class Pool(ConnectionPool):
         elif conn.prepare_threshold is not None:
             # The reset ran DEALLOCATE ALL behind psycopg's back: forget its prepared statements
             # (with prepare_threshold None, Django's default, psycopg never prepares any).
-            conn._prepared.clear()  # type: ignore[attr-defined]
+            conn._prepared.clear()
         return ok
 
     def user_check(self, conn: Connection) -> bool:
@@ -383,7 +409,7 @@ class Pool(ConnectionPool):
             if conn is not None:
                 self.stats.parked_taken += 1
                 return conn
-        return super()._get_ready_connection(timeout)  # type: ignore[no-any-return]
+        return super()._get_ready_connection(timeout)
 
     def _get_measures(self) -> dict[str, int]:
         measures = super()._get_measures()
@@ -425,6 +451,11 @@ class Pool(ConnectionPool):
             alias=self.alias,
             state=state,
         )
+
+    @staticmethod
+    def expired(conn: Connection, now: float) -> bool:
+        """Whether ``conn`` is past its ``max_lifetime`` (``putconn()`` then replaces it)."""
+        return getattr(conn, EXPIRE_AT) <= now
 
     def describe(self) -> str:
         """The pool's state in one line, for logs and errors."""

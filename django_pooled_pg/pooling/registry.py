@@ -68,11 +68,12 @@ class PoolRegistry:
                     self._close_entry(entry)
                 pool.open(wait=False)
                 # A copy: the settings dicts may be edited in place later (tests do).
-                entry = self._entries[alias] = PoolEntry(alias, copy.deepcopy(fingerprint), pool)
+                self._entries[alias] = PoolEntry(alias, copy.deepcopy(fingerprint), pool)
+            pool = self._entries[alias].pool
         if created:
             for hook in self.pool_created:
                 hook(alias)
-        return entry.pool
+        return pool
 
     def current(self, alias: str, fingerprint: Any) -> ConnectionPool | None:
         """The open pool of ``alias`` if it was made for settings ``fingerprint``; None if not

@@ -341,13 +341,13 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
         parsed = parse_application_name(app_name)
         if parsed is not None:
             name, host, pid = parsed
-            entry = on_server.get(name)
-            if entry is None or (entry.database and datname != entry.database):
+            on_alias = on_server.get(name)
+            if on_alias is None or (on_alias.database and datname != on_alias.database):
                 continue
-            entry.server_view.add(state, seconds)  # type: ignore[union-attr]
-            process = by_key.get((name, host, pid))
-            if process is not None and process.server is not None:
-                process.server.add(state, seconds)
+            on_alias.server_view.add(state, seconds)  # type: ignore[union-attr]
+            publisher_of = by_key.get((name, host, pid))
+            if publisher_of is not None and publisher_of.server is not None:
+                publisher_of.server.add(state, seconds)
             elif process is None:
                 key = f"{host}:{pid}"
                 entry.unpublished[key] = entry.unpublished.get(key, 0) + 1
