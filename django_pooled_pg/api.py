@@ -23,6 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.transaction import TransactionManagementError
 
 from . import eventlog
+from .base import reset_connect_state
 
 
 @contextmanager
@@ -178,11 +179,7 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
             wrapper.alias,
         )
     # Django refuses to close inside atomic (it marks the block instead); leave it first.
-    wrapper.in_atomic_block = False
-    wrapper.atomic_blocks = []
-    wrapper.savepoint_ids = []
-    wrapper.needs_rollback = False
-    wrapper.closed_in_transaction = False
+    reset_connect_state(wrapper)
     wrapper._pins = 0
     wrapper.close()
     wrapper.autocommit = wrapper.settings_dict["AUTOCOMMIT"]

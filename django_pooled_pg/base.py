@@ -47,12 +47,12 @@ if not is_psycopg3:
 
 import psycopg
 from psycopg import Connection
-from psycopg_pool import ConnectionPool
 
 from . import apm, signals
 from .creation import DatabaseCreation
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
+from .pooling.connection import PooledConnection
 from .pooling.ledger import capture_frames, current_view, ledger
 from .pooling.pool import RECENT, Pool
 from .pooling.registry import registry
@@ -70,6 +70,8 @@ class SessionTrackingMixin:
     is never read. (Whether to reset needs no cursor: every borrowed connection is reset when it
     goes back, see ``DatabaseWrapper._borrowed``.)"""
 
+    connection: Any  # (psycopg's cursor attribute)
+
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
@@ -77,7 +79,7 @@ class SessionTrackingMixin:
         result = super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
         pgresult = self.pgresult  # type: ignore[attr-defined]
         if pgresult is not None and pgresult.command_status in PINNING_TAGS:
-            self.connection._pooled_pg_changed = True  # type: ignore[attr-defined]
+            self.connection._pooled_pg_changed = True
         return result
 
 
@@ -163,10 +165,10 @@ class SessionSetup:
         #: Set with SET when it cannot travel in the startup packet (behind PgBouncer).
         self.time_zone = time_zone
 
-    def __call__(self, conn: Connection) -> None:
-        conn._pooled_pg_setup = self  # type: ignore[attr-defined]
+    def __call__(self, conn: PooledConnection) -> None:
+        conn._pooled_pg_setup = self
         conn.server_cursor_factory = with_mixins(conn.server_cursor_factory, ResetWithFirstDeclare)
-        conn._pooled_pg_cursors = []  # type: ignore[attr-defined]
+        conn._pooled_pg_cursors = []
         baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
             conn.execute("SELECT set_config('TimeZone', %s, false)", [self.time_zone])
@@ -196,12 +198,12 @@ class SessionSetup:
             self.configure(conn)
         if baseline:
             rows = conn.execute(BASELINE_QUERY).fetchall()
-            conn._pooled_pg_reset = reset_statement(rows).encode()  # type: ignore[attr-defined]
+            conn._pooled_pg_reset = reset_statement(rows).encode()
         else:
-            conn._pooled_pg_reset = RESET_SQL.encode()  # type: ignore[attr-defined]
+            conn._pooled_pg_reset = RESET_SQL.encode()
         # What ran here is the session's baseline, not a borrower's change.
-        conn._pooled_pg_changed = False  # type: ignore[attr-defined]
-        conn._pooled_pg_used = False  # type: ignore[attr-defined]
+        conn._pooled_pg_changed = False
+        conn._pooled_pg_used = False
 
 
 #: (apps.app_configs, whether django.contrib.postgres is in it), see _sync_postgres_types.
@@ -220,12 +222,36 @@ def _called_from(module: str) -> bool:
     return sys._getframe(2).f_globals.get("__name__") == module
 
 
+#: What Django's ``BaseDatabaseWrapper.connect()`` resets for a new connection and a borrow
+#: resets too (the rest of what it sets, the borrow sets its own way: ``connection``, and the
+#: health-check, ``close_at`` and ``run_on_commit`` state in ``init_connection_state()``).
+#: ``tests/test_engine.py`` compares both lists with Django's source, so a Django release that
+#: adds one fails there.
+CONNECT_STATE = ("in_atomic_block", "savepoint_ids", "atomic_blocks", "needs_rollback", "closed_in_transaction",
+                 "errors_occurred")  # fmt: skip
+#: Set by Django's ``connect()`` and by the borrow its own way (see CONNECT_STATE).
+CONNECT_STATE_ELSEWHERE = ("connection", "health_check_enabled", "close_at", "health_check_done", "run_on_commit")
+
+
+def reset_connect_state(wrapper: Any) -> None:
+    """The transaction bookkeeping Django's ``connect()`` resets (:data:`CONNECT_STATE`): before
+    a borrow, and when a connection is given back from inside an ``atomic`` block."""
+    wrapper.in_atomic_block = False
+    wrapper.savepoint_ids = []
+    wrapper.atomic_blocks = []
+    wrapper.needs_rollback = False
+    wrapper.closed_in_transaction = False
+    wrapper.errors_occurred = False
+
+
 class DatabaseWrapper(postgresql.DatabaseWrapper):
+    #: Django's attribute (untyped there): the borrowed connection, or None.
+    connection: Any
     creation_class = DatabaseCreation
     features_class = DatabaseFeatures
 
     #: The pool the current connection was borrowed from; None when not borrowed.
-    _borrowed_from: ConnectionPool | None = None
+    _borrowed_from: Pool | None = None
     #: :attr:`registry.generation` at borrow time: differs in a forked child.
     _borrow_generation: int = -1
     #: release="transaction": give back after each statement / outermost transaction.
@@ -236,7 +262,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     _pins: int = 0
     #: The connection parked after the last statement (release="transaction") or kept after the
     #: last borrow (``Pool.park``); ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
-    _parked: Connection | None = None
+    _parked: PooledConnection | None = None
     #: ``_parked`` was kept at the end of a borrow (:meth:`_keep`), not parked between
     #: statements: taking it back is a new borrow.
     _kept: bool = False
@@ -378,24 +404,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return super().connect()
         if apm.connect_is_wrapped():
             return apm.connect_through_wrapper(self)
-        # The bookkeeping of BaseDatabaseWrapper.connect(), which a borrow still needs.
-        self.in_atomic_block = False
-        self.savepoint_ids = []
-        self.atomic_blocks = []
-        self.needs_rollback = False
-        self.closed_in_transaction = False
-        self.errors_occurred = False
+        reset_connect_state(self)
         self.connection = self._borrowed()
         self.init_connection_state()
 
-    def get_new_connection(self, conn_params: Any) -> Connection:
+    def get_new_connection(self, conn_params: Any) -> PooledConnection:
         """A connection borrowed from the pool (the pool opened it with this alias's settings,
         so ``conn_params`` is not needed); Django's new connection when not pooled."""
         if not self.pooled:
             return super().get_new_connection(conn_params)
         return self._borrowed()
 
-    def _borrowed(self) -> Connection:
+    def _borrowed(self) -> PooledConnection:
         """Borrow: the connection this thread kept at its last return if it is still free
         (:meth:`_take_back_kept`), else one from the pool.
 
@@ -403,6 +423,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         reset cannot be fooled by what a borrower ran (see :mod:`.session`), and is sent
         without waiting for its answer (:func:`.release.send_reset`)."""
         pool = self.pool
+        assert pool is not None  # (connect() borrows only when pooled)
         if self._kept:
             conn = self._take_back_kept(pool)
             if conn is not None:
@@ -419,7 +440,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # thread ends; one shared across threads (inc_thread_sharing) is not.
         owned = self._owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned, holder=id(self))
-        conn._pooled_pg_used = True  # type: ignore[attr-defined]
+        conn._pooled_pg_used = True
         self._wait = self._borrow.started - started
         pool.stats.wait.record(self._wait)
         self._borrowed_from = pool
@@ -450,7 +471,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if self.alias not in RAN_DB_VERSION_CHECK:
             self.check_database_version_supported()
             RAN_DB_VERSION_CHECK.add(self.alias)
-        self.run_on_commit = []
+        self.run_on_commit: list[Any] = []
         self._sync_postgres_types(conn)
         self._per_statement = self._borrowed_from.settings.release == "transaction"
         if signals.connection_borrowed.receivers:
@@ -465,7 +486,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         pool_error.set(error)
         signals.pool_exhausted.send(sender=type(self), alias=self.alias, error=error)
 
-    def _sync_postgres_types(self, conn: Connection) -> None:
+    def _sync_postgres_types(self, conn: PooledConnection) -> None:
         """Register django.contrib.postgres's hstore/citext adapters again when they are stale.
 
         Its ``connection_created`` receiver registers them per connection with type OIDs it
@@ -483,9 +504,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not _contrib_postgres_installed[1]:
             return
         oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
-        if getattr(conn, "_pooled_pg_type_oids", None) != oids:
+        if conn._pooled_pg_type_oids != oids:
             signals.register_type_handlers(self)
-            conn._pooled_pg_type_oids = oids  # type: ignore[attr-defined]
+            conn._pooled_pg_type_oids = oids
 
     def _close(self, keep: bool = True) -> None:
         """Give the connection back to its pool, clean, or discard it.
@@ -522,7 +543,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not was_parked:
             self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back)
 
-    def _keep(self, pool: Pool, conn: Connection, borrow: Any) -> bool:
+    def _keep(self, pool: Pool, conn: PooledConnection, borrow: Any) -> bool:
         """Keep a clean, returned connection for this thread's next borrow (HikariCP keeps a
         thread's last connections the same way): parked in its pool, where any borrower that
         finds no idle connection takes it (:meth:`Pool.park`), and taken back by
@@ -537,7 +558,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._borrowed_from = pool
         return True
 
-    def _take_back_kept(self, pool: Pool) -> Connection | None:
+    def _take_back_kept(self, pool: Pool) -> PooledConnection | None:
         """The connection this thread kept at its last return, for a new borrow; None if another
         borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
         kept_in = self._borrowed_from
@@ -546,6 +567,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return None
         if kept_in is not pool:  # the alias has a new pool (its settings changed): back to the old
             ledger.forget(conn)
+            assert kept_in is not None  # (_unpark() found the connection kept in it)
             kept_in.putconn(conn)
             return None
         if conn._pooled_pg_pending:
@@ -565,7 +587,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         pool.putconn(conn)
         return None
 
-    def _borrowed_again(self, pool: Pool, conn: Connection, now: float) -> Connection:
+    def _borrowed_again(self, pool: Pool, conn: PooledConnection, now: float) -> PooledConnection:
         """The bookkeeping of get_new_connection for a connection taken back by its borrower."""
         borrow = self._borrow
         borrow.parked = False
@@ -612,13 +634,18 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     # ----- Parking between statements (release="transaction") -----------------------------------
 
-    def _unpark(self) -> Connection | None:
+    def _unpark(self) -> PooledConnection | None:
         """The parked connection, taken back from the pool; None if another borrower or the pool
         took it meanwhile (or it is the parent's, inherited over fork)."""
         conn, pool = self._parked, self._borrowed_from
         self._parked = None
         self._kept = False
-        if pool is None or self._borrow_generation != registry.generation or self._borrow.holder != id(self):
+        if (
+            pool is None
+            or conn is None
+            or self._borrow_generation != registry.generation
+            or self._borrow.holder != id(self)
+        ):
             self._borrowed_from = None  # not ours to touch: the parent's (fork), or a copy's original's
             return None
         if not pool.unpark(conn, self._borrow):
@@ -636,7 +663,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.connection = conn
         now = time.monotonic()
         pool = self._borrowed_from
-        if conn._expire_at <= now:
+        assert pool is not None  # (_unpark() found the connection parked in it)
+        if pool.expired(conn, now):
             self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False
         if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):

@@ -294,3 +294,33 @@ def test_close_pool_and_new_pool_on_settings_change():
     assert pool.closed
     Item.objects.count()
     assert connection.pool is not pool and not connection.pool.closed
+
+
+def test_a_borrow_resets_what_djangos_connect_resets():
+    """Every attribute Django's BaseDatabaseWrapper.connect() sets is reset by a borrow
+    (base.CONNECT_STATE) or set by the borrow its own way (CONNECT_STATE_ELSEWHERE): a Django
+    release that adds one to connect() fails here, before a borrow leaves it stale."""
+    import ast
+    import inspect
+    import textwrap
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    from django_pooled_pg.base import CONNECT_STATE, CONNECT_STATE_ELSEWHERE, reset_connect_state
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(BaseDatabaseWrapper.connect)))
+    django_sets = {
+        target.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Attribute) and getattr(target.value, "id", "") == "self"
+    }
+    assert django_sets == set(CONNECT_STATE) | set(CONNECT_STATE_ELSEWHERE)
+
+    class Wrapper:
+        pass
+
+    wrapper = Wrapper()
+    reset_connect_state(wrapper)
+    assert set(vars(wrapper)) == set(CONNECT_STATE)

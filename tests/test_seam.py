@@ -11,7 +11,7 @@ import psycopg_pool
 import pytest
 from psycopg_pool import ConnectionPool
 
-from django_pooled_pg.pooling.pool import EXPIRE_AT, PSYCOPG_POOL_INTERNALS, Pool
+from django_pooled_pg.pooling.pool import CREATED_AT, EXPIRE_AT, PSYCOPG_POOL_INTERNALS, Pool
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,13 +45,13 @@ def test_every_internal_used_in_pool_py_is_listed():
     assert used - ours - set(PSYCOPG_POOL_INTERNALS) == set()
 
 
-def test_connections_carry_their_expiry(pool_options):
+def test_connections_carry_their_expiry_and_birth(pool_options):
     from django.db import connection
 
     pool_options(max_lifetime=60)
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     conn = connection.connection
-    assert isinstance(getattr(conn, EXPIRE_AT), float)
+    assert isinstance(getattr(conn, EXPIRE_AT), float) and isinstance(getattr(conn, CREATED_AT), float)
     assert not connection.pool.expired(conn, 0.0) and connection.pool.expired(conn, float("inf"))
     connection.close()

@@ -29,8 +29,7 @@ from .. import eventlog, signals
 from .stats import AliasStats
 
 if TYPE_CHECKING:
-    from psycopg import Connection
-
+    from .connection import PooledConnection
     from .pool import Pool
 
 logger = logging.getLogger("django_pooled_pg")
@@ -46,7 +45,7 @@ Frames = list[tuple[str, int, str]]
 class Borrow:
     alias: str
     pool: Pool
-    conn: Connection
+    conn: PooledConnection
     thread: threading.Thread
     started: float
     view: str | None
@@ -114,7 +113,9 @@ class BorrowLedger:
             stats = self.stats.setdefault(alias, AliasStats())
         return stats
 
-    def record(self, alias: str, pool: Pool, conn: Connection, *, owned_by_thread: bool, holder: int = 0) -> Borrow:
+    def record(
+        self, alias: str, pool: Pool, conn: PooledConnection, *, owned_by_thread: bool, holder: int = 0
+    ) -> Borrow:
         """Note a borrow. ``owned_by_thread``: the borrowing wrapper lives in this thread's
         local storage, so the connection is lost if the thread ends: return it then."""
         leak_timeout = pool.settings.leak_timeout
@@ -141,7 +142,7 @@ class BorrowLedger:
             self._ensure_watchdog(leak_timeout)
         return borrow
 
-    def forget(self, conn: Connection) -> Borrow | None:
+    def forget(self, conn: PooledConnection) -> Borrow | None:
         """Cross out the borrow of ``conn`` (it is being returned)."""
         borrow = self.borrows.pop(id(conn), None)
         holder = self._local.__dict__.get("holder")

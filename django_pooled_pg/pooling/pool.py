@@ -28,10 +28,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from ..errors import DatabaseUnavailable, PoolError, PoolExhausted
 from ..settings import PoolSettings
+from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
 from .release import release_connection, reset_session
-from .reset import ResetOnFirstCommand, can_pipeline, mark_reset_due
-from .session import RESET_SQL
+from .reset import can_pipeline, mark_reset_due
 from .stats import AliasStats
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
@@ -55,8 +55,10 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_check_connection": ("conn",),  # getconn() with a `check`: a pending reset first
     "_close_connection": ("conn",),  # a connection closed for max_lifetime/max_idle: recycled
 }
-#: The attribute psycopg_pool sets on each connection it opens: when max_lifetime ends.
+#: The attributes psycopg_pool sets on each connection it opens: when max_lifetime ends, and
+#: when it was opened (``time.monotonic()``).
 EXPIRE_AT = "_expire_at"
+CREATED_AT = "_created_at"
 
 
 class ConnectionHealth:
@@ -83,40 +85,7 @@ class ConnectionHealth:
         self.stats.opened += 1
 
 
-def health_tracking(base: type[Connection], health: ConnectionHealth, pipelined: bool = True) -> type[Connection]:
-    """A subclass of ``base`` whose ``connect()`` reports to ``health``; psycopg_pool opens
-    every connection through ``connection_class.connect``."""
-
-    class HealthTrackingConnection(ResetOnFirstCommand, base):  # type: ignore[valid-type, misc]
-        # Per-session state, set by base.SessionSetup when the pool opens the connection; these
-        # defaults hold until then (a connection that was never set up is reset if used).
-        _pooled_pg_used = True
-        _pooled_pg_changed = False
-        _pooled_pg_reset = RESET_SQL.encode()  # (bytes: what send_query() takes)
-        _pooled_pg_cursors: Any = ()  # named cursors of the current borrow (a list once set up)
-        #: The reset is sent on return and its answer read by the next taker (Pool.getconn);
-        #: not with a ``reset`` callback of the user's, which psycopg_pool runs on return.
-        _pooled_pg_pipelined = pipelined
-        #: A reset is on the wire, its answer not read yet.
-        _pooled_pg_pending = False
-        #: A reset is due: the next statement sends it first (:mod:`.reset`).
-        _pooled_pg_reset_due = False
-
-        @classmethod
-        def connect(cls, *args: Any, **kwargs: Any) -> Any:
-            try:
-                conn = super().connect(*args, **kwargs)
-            except Exception as exc:
-                health.failed(exc)
-                raise
-            health.succeeded()
-            return conn
-
-    HealthTrackingConnection.__qualname__ = f"HealthTracking{base.__name__}"
-    return HealthTrackingConnection
-
-
-class Pool(ConnectionPool):
+class Pool(ConnectionPool[PooledConnection]):
     """A ``ConnectionPool`` for one alias, with its settings and connection health."""
 
     def __init__(self, alias: str, settings: PoolSettings, *, connect_timeout: float, **kwargs: Any):
@@ -132,7 +101,7 @@ class Pool(ConnectionPool):
         #: borrow record they were parked under, oldest first. Keyed by the record, not the
         #: connection: a connection another borrower took and parked again is under that
         #: borrower's record, so the first one's :meth:`unpark` cannot find it.
-        self._parked: dict[Borrow, Connection] = {}
+        self._parked: dict[Borrow, PooledConnection] = {}
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
         self.can_keep = kwargs.get("reset") is None
@@ -143,24 +112,24 @@ class Pool(ConnectionPool):
 
     # ----- Resets sent on return (release.send_reset) -------------------------------------------
 
-    def getconn(self, timeout: float | None = None) -> Connection:
+    def getconn(self, timeout: float | None = None) -> PooledConnection:
         conn = super().getconn(timeout)
-        if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+        if conn._pooled_pg_pending:
             self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
         return conn
 
-    def _check_connection(self, conn: Connection) -> None:
+    def _check_connection(self, conn: PooledConnection) -> None:
         # psycopg_pool runs the `check` callback of OPTIONS["pool"] here, before getconn()
         # returns: the answer of the reset on the wire must be read first.
-        if self._check is not None and conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
+        if self._check is not None and conn._pooled_pg_pending and not self.finish_reset(conn):
             raise OperationalError("the connection's session reset failed")
         super()._check_connection(conn)
 
-    def finish_reset(self, conn: Connection) -> bool:
+    def finish_reset(self, conn: PooledConnection) -> bool:
         """Read the answer of the reset sent when ``conn`` went back (normally there already:
         no wait). False, and the connection closed, if the reset failed or no answer came within
         ``fail_fast_timeout``."""
-        conn._pooled_pg_pending = False  # type: ignore[attr-defined]
+        conn._pooled_pg_pending = False
         pgconn = conn.pgconn
         ok = True
         try:
@@ -182,7 +151,7 @@ class Pool(ConnectionPool):
             conn._prepared.clear()
         return ok
 
-    def user_check(self, conn: Connection) -> bool:
+    def user_check(self, conn: PooledConnection) -> bool:
         """Whether ``conn`` passes the ``check`` callback of OPTIONS["pool"], if there is one
         (psycopg_pool runs it in ``getconn()``; a connection taken back without it, here)."""
         if self._check is None:
@@ -193,12 +162,12 @@ class Pool(ConnectionPool):
             return False
         return True
 
-    def _reset_connection(self, conn: Connection) -> None:
-        if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+    def _reset_connection(self, conn: PooledConnection) -> None:
+        if conn._pooled_pg_pending:
             return  # clean, with its reset on the wire: psycopg_pool would close it as busy
         super()._reset_connection(conn)
 
-    def borrow(self) -> Connection:
+    def borrow(self) -> PooledConnection:
         """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
         # Wait in slices of one connect attempt, so that a server that starts failing while we
         # wait (a fresh pool, a restart) fails this borrower now rather than at the timeout.
@@ -233,12 +202,12 @@ class Pool(ConnectionPool):
         except PoolTimeout as exc:
             raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
 
-    def _clean(self, conn: Connection) -> bool:
+    def _clean(self, conn: PooledConnection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
         borrower's session: reset it before anyone else uses it (with the taker's first
         statement, :mod:`.reset`). Connections from the pool's queue had their reset made due
         or sent when they went back, and pass at the cost of an attribute read."""
-        if not conn._pooled_pg_used:  # type: ignore[attr-defined]
+        if not conn._pooled_pg_used:
             return True
         if can_pipeline(conn):
             mark_reset_due(conn)
@@ -249,7 +218,7 @@ class Pool(ConnectionPool):
         except Exception:
             return False  # dropped below, like a dead one
 
-    def usable(self, conn: Connection) -> bool:
+    def usable(self, conn: PooledConnection) -> bool:
         """Whether an idle connection still works, without a round trip when possible.
 
         An idle connection has nothing to read, so a readable socket means the server ended the
@@ -260,8 +229,8 @@ class Pool(ConnectionPool):
         """
         if conn.closed:
             return False
-        returned_at = getattr(conn, "_pooled_pg_returned_at", None)
-        if returned_at is not None and time.monotonic() - returned_at < RECENT:
+        returned_at = conn._pooled_pg_returned_at
+        if time.monotonic() - returned_at < RECENT:
             return True  # under load: it worked a moment ago, skip even the poll
         readable = False
         try:
@@ -273,12 +242,12 @@ class Pool(ConnectionPool):
         ping_after = self.settings.ping_after
         if not readable:
             # A connection never borrowed yet has been idle since psycopg_pool opened it.
-            used_at = returned_at if returned_at is not None else getattr(conn, "_created_at", None)
+            used_at = returned_at or getattr(conn, CREATED_AT, None)
             if ping_after is None or used_at is None or time.monotonic() - used_at < ping_after:
                 return True
         return self.ping(conn)
 
-    def ping(self, conn: Connection) -> bool:
+    def ping(self, conn: PooledConnection) -> bool:
         """One round trip on an idle connection, bounded by ``fail_fast_timeout``; closes it
         and returns False when it fails or gets no answer in time.
 
@@ -302,9 +271,9 @@ class Pool(ConnectionPool):
         conn.close()
         return False
 
-    def check_connection(self, conn: Connection) -> None:  # type: ignore[override]
+    def check_connection(self, conn: PooledConnection) -> None:  # type: ignore[override]
         """Used by psycopg_pool's ``check()`` (our ``check_soon()``): the bounded ping."""
-        if conn._pooled_pg_pending and not self.finish_reset(conn):  # type: ignore[attr-defined]
+        if conn._pooled_pg_pending and not self.finish_reset(conn):
             raise OperationalError("the connection's session reset failed")
         if not self.ping(conn):
             raise OperationalError("the connection did not answer a ping")
@@ -347,7 +316,7 @@ class Pool(ConnectionPool):
 
     # ----- Parking (release="transaction") ----------------------------------------------------
 
-    def park(self, conn: Connection, borrow: Borrow) -> bool:
+    def park(self, conn: PooledConnection, borrow: Borrow) -> bool:
         """Keep a clean connection out of the pool but free for anyone to take, instead of
         giving it back after a statement; False when it must go back now (a borrower is waiting,
         or the pool is closed).
@@ -366,7 +335,7 @@ class Pool(ConnectionPool):
             self._parked[borrow] = conn
         return True
 
-    def unpark(self, conn: Connection, borrow: Borrow) -> bool:
+    def unpark(self, conn: PooledConnection, borrow: Borrow) -> bool:
         """Take back a connection parked by :meth:`park` under ``borrow``; False if someone else
         has taken it (and perhaps parked it again since, under a borrow of theirs).
 
@@ -376,11 +345,11 @@ class Pool(ConnectionPool):
         lock is the one getconn() and putconn() take too."""
         return self._parked.pop(borrow, None) is conn
 
-    def parked_under(self, conn: Connection) -> Borrow | None:
+    def parked_under(self, conn: PooledConnection) -> Borrow | None:
         """The borrow record ``conn`` is parked under, if it is parked (for tests and reports)."""
         return next((borrow for borrow, parked in list(self._parked.items()) if parked is conn), None)
 
-    def _take_parked(self, borrow: Borrow) -> Connection | None:
+    def _take_parked(self, borrow: Borrow) -> PooledConnection | None:
         return self._parked.pop(borrow, None)  # None: its borrower took it back first
 
     def release_parked(self, older_than: float = 0.0) -> int:
@@ -398,7 +367,7 @@ class Pool(ConnectionPool):
                 released += 1
         return released
 
-    def _get_ready_connection(self, timeout: float | None) -> Connection | None:
+    def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Called by getconn() under self._lock: with no idle connection, take a parked one
         # (the longest parked: its borrower is most likely busy elsewhere) rather than wait.
         while not self._pool and self._parked:
@@ -453,7 +422,7 @@ class Pool(ConnectionPool):
         )
 
     @staticmethod
-    def expired(conn: Connection, now: float) -> bool:
+    def expired(conn: PooledConnection, now: float) -> bool:
         """Whether ``conn`` is past its ``max_lifetime`` (``putconn()`` then replaces it)."""
         return getattr(conn, EXPIRE_AT) <= now
 

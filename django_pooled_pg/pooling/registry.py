@@ -22,9 +22,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from psycopg_pool import ConnectionPool
+if TYPE_CHECKING:
+    from .pool import Pool
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -33,7 +34,7 @@ logger = logging.getLogger("django_pooled_pg")
 class PoolEntry:
     alias: str
     fingerprint: Any
-    pool: ConnectionPool
+    pool: Pool
     pid: int = field(default_factory=os.getpid)
 
 
@@ -53,7 +54,7 @@ class PoolRegistry:
         #: ENGINE starts the statistics publisher with the first pool); the core imports none.
         self.pool_created: list[Callable[[str], None]] = []
 
-    def pool_for(self, alias: str, fingerprint: Any, build: Callable[[], ConnectionPool]) -> ConnectionPool:
+    def pool_for(self, alias: str, fingerprint: Any, build: Callable[[], Pool]) -> Pool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
         pool = self.current(alias, fingerprint)
         if pool is not None:
@@ -75,7 +76,7 @@ class PoolRegistry:
                 hook(alias)
         return pool
 
-    def current(self, alias: str, fingerprint: Any) -> ConnectionPool | None:
+    def current(self, alias: str, fingerprint: Any) -> Pool | None:
         """The open pool of ``alias`` if it was made for settings ``fingerprint``; None if not
         (then :meth:`pool_for` builds one). Every borrow asks, without the lock."""
         entry = self._entries.get(alias)
@@ -83,12 +84,12 @@ class PoolRegistry:
             return entry.pool
         return None
 
-    def get(self, alias: str) -> ConnectionPool | None:
+    def get(self, alias: str) -> Pool | None:
         """The pool of ``alias`` if this process has one."""
         entry = self._entries.get(alias)
         return entry.pool if entry is not None else None
 
-    def pools(self) -> dict[str, ConnectionPool]:
+    def pools(self) -> dict[str, Pool]:
         return {alias: entry.pool for alias, entry in self._entries.items()}
 
     def close(self, alias: str) -> None:

@@ -13,10 +13,10 @@ import select
 import time
 from typing import Any, NamedTuple
 
-from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 
+from .connection import PooledConnection
 from .reset import can_pipeline, mark_reset_due
 
 logger = logging.getLogger("django_pooled_pg")
@@ -32,14 +32,14 @@ CLEAN = Outcome()
 _OUTCOMES = {(r, s): Outcome(rolled_back=r, reset=s) for r in (False, True) for s in (False, True)}
 
 
-def release_connection(pool: ConnectionPool, conn: Connection) -> Outcome:
+def release_connection(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome:
     """Return ``conn`` to ``pool`` clean, or closed if it cannot be cleaned."""
     outcome = prepare_return(pool, conn)
     pool.putconn(conn)
     return outcome
 
 
-def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
+def prepare_return(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome:
     """Make ``conn`` fit for its next borrower, or close it: everything
     :func:`release_connection` does short of handing it to the pool's queue (a borrower that
     keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here).
@@ -48,7 +48,7 @@ def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
     connection that was borrowed: due, and sent with the next borrower's first statement
     (:mod:`.reset`); for a session with a baseline, sent now and its answer read by the next
     borrower. One function, as it runs on every return."""
-    if conn._pooled_pg_pending:  # type: ignore[attr-defined]
+    if conn._pooled_pg_pending:
         return CLEAN  # already cleaned, its reset on the wire: nobody has used it since
     pgconn = conn.pgconn
     rolled_back = reset = False
@@ -61,22 +61,22 @@ def prepare_return(pool: ConnectionPool, conn: Connection) -> Outcome:
             if status != TransactionStatus.IDLE:
                 rolled_back = True
                 conn.rollback()
-            if conn._pooled_pg_cursors:  # type: ignore[attr-defined]
-                close_cursors(conn._pooled_pg_cursors)  # type: ignore[attr-defined]
+            if conn._pooled_pg_cursors:
+                close_cursors(conn._pooled_pg_cursors)
             if not conn.autocommit:
                 conn.autocommit = True
-            if conn._pooled_pg_used:  # type: ignore[attr-defined]
+            if conn._pooled_pg_used:
                 reset = True
                 if can_pipeline(conn):
                     mark_reset_due(conn)  # sent with the next borrower's first statement
-                elif conn._pooled_pg_pipelined:  # type: ignore[attr-defined]
+                elif conn._pooled_pg_pipelined:
                     send_reset(conn)  # (a session with a baseline)
                 else:
                     reset_session(conn)  # (a reset callback of the user's runs after it)
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
-    conn._pooled_pg_returned_at = time.monotonic()  # type: ignore[attr-defined]
+    conn._pooled_pg_returned_at = time.monotonic()
     if pgconn.status == ConnStatus.BAD:  # (conn.closed)
         check_soon = getattr(pool, "check_soon", None)
         if check_soon is not None:
@@ -94,25 +94,25 @@ def close_cursors(cursors: list[Any]) -> None:
     cursors.clear()
 
 
-def reset_session(conn: Connection) -> None:
+def reset_session(conn: PooledConnection) -> None:
     """Bring the session back to its defaults and baseline (:func:`.session.reset_statement`),
     whatever its borrower did: one round trip, whose statement was made when the session was
     set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
-    conn.execute(conn._pooled_pg_reset)  # type: ignore[attr-defined]
-    conn._pooled_pg_used = False  # type: ignore[attr-defined]
-    conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+    conn.execute(conn._pooled_pg_reset)
+    conn._pooled_pg_used = False
+    conn._pooled_pg_changed = False
 
 
-def send_reset(conn: Connection) -> None:
+def send_reset(conn: PooledConnection) -> None:
     """Send the reset without waiting for its answer: the connection goes back to the pool with
     the reset on the wire, and whoever takes it next reads the answer first
     (``Pool.finish_reset``), by when it has long arrived. The round trip costs no borrower a
     wait; the server does the same work as for :func:`reset_session`."""
     pgconn = conn.pgconn
     with conn.lock:
-        pgconn.send_query(conn._pooled_pg_reset)  # type: ignore[attr-defined]
+        pgconn.send_query(conn._pooled_pg_reset)
         while pgconn.flush():  # (non-blocking libpq: a short statement is sent at once)
             select.select([], [pgconn.socket], [], 1.0)
-    conn._pooled_pg_pending = True  # type: ignore[attr-defined]
-    conn._pooled_pg_used = False  # type: ignore[attr-defined]
-    conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+    conn._pooled_pg_pending = True
+    conn._pooled_pg_used = False
+    conn._pooled_pg_changed = False

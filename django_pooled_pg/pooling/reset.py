@@ -35,14 +35,17 @@ sent when the connection goes back and read by its next taker (:func:`.release.s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from psycopg import Connection, OperationalError, capabilities
+from psycopg import OperationalError, capabilities
 from psycopg.generators import execute, send
 from psycopg.pq import ExecStatus, Format
 from psycopg.waiting import Wait
 
 from .session import RESET_SQL
+
+if TYPE_CHECKING:
+    from .connection import PooledConnection
 
 #: The reset that can travel in a pipeline (one statement).
 PIPELINED_RESET = RESET_SQL.encode()
@@ -57,18 +60,18 @@ _LAST = (ExecStatus.PIPELINE_SYNC, ExecStatus.COPY_IN, ExecStatus.COPY_OUT, Exec
 _SYNTAX_ERROR = b"42601"
 
 
-def can_pipeline(conn: Connection) -> bool:
+def can_pipeline(conn: PooledConnection) -> bool:
     """Whether ``conn``'s reset can wait for its next borrower's first statement: a reset of one
     statement (no baseline), a libpq with pipeline mode, and no ``reset`` callback of the user's
     (which psycopg_pool runs on return: ``_pooled_pg_pipelined``)."""
-    return HAS_PIPELINE and conn._pooled_pg_pipelined and conn._pooled_pg_reset == PIPELINED_RESET  # type: ignore[attr-defined]
+    return HAS_PIPELINE and conn._pooled_pg_pipelined and conn._pooled_pg_reset == PIPELINED_RESET
 
 
-def mark_reset_due(conn: Connection) -> None:
+def mark_reset_due(conn: PooledConnection) -> None:
     """The connection goes back: its next borrower's first statement resets it first."""
-    conn._pooled_pg_reset_due = True  # type: ignore[attr-defined]
-    conn._pooled_pg_used = False  # type: ignore[attr-defined]
-    conn._pooled_pg_changed = False  # type: ignore[attr-defined]
+    conn._pooled_pg_reset_due = True
+    conn._pooled_pg_used = False
+    conn._pooled_pg_changed = False
 
 
 def _reset_done(conn: Any) -> None:
@@ -114,8 +117,10 @@ class ResetOnFirstCommand:
     ``FETCH``) and its ``pipeline()`` reset first. Not on the path of a statement in autocommit
     mode, so a statement pays nothing for it."""
 
+    _pooled_pg_reset_due: bool  # (declared in connection.PoolState)
+
     def _exec_command(self, command: Any, result_format: Any = Format.TEXT) -> Any:
-        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
+        if self._pooled_pg_reset_due:
             return _reset_then(self, super()._exec_command(command, result_format))  # type: ignore[misc]
         return super()._exec_command(command, result_format)  # type: ignore[misc]
 
@@ -124,7 +129,7 @@ class ResetOnFirstCommand:
         return super().pipeline()  # type: ignore[misc]
 
     def _pipeline_nolock(self) -> Any:  # (executemany's; the caller holds the lock)
-        if self._pooled_pg_reset_due:  # type: ignore[attr-defined]
+        if self._pooled_pg_reset_due:
             self.wait(_reset_gen(self))  # type: ignore[attr-defined]
         return super()._pipeline_nolock()  # type: ignore[misc]
 

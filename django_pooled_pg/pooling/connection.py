@@ -1,0 +1,75 @@
+"""The pool's connection class: psycopg's (or ``OPTIONS["pool"]["connection_class"]``) with what
+the pool keeps on each of its connections, declared once (:class:`PoolState`), and a
+``connect()`` that reports to the pool's :class:`~.pool.ConnectionHealth`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from psycopg import Connection
+
+from .reset import ResetOnFirstCommand
+from .session import RESET_SQL
+
+if TYPE_CHECKING:
+    from .pool import ConnectionHealth
+
+
+class PoolState:
+    """The per-connection state of the pool: a base of its connection class. The per-session
+    values are set by ``base.SessionSetup`` when the pool opens the connection; these defaults
+    hold until then (a connection that was never set up is reset if used)."""
+
+    #: Borrowed since its last reset: it goes back with one.
+    _pooled_pg_used: bool = True
+    #: A statement changed what the session's baseline set (release="transaction" pins then).
+    _pooled_pg_changed: bool = False
+    #: The reset: ``DISCARD ALL``, or the baseline's statements (bytes: what send_query() takes).
+    _pooled_pg_reset: bytes = RESET_SQL.encode()
+    #: Named cursors of the current borrow (a list once set up), closed when it goes back.
+    _pooled_pg_cursors: Any = ()
+    #: The reset can ride with the next statement (:func:`.reset.can_pipeline`): not with a
+    #: ``reset`` callback of the user's, which psycopg_pool runs on return.
+    _pooled_pg_pipelined: bool = True
+    #: A reset is on the wire, its answer not read yet (sent on return: release.send_reset).
+    _pooled_pg_pending: bool = False
+    #: A reset is due: the next statement sends it first (:mod:`.reset`).
+    _pooled_pg_reset_due: bool = False
+    #: When it last went back (``time.monotonic()``); 0.0 before its first borrow.
+    _pooled_pg_returned_at: float = 0.0
+    #: The ``base.SessionSetup`` that set the session up.
+    _pooled_pg_setup: Any = None
+    #: The type OIDs Django's backend registered on it (``base._sync_postgres_types``).
+    _pooled_pg_type_oids: Any = None
+
+
+if TYPE_CHECKING:
+
+    class PooledConnection(PoolState, Connection[Any]):
+        """What the pool hands out, for the type checker (at run time: the class that
+        :func:`health_tracking` makes)."""
+
+else:
+    PooledConnection = Connection
+
+
+def health_tracking(base: type[Connection[Any]], health: ConnectionHealth, pipelined: bool = True) -> type[Any]:
+    """A subclass of ``base`` with the pool's state, whose ``connect()`` reports to ``health``:
+    psycopg_pool opens every connection through ``connection_class.connect``."""
+
+    class HealthTrackingConnection(ResetOnFirstCommand, PoolState, base):  # type: ignore[valid-type, misc]
+        _pooled_pg_pipelined = pipelined
+
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except Exception as exc:
+                health.failed(exc)
+                raise
+            health.succeeded()
+            return conn
+
+    HealthTrackingConnection.__qualname__ = f"HealthTracking{base.__name__}"
+    return HealthTrackingConnection
