@@ -51,7 +51,7 @@ class PoolStatusAdmin(admin.ModelAdmin):
     #: The chart's span, in seconds, and its bucket width.
     window = history.KEEP
     step = 30.0
-    template_name = "admin/django_pooled_pg/telemetry/status.html"
+    template_name = "admin/django_pooled_pg/status.html"
 
     # ----- Permissions: view only, from the model permission --------------------------------------
 

@@ -19,8 +19,9 @@ from django.db import connection, connections
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from django_pooled_pg import history, publish_now, snapshot
+from django_pooled_pg import publish_now
 from django_pooled_pg.models import PoolSnapshot
+from django_pooled_pg.telemetry import history, snapshot
 from django_pooled_pg.telemetry.publisher import TABLE
 from tests.app.models import Item
 
@@ -117,7 +118,7 @@ def test_page_shows_the_fleet_in_the_admins_look():
     assert "admin/css/base.css" in html and "admin/css/dark_mode.css" in html
     assert "breadcrumbs" in html and 'href="/admin/django_pooled_pg/"' in html
     assert "<h1>Connection pools</h1>" in html
-    assert "django_pooled_pg/telemetry/status.js" in html and "django_pooled_pg/telemetry/status.css" in html
+    assert "django_pooled_pg/status.js" in html and "django_pooled_pg/status.css" in html
     assert f'data-json-url="{JSON}"' in html
     # Per alias: totals, times, capacity, a row for this process, the server's view, the chart.
     for alias in ("default", "other"):

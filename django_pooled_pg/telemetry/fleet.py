@@ -348,9 +348,9 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
             publisher_of = by_key.get((name, host, pid))
             if publisher_of is not None and publisher_of.server is not None:
                 publisher_of.server.add(state, seconds)
-            elif process is None:
+            elif publisher_of is None:
                 key = f"{host}:{pid}"
-                entry.unpublished[key] = entry.unpublished.get(key, 0) + 1
+                on_alias.unpublished[key] = on_alias.unpublished.get(key, 0) + 1
         elif app_name in user_names and datname == user_names[app_name].database:
             user_names[app_name].server_view.add(state, seconds)  # type: ignore[union-attr]
 

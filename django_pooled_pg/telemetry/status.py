@@ -1,7 +1,7 @@
 """What the admin status page shows, as plain data: :func:`page` turns one :func:`fleet_stats`
 call (and, for the chart, one :func:`history.read`) into display strings and chart geometry.
 
-The page's template renders this model and its script (``static/django_pooled_pg/telemetry/status.js``)
+The page's template renders this model and its script (``static/django_pooled_pg/status.js``)
 re-renders the same model from the JSON endpoint, so both show the same text, formatted once, in
 Python. Every value here is data: the template escapes it and the script sets it with
 ``textContent``; the only values put into attributes are numbers (bar widths, SVG path data).
