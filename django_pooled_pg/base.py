@@ -54,7 +54,7 @@ from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
 from .pooling.connection import PooledConnection
 from .pooling.ledger import capture_frames, current_view, ledger
-from .pooling.pool import RECENT, Pool
+from .pooling.pool import RECENT, Pool, expire_at
 from .pooling.registry import registry
 from .pooling.release import prepare_return
 from .pooling.reset import ResetWithFirstDeclare, ResetWithFirstStatement, reset_now, with_mixins
@@ -573,7 +573,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if conn._pooled_pg_pending:
             pool.finish_reset(conn)  # the reset it went back with; closed if that failed
         now = time.monotonic()
-        if not pool.expired(conn, now):  # (past max_lifetime, putconn() below recycles it)
+        if expire_at(conn) > now:  # (past max_lifetime, putconn() below recycles it)
             if (
                 not conn.closed
                 and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn))
@@ -664,7 +664,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         now = time.monotonic()
         pool = self._borrowed_from
         assert pool is not None  # (_unpark() found the connection parked in it)
-        if pool.expired(conn, now):
+        if expire_at(conn) <= now:
             self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False
         if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):
