@@ -209,7 +209,9 @@ def test_recording_recycled_and_lost(pool_options, superuser):
     )
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-    superuser.execute(kill, [snapshot.application_name("default")])
+    # Only the borrowed connection's session: an idle sibling killed too would be found dead by
+    # the pool's check after the discard, and be lost rightly.
+    superuser.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
