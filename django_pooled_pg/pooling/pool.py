@@ -32,7 +32,7 @@ from ..settings import PoolSettings
 from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
 from .release import release_connection, reset_session
-from .reset import can_pipeline, mark_reset_due
+from .reset import RESET_OK, can_pipeline, mark_reset_due, reset_done
 from .stats import AliasStats
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
@@ -143,17 +143,15 @@ class Pool(ConnectionPool[PooledConnection]):
                 if pgconn.is_busy():
                     _wait_answer(pgconn, time.monotonic() + self.fail_fast_timeout)
                 while (result := pgconn.get_result()) is not None:
-                    if result.status != ExecStatus.COMMAND_OK and result.status != ExecStatus.TUPLES_OK:
+                    if result.status not in RESET_OK:
                         ok = False
             ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
         except Exception:
             ok = False
         if not ok:
             conn.close()
-        elif conn.prepare_threshold is not None:
-            # The reset ran DEALLOCATE ALL behind psycopg's back: forget its prepared statements
-            # (with prepare_threshold None, Django's default, psycopg never prepares any).
-            conn._prepared.clear()
+        else:
+            reset_done(conn)  # (psycopg's prepared statements were deallocated behind its back)
         return ok
 
     def user_check(self, conn: PooledConnection) -> bool:

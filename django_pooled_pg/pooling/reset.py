@@ -53,7 +53,8 @@ PIPELINED_RESET = RESET_SQL.encode()
 #: Whether this libpq has pipeline mode (libpq 14 and newer).
 HAS_PIPELINE = capabilities.has_pipeline()
 
-_OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+#: The statuses of a reset that worked.
+RESET_OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
 _LAST = (ExecStatus.PIPELINE_SYNC, ExecStatus.COPY_IN, ExecStatus.COPY_OUT, ExecStatus.COPY_BOTH)
 #: SQLSTATE of "cannot insert multiple commands into a prepared statement" (and of any syntax
 #: error): the first statement goes again alone through the simple protocol, see _pipelined_gen.
@@ -74,11 +75,13 @@ def mark_reset_due(conn: PooledConnection) -> None:
     conn._pooled_pg_changed = False
 
 
-def _reset_done(conn: Any) -> None:
+def reset_done(conn: Any) -> None:
+    """A reset ran (here, or sent at return and read by ``Pool.finish_reset``)."""
     conn._pooled_pg_reset_due = False
     if conn.prepare_threshold is not None:
-        # DISCARD ALL deallocated psycopg's prepared statements behind its back (with
-        # prepare_threshold None, Django's default, psycopg never prepares any).
+        # The reset (DISCARD ALL, or a baseline's DEALLOCATE ALL) deallocated psycopg's
+        # prepared statements behind its back (with prepare_threshold None, Django's default,
+        # psycopg never prepares any).
         conn._prepared.clear()
 
 
@@ -92,10 +95,10 @@ def _reset_gen(conn: Any) -> Any:
     except BaseException:
         conn.close()
         raise
-    if not results or any(r.status not in _OK for r in results):
+    if not results or any(r.status not in RESET_OK for r in results):
         conn.close()
         raise OperationalError("the connection's session reset failed; it was closed")
-    _reset_done(conn)
+    reset_done(conn)
 
 
 def _reset_then(conn: Any, gen: Any) -> Any:
@@ -257,10 +260,10 @@ def _pipelined_gen(cur: Any, query: Any, params: Any, binary: bool | None) -> An
     except BaseException:
         conn.close()  # the reset may not have run: nobody gets this session again
         raise
-    if not reset or reset[0].status not in _OK:
+    if not reset or reset[0].status not in RESET_OK:
         conn.close()
         raise OperationalError("the connection's session reset failed; it was closed")
-    _reset_done(conn)
+    reset_done(conn)
     if (
         results
         and results[0].status == ExecStatus.FATAL_ERROR
