@@ -442,7 +442,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned, holder=id(self))
         conn._pooled_pg_used = True
         self._wait = self._borrow.started - started
-        pool.stats.wait.record(self._wait)
+        pool.stats.borrowed(self._wait)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self._per_statement = False  # set by init_connection_state: its own queries keep it
@@ -580,9 +580,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 and pool.user_check(conn)
             ):
                 return self._borrowed_again(pool, conn, now)
-            pool.stats.lost += 1  # dead after a pause, as an idle connection can be
-            conn.close()
-            pool.check_soon()
+            pool.lost(conn)  # dead after a pause, as an idle connection can be
         ledger.forget(conn)
         pool.putconn(conn)
         return None
@@ -596,10 +594,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.view = current_view.get()
         if pool.settings.leak_timeout:
             borrow.frames = capture_frames(4)
-        stats = pool.stats
-        stats.borrows += 1
-        stats.parked_reused += 1
-        stats.wait.record_zero()
+        pool.stats.borrowed(None)
         conn._pooled_pg_used = True
         self._wait = 0.0
         self._per_statement = False
@@ -668,16 +663,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._close(keep=False)  # past max_lifetime: the pool replaces it
             return False
         if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):
-            pool.stats.lost += 1  # dead after a pause, as an idle connection can be
+            pool.lost(conn)  # dead after a pause, as an idle connection can be
             self._close(keep=False)
             return False
         borrow = self._borrow
         borrow.parked = False
         borrow.started = now
-        stats = pool.stats
-        stats.borrows += 1
-        stats.parked_reused += 1
-        stats.wait.record_zero()
+        pool.stats.borrowed(None)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)

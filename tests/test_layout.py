@@ -140,3 +140,58 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     edges = graph()
     edges["django_pooled_pg.pooling.registry"] |= found
     assert any("django_pooled_pg.pooling.registry" in cycle for cycle in cycles(edges))
+
+
+# ----- Each counter counted in one place ---------------------------------------------------------
+
+#: Counters with more than one place, and why. ``rollbacks``: the return path (base.py's _close)
+#: and the reclaim of a thread that ended holding its connection (ledger.py); one helper for both
+#: would add a function call to every return.
+COUNTED_TWICE = {"rollbacks"}
+
+
+def counted_in(source: str, where: str) -> dict[str, set[str]]:
+    """For each counter of COUNTERS, the functions of ``source`` that add to it (``x.name += ...``)."""
+    from django_pooled_pg.pooling.stats import COUNTER_NAMES
+
+    found: dict[str, set[str]] = {}
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{function}.{child.name}")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{function}.{child.name}")
+            else:
+                target = getattr(child, "target", None)
+                if (
+                    isinstance(child, ast.AugAssign)
+                    and isinstance(target, ast.Attribute)
+                    and target.attr in COUNTER_NAMES
+                ):
+                    found.setdefault(target.attr, set()).add(f"{function}:{child.lineno}")
+                visit(child, function)
+
+    visit(ast.parse(source), where)
+    return found
+
+
+def places_of_counters() -> dict[str, set[str]]:
+    places: dict[str, set[str]] = {}
+    for name, path in modules().items():
+        for counter, where in counted_in(path.read_text(), name).items():
+            places.setdefault(counter, set()).update(where)
+    return places
+
+
+def test_each_counter_is_counted_in_one_place():
+    """Every counter of COUNTERS has one statement that adds to it (a stats method, or the one
+    spot of its event), so that what it counts is decided once."""
+    places = places_of_counters()
+    twice = {counter: sorted(where) for counter, where in places.items() if len(where) > 1}
+    assert set(twice) == COUNTED_TWICE, twice
+
+
+def test_the_counter_check_finds_a_second_place():
+    source = "class A:\n    def f(self, s):\n        s.borrows += 1\n\ndef g(stats):\n    stats.borrows += 1\n"
+    assert counted_in(source, "m") == {"borrows": {"m.A.f:3", "m.g:6"}}

@@ -116,8 +116,9 @@ class BorrowLedger:
     def record(
         self, alias: str, pool: Pool, conn: PooledConnection, *, owned_by_thread: bool, holder: int = 0
     ) -> Borrow:
-        """Note a borrow. ``owned_by_thread``: the borrowing wrapper lives in this thread's
-        local storage, so the connection is lost if the thread ends: return it then."""
+        """Note a borrow (the borrower counts it: :meth:`AliasStats.borrowed`).
+        ``owned_by_thread``: the borrowing wrapper lives in this thread's local storage, so the
+        connection is lost if the thread ends: return it then."""
         leak_timeout = pool.settings.leak_timeout
         borrow = Borrow(
             alias,
@@ -130,7 +131,6 @@ class BorrowLedger:
             holder=holder,
         )
         self.borrows[id(conn)] = borrow
-        self.stats_for(alias).borrows += 1
         if owned_by_thread:
             thread_holder = self._local.__dict__.get("holder")
             if thread_holder is None:

@@ -191,10 +191,8 @@ class Pool(ConnectionPool[PooledConnection]):
                 # Dead (a server restart, pg_terminate_backend): drop it and take the next one
                 # at once. psycopg_pool's own check backs off between failures, which is how 8
                 # dead idle connections made a borrower wait out a 30 s timeout.
-                self.stats.lost += 1
-                conn.close()
+                self.lost(conn)
                 self.putconn(conn)
-                self.check_soon()
         except TooManyRequests as exc:
             raise PoolExhausted(
                 f"pool of database {self.alias!r} is exhausted: {self.max_waiting} borrowers "
@@ -439,6 +437,14 @@ class Pool(ConnectionPool[PooledConnection]):
         if not self._closed and not conn.closed and not conn.broken:
             self.stats.recycled += 1
         super()._close_connection(conn)
+
+    def lost(self, conn: PooledConnection) -> None:
+        """A connection a borrower found dead: counted (the one place ``lost`` is; the pool's
+        own checks count theirs, added in snapshots), closed, and its idle siblings checked
+        soon, as they may be as dead as it was."""
+        self.stats.lost += 1
+        conn.close()
+        self.check_soon()
 
     def check_soon(self) -> None:
         """Check the idle connections in the background, once at a time: called when a

@@ -53,12 +53,6 @@ class Histogram:
         if us > self.max_us:
             self.max_us = us
 
-    def record_zero(self) -> None:
-        """:meth:`record` of 0 s, for the statements that take back their own parked connection
-        (release="transaction"), without the arithmetic."""
-        self.counts[0] += 1
-        self.count += 1
-
     def percentile(self, q: float) -> float:
         """The ``q``-th percentile (0-100) in seconds: the middle of the bucket holding it."""
         if not self.count:
@@ -128,8 +122,10 @@ class Counter:
 
 #: Every counter, in display order: the one list that recording (AliasStats), publishing
 #: (snapshot, fleet), ``poolstats``, the admin page and Prometheus read. Each is incremented in
-#: one place on the borrow and return paths; ``lost`` also adds psycopg_pool's own count of
-#: connections its checks found dead (snapshot.take()).
+#: one place (tests/test_layout.py checks): ``borrows`` and ``parked_reused`` in
+#: :meth:`AliasStats.borrowed`, ``lost`` in ``Pool.lost`` (snapshot.take() adds psycopg_pool's own
+#: count of connections its checks found dead); only ``rollbacks`` has two, the return path and
+#: the reclaim of a thread that ended holding its connection.
 COUNTERS: tuple[Counter, ...] = (
     Counter("borrows", "Connections borrowed from the pool.", "borrows", "borrows"),
     Counter("exhausted", "Borrowers that got PoolExhausted (timeout or max_waiting).", "exhausted", "timeouts"),
@@ -176,6 +172,23 @@ class AliasStats:
     parked_taken: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
+
+    def borrowed(self, wait: float | None) -> None:
+        """Count a borrow that waited ``wait`` seconds; ``None``: a borrower took back the
+        connection it had parked or kept (``parked_reused``), without waiting.
+
+        The one place ``borrows`` and ``parked_reused`` are counted. It runs on every borrow and,
+        with release="transaction", before every statement: the zero wait is recorded here
+        rather than through :meth:`Histogram.record` (the same bucket, without the arithmetic
+        or a second call)."""
+        self.borrows += 1
+        if wait is None:
+            self.parked_reused += 1
+            histogram = self.wait
+            histogram.counts[0] += 1
+            histogram.count += 1
+        else:
+            self.wait.record(wait)
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTER_NAMES}
