@@ -49,8 +49,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +61,10 @@ for p in (str(ROOT), str(BENCH)):
 
 import psycopg  # noqa: E402
 
+from testsupport.gunicorn import Gunicorn as ShopGunicorn  # noqa: E402
 from testsupport.pgbouncer import PgBouncer  # noqa: E402
 from testsupport.pgcluster import PgCluster  # noqa: E402
-from testsupport.ports import free_port  # noqa: E402
 
-HOST = "127.0.0.1"
 DB_NAME = "shop"
 # The site connects as an ordinary role, so that PostgreSQL's superuser_reserved_connections keep
 # room for the harness's own (superuser) monitoring connections when max_connections is reached.
@@ -199,76 +196,28 @@ def preflight(env: dict[str, str]) -> str | None:
     return None
 
 
-def _no_control_socket() -> list[str]:
-    try:
-        from gunicorn.config import KNOWN_SETTINGS
-    except ImportError:
-        return []
-    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
+class Gunicorn(ShopGunicorn):
+    """The shop under gunicorn (testsupport/gunicorn.py), its output appended to ``logfile``."""
 
-
-class Gunicorn:
     def __init__(self, env: dict[str, str], workers: int, threads: int, logfile: Path) -> None:
-        self.env, self.workers, self.threads, self.logfile = env, workers, threads, logfile
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        options = ["--log-level", "warning", "--timeout", "60", "--graceful-timeout", "5"]
+        super().__init__(env, workers=workers, threads=threads, options=options)
+        self.logfile = logfile
 
     def start(self) -> None:
-        cmd = [
-            sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
-            "--chdir", str(TESTPROJECT), "--worker-class", "gthread",
-            "--workers", str(self.workers), "--threads", str(self.threads),
-            "--bind", f"{HOST}:{self.port}", "--log-level", "warning", "--timeout", "60",
-            "--graceful-timeout", "5", *_no_control_socket(),
-        ]  # fmt: skip
         self._log = self.logfile.open("ab")
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, cwd=TESTPROJECT, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        super().start(stdout=self._log)
 
     def wait_ready(self, path: str, cookie: str | None = None, timeout: float = 60) -> None:
-        deadline, last = time.monotonic() + timeout, "no answer"
-        request = urllib.request.Request(self.base + path, headers={"Cookie": cookie} if cookie else {})
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited (log: {self.logfile})")
-            try:
-                with urllib.request.urlopen(request, timeout=10) as resp:
-                    if resp.status == 200 and resp.geturl() == request.full_url:
-                        return
-                    if resp.geturl() != request.full_url:  # (the admin's login page, say)
-                        raise RuntimeError(f"{request.full_url} redirected to {resp.geturl()}")
-                    last = f"HTTP {resp.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}: {exc.read()[:200]!r}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = str(exc)
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"gunicorn not ready on {self.base}{path} within {timeout:.0f} s: {last} (log: {self.logfile})"
-        )
+        try:
+            super().wait_ready(path, cookie=cookie, timeout=timeout, request_timeout=10)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (log: {self.logfile})") from None
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        self._log.close()
+        if self.proc is not None:
+            super().stop(timeout=15)
+            self._log.close()
 
 
 # ----- Measuring ---------------------------------------------------------------------------------

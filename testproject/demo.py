@@ -38,6 +38,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # testsupport
 
+from testsupport.gunicorn import Gunicorn  # noqa: E402
+
 HOST = "127.0.0.1"
 DB_NAME = "shop"
 ADMIN = "admin"
@@ -152,80 +154,25 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def _no_control_socket() -> list[str]:
-    """Recent gunicorn opens a control socket at one fixed path per user, which a second server (a
-    ``--check`` while the demo runs) would fight over; the demo does not use it."""
-    try:
-        from gunicorn.config import KNOWN_SETTINGS
-    except ImportError:
-        return []
-    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
-
-
-class Server:
-    """gunicorn in its own session: terminal signals reach the demo, which stops it in order."""
+class Server(Gunicorn):
+    """The demo's gunicorn (testsupport/gunicorn.py): its log on this terminal, gone if the demo
+    dies; terminal signals reach the demo, which stops it in order."""
 
     def __init__(self, env: dict[str, str], port: int, access_log: bool) -> None:
-        self.env = env
-        self.port = port
-        self.access_log = access_log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        options = ["--graceful-timeout", "10", *(["--access-logfile", "-"] if access_log else [])]
+        super().__init__(env, port=port, workers=3, threads=8, options=options)
 
     def start(self) -> None:
-        cmd = [
-            sys.executable, "-m", "gunicorn", "testproject.wsgi:application",
-            "--chdir", str(HERE),
-            "--worker-class", "gthread", "--workers", "3", "--threads", "8",
-            "--bind", f"{HOST}:{self.port}",
-            "--graceful-timeout", "10",
-        ]  # fmt: skip
-        if self.access_log:
-            cmd += ["--access-logfile", "-"]
-        cmd += _no_control_socket()
         say(f"demo: starting gunicorn on {self.base} (gthread, 3 workers x 8 threads)")
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, cwd=HERE, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )  # fmt: skip
+        super().start(preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError("gunicorn exited before it served a request (see its log above)")
-            try:
-                with urllib.request.urlopen(self.base + "/", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn did not answer on {self.base} within {timeout:.0f} s")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def wait_ready(self) -> None:
+        super().wait_ready("/", timeout=60, request_timeout=5)
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            say("demo: stopping gunicorn")
-            proc.send_signal(signal.SIGTERM)  # graceful: finish requests in flight
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                say("demo: gunicorn did not stop in 20 s: killing it")
-        # Whatever is left in its session (a worker whose master died) goes too.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        if self.alive():
+            say("demo: stopping gunicorn")  # graceful: finish requests in flight
+        super().stop(timeout=20, on_timeout=lambda: say("demo: gunicorn did not stop in 20 s: killing it"))
 
 
 # ----- Requests ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import psycopg
 from django.db import connections
 from psycopg import sql
 
-from testsupport.ports import free_port
+from testsupport.gunicorn import Gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "testproject"
@@ -72,9 +71,8 @@ class Fleet:
             "POOLED_PG_PRUNE_AFTER": "4",
             "PYTHONUNBUFFERED": "1",
         }
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[str] | None = None
+        self.gunicorn = Gunicorn(self.env, workers=WORKERS, threads=8)
+        self.base = self.gunicorn.base
 
     def admin(self, query: str, params: object = None, dbname: str = "postgres") -> list[tuple]:
         with psycopg.connect(dbname=dbname, autocommit=True, **self.server) as conn:
@@ -91,23 +89,12 @@ class Fleet:
         self.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
         self.manage("migrate", "--noinput")
         self.manage("seed_shop")
-        from gunicorn.config import KNOWN_SETTINGS
-
-        extra = ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "testproject.wsgi:application", "-k", "gthread",
-             "--workers", str(WORKERS), "--threads", "8", "-b", f"127.0.0.1:{self.port}", *extra],
-            cwd=PROJECT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while get(self.base + "/shop/three/", timeout=2) != 200:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.2)
+        self.gunicorn.start(stdout=subprocess.PIPE)  # (its output: printed by running_fleet)
+        self.gunicorn.wait_ready("/shop/three/", timeout=30, request_timeout=2)
 
     def workers(self) -> set[int]:
-        return children(self.proc.pid)
+        assert self.gunicorn.proc is not None
+        return children(self.gunicorn.proc.pid)
 
     def poolstats(self) -> dict:
         return json.loads(self.manage("poolstats", "--json").stdout)
@@ -117,19 +104,7 @@ class Fleet:
         return done.returncode, done.stdout.strip()
 
     def stop(self) -> str:
-        output = ""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                output, _ = self.proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.proc.poll() is None:
-                output, _ = self.proc.communicate()
+        output = self.gunicorn.stop(timeout=15)
         self.admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
         return output
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from django.db import connections
 
-from tests.servers import free_port
+from testsupport.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "tests" / "projects" / "realsite"
