@@ -172,8 +172,12 @@ class Site:
     """The demo shop of ``make bench`` on the cluster: the ``shop`` database migrated and seeded,
     a logged-in admin's cookie, and each mode's environment (``bench/run.py`` makes the same)."""
 
-    PATHS = {"product": "/shop/product/{pid}/", "three-view": "/shop/three/", "listings": "/shop/listings/",
-             "admin": "/admin/shop/listing/"}  # fmt: skip
+    PATHS = {
+        "product": "/shop/product/{pid}/",
+        "three-view": "/shop/three/",
+        "listings": "/shop/listings/",
+        "admin": "/admin/shop/listing/",
+    }
 
     def __init__(self, cluster: Any, tree: Path) -> None:
         sys.path.insert(0, str(tree / "bench"))
@@ -186,8 +190,9 @@ class Site:
         manage = [sys.executable, str(tree / "testproject" / "manage.py")]
         for command in (["migrate", "--noinput", "-v", "0"], ["seed_shop"]):
             subprocess.run(manage + command, env=env, cwd=tree, check=True, capture_output=True)
-        self.cookie = subprocess.run(manage + ["bench_login"], env=env, cwd=tree, check=True, capture_output=True,
-                                     text=True).stdout.strip()  # fmt: skip
+        self.cookie = subprocess.run(
+            manage + ["bench_login"], env=env, cwd=tree, check=True, capture_output=True, text=True
+        ).stdout.strip()
         self.pid = int(cluster.execute("SELECT min(id) FROM shop_product", dbname=run.DB_NAME)[0][0])
 
     def env(self, db: dict, tree: Path) -> dict[str, str]:

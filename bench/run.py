@@ -145,8 +145,11 @@ def ensure_tools(need_pgbouncer: bool) -> dict[str, str]:
 def database(mode: str, cluster: PgCluster, pool_size: int, pool_timeout: float, bouncer_port: int | None) -> dict:
     """DATABASES["default"] for a mode."""
     db: dict[str, Any] = {
-        **cluster.django_settings(DB_NAME), "USER": DB_USER, "ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": 0,
-    }  # fmt: skip
+        **cluster.django_settings(DB_NAME),
+        "USER": DB_USER,
+        "ENGINE": "django.db.backends.postgresql",
+        "CONN_MAX_AGE": 0,
+    }
     pool = {"min_size": pool_size, "max_size": pool_size, "timeout": pool_timeout}
     if mode == "persistent":
         db["CONN_MAX_AGE"] = None
@@ -249,8 +252,16 @@ class Sampler(threading.Thread):
         return {"peak_backends": max(s), "mean_backends": round(statistics.fmean(s), 1), "samples": len(self.samples)}
 
 
-def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int, timeout: float,
-            reconnect_every: int = 0, cookie: str | None = None) -> dict[str, Any]:  # fmt: skip
+def run_wrk(
+    wrk: str,
+    url: str,
+    duration: float,
+    connections: int,
+    threads: int,
+    timeout: float,
+    reconnect_every: int = 0,
+    cookie: str | None = None,
+) -> dict[str, Any]:
     headers = ["-H", f"Cookie: {cookie}"] if cookie else []
     cmd = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(duration))}s",
            f"--timeout={timeout:g}s", "--latency", *headers, "-s", str(BENCH / "report.lua"), url, "--",
@@ -267,15 +278,18 @@ def run_wrk(wrk: str, url: str, duration: float, connections: int, threads: int,
         "rps": data["requests"] / seconds if seconds else 0.0,
         "requests": data["requests"],
         "seconds": seconds,
-        "p50_ms": lat["p50"] / 1000, "p90_ms": lat["p90"] / 1000, "p99_ms": lat["p99"] / 1000,
-        "max_ms": lat["max"] / 1000, "mean_ms": lat["mean"] / 1000,
+        "p50_ms": lat["p50"] / 1000,
+        "p90_ms": lat["p90"] / 1000,
+        "p99_ms": lat["p99"] / 1000,
+        "max_ms": lat["max"] / 1000,
+        "mean_ms": lat["mean"] / 1000,
         "statuses": statuses,
         "non2xx": sum(n for code, n in statuses.items() if not 200 <= code < 400),
         "socket_errors": {k: v for k, v in data["errors"].items() if k != "status"},
         "errors": sum(v for k, v in data["errors"].items() if k != "status"),
         "command": shlex.join(cmd),
         "wrk_output": res.stdout,
-    }  # fmt: skip
+    }
 
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -324,8 +338,12 @@ def start_perf(server_group: int) -> subprocess.Popen[str] | None:
     ]
     if perf is None or not pids:
         return None
-    return subprocess.Popen([perf, "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", ",".join(pids)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [perf, "stat", "-x,", "-e", ",".join(PERF_EVENTS), "-p", ",".join(pids)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish_perf(proc: subprocess.Popen[str] | None) -> dict[str, float]:
@@ -366,8 +384,14 @@ def reset_data(cluster: PgCluster, last_seeded_order: int) -> None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, cluster: PgCluster, tools: dict[str, str], rawdir: Path,
-                 cookie: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        cluster: PgCluster,
+        tools: dict[str, str],
+        rawdir: Path,
+        cookie: str | None = None,
+    ) -> None:
         self.args, self.cluster, self.tools, self.rawdir = args, cluster, tools, rawdir
         #: The session cookie of a logged-in superuser, for the admin endpoint (bench_login).
         self.cookie = cookie
@@ -382,8 +406,9 @@ class Bench:
     def cookie_for(self, endpoint: str) -> str | None:
         return self.cookie if endpoint == "admin" else None
 
-    def run_mode(self, scenario: str, mode: str, endpoints: list[str], workers: int, threads: int,
-                 connections: int) -> dict[str, Any]:  # fmt: skip
+    def run_mode(
+        self, scenario: str, mode: str, endpoints: list[str], workers: int, threads: int, connections: int
+    ) -> dict[str, Any]:
         """{endpoint: result} for one mode, or {"unavailable": reason} / {"failed": reason}."""
         a = self.args
         reset_data(self.cluster, self.last_seeded_order)
@@ -445,11 +470,13 @@ class Bench:
                         k: round(v / max(1, result["requests"]), 2) for k, v in perf_counts.items()
                     }
                 out[endpoint] = result
-                log(f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
+                log(
+                    f"{scenario}/{mode}/{endpoint}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.1f} ms, "
                     f"p99 {result['p99_ms']:.1f} ms, non-2xx {result['non2xx']}, errors {result['errors']}, "
                     f"peak backends {result['peak_backends']}, CPU us/request "
                     + ", ".join(f"{k} {v:.0f}" for k, v in result["cpu_us_per_request"].items())
-                    + "".join(f", {k}/request {v:.1f}" for k, v in result.get("gunicorn_per_request", {}).items()))  # fmt: skip
+                    + "".join(f", {k}/request {v:.1f}" for k, v in result.get("gunicorn_per_request", {}).items())
+                )
         except RuntimeError as exc:
             log(f"{scenario}/{mode}: FAILED: {exc}")
             out["failed"] = str(exc)
@@ -497,8 +524,10 @@ def fmt_statuses(statuses: dict) -> str:
 
 def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = False) -> list[str]:
     base = results.get("persistent", {}).get(endpoint)
-    head = ("| mode | req/s (range of rounds) | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends "
-            "| CPU µs/request: gunicorn + PostgreSQL |")  # fmt: skip
+    head = (
+        "| mode | req/s (range of rounds) | vs persistent | p50 ms | p99 ms | non-2xx | socket errors | peak backends "
+        "| CPU µs/request: gunicorn + PostgreSQL |"
+    )
     sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if statuses:
         head += " non-2xx statuses |"
@@ -515,8 +544,10 @@ def endpoint_table(results: dict[str, dict], endpoint: str, statuses: bool = Fal
         spread = f" ({min(rounds):.0f}-{max(rounds):.0f})" if len(rounds) > 1 else ""
         cpu = r.get("cpu_us_per_request")
         cpu_text = f"{cpu['gunicorn']:.0f} + {cpu['postgres']:.0f}" if cpu else "-"
-        row = (f"| {mode} | {r['rps']:.0f}{spread} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
-               f"{r['errors']} | {r['peak_backends']} | {cpu_text} |")  # fmt: skip
+        row = (
+            f"| {mode} | {r['rps']:.0f}{spread} | {ratio} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} | "
+            f"{r['errors']} | {r['peak_backends']} | {cpu_text} |"
+        )
         if statuses:
             row += f" {fmt_statuses(r['statuses'])} |"
         lines.append(row)
@@ -536,16 +567,22 @@ def targets(main: dict[str, dict], overload: dict[str, dict] | None) -> list[str
         pr, dp = get(main, "pooled-request", endpoint), get(main, "django-pool", endpoint)
         if pr and dp:
             ratio = pr["rps"] / dp["rps"]
-            add(f"{title}: `pooled-request` >= `django-pool`",
-                f"{pr['rps']:.0f} vs {dp['rps']:.0f} req/s ({ratio:.2f}x)", ratio >= 1.0)  # fmt: skip
+            add(
+                f"{title}: `pooled-request` >= `django-pool`",
+                f"{pr['rps']:.0f} vs {dp['rps']:.0f} req/s ({ratio:.2f}x)",
+                ratio >= 1.0,
+            )
     for endpoint in ("product", "listings"):
         title = ENDPOINTS[endpoint][0]
         pr, pe = get(main, "pooled-request", endpoint), get(main, "persistent", endpoint)
         if pr and pe:
             ratio = pr["rps"] / pe["rps"]
             add(f"{title}: `pooled-request` >= 0.97x `persistent`", f"{ratio:.2f}x", ratio >= 0.97)
-            add(f"{title}: `pooled-request` uses <= 1/4 of `persistent`'s backends",
-                f"{pr['peak_backends']} vs {pe['peak_backends']}", pr["peak_backends"] * 4 <= pe["peak_backends"])  # fmt: skip
+            add(
+                f"{title}: `pooled-request` uses <= 1/4 of `persistent`'s backends",
+                f"{pr['peak_backends']} vs {pe['peak_backends']}",
+                pr["peak_backends"] * 4 <= pe["peak_backends"],
+            )
     pt, ps = get(main, "pooled-transaction", "slow"), get(main, "persistent", "slow")
     if pt and ps:
         ratio = pt["rps"] / ps["rps"]
@@ -595,8 +632,13 @@ def chart(path: Path, scenarios: list[tuple[str, dict[str, dict], str]]) -> None
             values = [res[m].get(endpoint, {}).get(key) for m in modes]
             bars = ax.bar(range(len(modes)), [v or 0 for v in values], color=[COLORS.get(m, "#333") for m in modes])
             for bar, v in zip(bars, values, strict=True):
-                ax.annotate("n/a" if v is None else f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=7)  # fmt: skip
+                ax.annotate(
+                    "n/a" if v is None else f"{v:.0f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
             ax.set_xticks(range(len(modes)))
             ax.set_xticklabels(modes if row == 1 else [], rotation=45, ha="right", fontsize=8)
             if i == 0:
@@ -618,8 +660,11 @@ def machine() -> dict[str, str]:
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("model name")), "?")
         mem = Path("/proc/meminfo").read_text().split()
         info["memory"] = f"{int(mem[mem.index('MemTotal:') + 1]) / 1024 / 1024:.1f} GiB"
-        info["os"] = next(ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
-                          if ln.startswith("PRETTY_NAME="))  # fmt: skip
+        info["os"] = next(
+            ln.split("=", 1)[1].strip('"')
+            for ln in Path("/etc/os-release").read_text().splitlines()
+            if ln.startswith("PRETTY_NAME=")
+        )
     except (OSError, StopIteration, ValueError):
         pass
     info["kernel"] = platform.release()
@@ -655,8 +700,10 @@ def versions(cluster: PgCluster, tools: dict[str, str]) -> dict[str, str]:
 def write_report(path: Path, data: dict[str, Any]) -> None:
     a = data["args"]
     lines = ["# Benchmark results", ""]
-    lines.append(f"`{data['command']}` on {data['date']} ({data['elapsed_min']:.1f} min). "
-                 f"Load average before / after: {data['load_before']} / {data['load_after']}.")  # fmt: skip
+    lines.append(
+        f"`{data['command']}` on {data['date']} ({data['elapsed_min']:.1f} min). "
+        f"Load average before / after: {data['load_before']} / {data['load_after']}."
+    )
     lines.append("")
     lines.append(
         f"gunicorn gthread, {a['workers']} workers x {a['threads']} threads; wrk `-t{a['wrk_threads']} -c{data['connections']}`, "
@@ -683,12 +730,19 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         lines += [f"## {title}: `GET {path_.format(pid=data['pid'])}`", "", *endpoint_table(data["main"], endpoint), ""]
     if data.get("overload"):
         o = data["overload_setup"]
-        lines += [f"## Overload: max_connections={o['max_connections']}, {o['workers']} workers x {o['threads']} "
-                  f"threads, {o['connections']} clients", ""]  # fmt: skip
+        lines += [
+            f"## Overload: max_connections={o['max_connections']}, {o['workers']} workers x {o['threads']} "
+            f"threads, {o['connections']} clients",
+            "",
+        ]
         for endpoint in o["endpoints"]:
             title, path_ = ENDPOINTS[endpoint]
-            lines += [f"### {title}: `GET {path_.format(pid=data['pid'])}`", "",
-                      *endpoint_table(data["overload"], endpoint, statuses=True), ""]  # fmt: skip
+            lines += [
+                f"### {title}: `GET {path_.format(pid=data['pid'])}`",
+                "",
+                *endpoint_table(data["overload"], endpoint, statuses=True),
+                "",
+            ]
     notes = []
     for scenario in ("main", "overload"):
         for mode, entry in (data.get(scenario) or {}).items():
@@ -702,15 +756,21 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         lines += ["Modes that did not run:", "", *notes, ""]
     if data.get("micro"):
         m = data["micro"]
-        lines += [f"## Micro-benchmark (`bench/micro.py`, in-process, median of {m['rounds']} rounds x {m['n']})", "",
-                  "| mode | borrow + return (µs) | borrow + SELECT 1 + return (µs) | 3 x SELECT 1 + return (µs) |",
-                  "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"## Micro-benchmark (`bench/micro.py`, in-process, median of {m['rounds']} rounds x {m['n']})",
+            "",
+            "| mode | borrow + return (µs) | borrow + SELECT 1 + return (µs) | 3 x SELECT 1 + return (µs) |",
+            "|---|---:|---:|---:|",
+        ]
         for mode, ops in m["results"].items():
             lines.append(f"| {mode} | {ops['borrow']:.2f} | {ops['select']:.2f} | {ops.get('three', 0):.2f} |")
         req, tx = m["results"].get("pooled"), m["results"].get("pooled-transaction")
         if req and tx and "three" in req and "three" in tx:
-            lines += ["", f"Per-statement release costs {(tx['three'] - req['three']) / 3:.1f} µs per statement over "
-                      "`release=\"request\"` (the `three` column's difference, over three)."]  # fmt: skip
+            lines += [
+                "",
+                f"Per-statement release costs {(tx['three'] - req['three']) / 3:.1f} µs per statement over "
+                '`release="request"` (the `three` column\'s difference, over three).',
+            ]
         lines.append("")
     lines += ["## Machine and versions", ""]
     lines += [f"* {k}: {v}" for k, v in data["machine"].items()]
@@ -752,8 +812,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wrk-timeout", type=float, default=10, help="seconds before wrk counts a request as timed out"
     )
-    parser.add_argument("--reconnect-every", type=int, default=10,
-                        help="wrk closes a connection after every Nth request and opens another (0: never; see RECONNECT_NOTE)")  # fmt: skip
+    parser.add_argument(
+        "--reconnect-every",
+        type=int,
+        default=10,
+        help="wrk closes a connection after every Nth request and opens another (0: never; see RECONNECT_NOTE)",
+    )
     parser.add_argument("--pool-size", type=int, default=4, help="connections per worker for every pool")
     parser.add_argument("--pool-timeout", type=float, default=5)
     parser.add_argument("--max-connections", type=int, default=100, help="PostgreSQL max_connections (main runs)")
@@ -786,8 +850,11 @@ def main(argv: list[str] | None = None) -> int:
         args.micro_rounds, args.micro_n = 1, 2000
         args.overload_endpoints = args.overload_endpoints[:1]
     connections = args.connections or args.workers * args.threads
-    command = "python bench/run.py" + ("" if not (argv if argv is not None else sys.argv[1:]) else
-                                       " " + shlex.join(argv if argv is not None else sys.argv[1:]))  # fmt: skip
+    command = "python bench/run.py" + (
+        ""
+        if not (argv if argv is not None else sys.argv[1:])
+        else " " + shlex.join(argv if argv is not None else sys.argv[1:])
+    )
 
     outdir = Path(args.output).absolute()
     rawdir = outdir / "raw"
@@ -797,9 +864,12 @@ def main(argv: list[str] | None = None) -> int:
     tools = ensure_tools("pgbouncer" in args.modes)
 
     data: dict[str, Any] = {
-        "command": command, "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "args": {k: v for k, v in vars(args).items()}, "connections": connections, "load_before": load_before,
-    }  # fmt: skip
+        "command": command,
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "args": {k: v for k, v in vars(args).items()},
+        "connections": connections,
+        "load_before": load_before,
+    }
     log("starting PostgreSQL")
     cluster = PgCluster(max_connections=args.max_connections, settings={"timezone": "UTC"})
     interrupted = False
@@ -813,16 +883,27 @@ def main(argv: list[str] | None = None) -> int:
             env = django_env(database(mode, cluster, args.pool_size, args.pool_timeout, None))
             if mode == "direct":
                 env["BENCH_KEEP_APP"] = "1"
-            res = subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), "migrate", "--noinput", "-v", "0"],
-                                 env=env, cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+            res = subprocess.run(
+                [sys.executable, str(TESTPROJECT / "manage.py"), "migrate", "--noinput", "-v", "0"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             if res.returncode == 0:
                 break
             log(f"migrate with {mode} settings failed:\n{res.stdout}{res.stderr}")
         else:
             raise RuntimeError("manage.py migrate failed")
         subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), "seed_shop"], env=env, check=True, cwd=ROOT)
-        cookie = subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), "bench_login"], env=env, check=True,
-                                cwd=ROOT, capture_output=True, text=True).stdout.strip()  # fmt: skip
+        cookie = subprocess.run(
+            [sys.executable, str(TESTPROJECT / "manage.py"), "bench_login"],
+            env=env,
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         data["machine"] = machine()
         data["versions"] = versions(cluster, tools)
         bench = Bench(args, cluster, tools, rawdir, cookie)
@@ -843,9 +924,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.skip_overload:
             cluster.set_max_connections(args.overload_max_connections)
-            o = {"max_connections": args.overload_max_connections, "workers": args.overload_workers,
-                 "threads": args.overload_threads, "connections": args.overload_connections,
-                 "endpoints": args.overload_endpoints}  # fmt: skip
+            o = {
+                "max_connections": args.overload_max_connections,
+                "workers": args.overload_workers,
+                "threads": args.overload_threads,
+                "connections": args.overload_connections,
+                "endpoints": args.overload_endpoints,
+            }
             data["overload_setup"] = o
             overload = {}
             for mode in args.modes:
@@ -869,12 +954,21 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     raw = rawdir / f"bench-{stamp}.json"
     raw.write_text(json.dumps(data, indent=1, default=str))
-    scenarios = [(f"{ENDPOINTS[e][0]}\n{args.workers}x{args.threads}, {connections} clients", data["main"], e)
-                 for e in args.endpoints]  # fmt: skip
+    scenarios = [
+        (f"{ENDPOINTS[e][0]}\n{args.workers}x{args.threads}, {connections} clients", data["main"], e)
+        for e in args.endpoints
+    ]
     if data.get("overload"):
         o = data["overload_setup"]
-        scenarios += [(f"Overload: {ENDPOINTS[e][0]}\nmax_conn {o['max_connections']}, {o['workers']}x{o['threads']}, "
-                       f"{o['connections']} clients", data["overload"], e) for e in o["endpoints"]]  # fmt: skip
+        scenarios += [
+            (
+                f"Overload: {ENDPOINTS[e][0]}\nmax_conn {o['max_connections']}, {o['workers']}x{o['threads']}, "
+                f"{o['connections']} clients",
+                data["overload"],
+                e,
+            )
+            for e in o["endpoints"]
+        ]
     chart(outdir / "chart.png", scenarios)
     write_report(outdir / "RESULTS.md", data)
     log(f"wrote {outdir / 'RESULTS.md'}, {outdir / 'chart.png'}, {raw} in {data['elapsed_min']:.1f} min")

@@ -227,8 +227,14 @@ def _called_from(module: str) -> bool:
 #: health-check, ``close_at`` and ``run_on_commit`` state in ``init_connection_state()``).
 #: ``tests/test_engine.py`` compares both lists with Django's source, so a Django release that
 #: adds one fails there.
-CONNECT_STATE = ("in_atomic_block", "savepoint_ids", "atomic_blocks", "needs_rollback", "closed_in_transaction",
-                 "errors_occurred")  # fmt: skip
+CONNECT_STATE = (
+    "in_atomic_block",
+    "savepoint_ids",
+    "atomic_blocks",
+    "needs_rollback",
+    "closed_in_transaction",
+    "errors_occurred",
+)
 #: Set by Django's ``connect()`` and by the borrow its own way (see CONNECT_STATE).
 CONNECT_STATE_ELSEWHERE = ("connection", "health_check_enabled", "close_at", "health_check_done", "run_on_commit")
 

@@ -252,8 +252,11 @@ def admin_login(base: str, password: str) -> bool:
             "password": password,
             "next": "/admin/",
         }
-        req = urllib.request.Request(base + "/admin/login/?next=/admin/", data=urlencode(form).encode(),
-                                     headers={"Referer": base + "/admin/login/"})  # fmt: skip
+        req = urllib.request.Request(
+            base + "/admin/login/?next=/admin/",
+            data=urlencode(form).encode(),
+            headers={"Referer": base + "/admin/login/"},
+        )
         with opener.open(req, timeout=15) as resp:  # follows the redirect to /admin/
             return resp.status == 200 and resp.url.rstrip("/").endswith("/admin") and b"Log out" in resp.read()
     except (urllib.error.URLError, OSError):

@@ -57,9 +57,11 @@ class Fleet:
     def __init__(self) -> None:
         params = connections["default"].settings_dict
         self.server = {
-            "host": params["HOST"], "port": params["PORT"], "user": params["USER"],
+            "host": params["HOST"],
+            "port": params["PORT"],
+            "user": params["USER"],
             "password": params["PASSWORD"] or None,
-        }  # fmt: skip
+        }
         self.dbname = f"dpp_fleet_{os.getpid()}"
         auth = params["USER"] + (f":{params['PASSWORD']}" if params["PASSWORD"] else "")
         self.env = {
@@ -81,9 +83,14 @@ class Fleet:
 
     def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=self.env,
-            capture_output=True, text=True, timeout=60, check=check,
-        )  # fmt: skip
+            [sys.executable, str(PROJECT / "manage.py"), *args],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+        )
 
     def start(self) -> None:
         self.admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))

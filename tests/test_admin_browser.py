@@ -35,9 +35,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "build" / "admin-status.png"
 PAGE = "/admin/django_pooled_pg/poolsnapshot/"
 ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gunicorn") is None,
@@ -69,8 +73,10 @@ def ensure_playwright() -> None:
         return
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "playwright"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, f"pip install playwright failed:\n{done.stdout}\n{done.stderr}"
     importlib.invalidate_caches()
 
@@ -87,11 +93,15 @@ def test_status_page_in_chromium(fleet):
     from playwright.sync_api import sync_playwright
 
     # A staff user who may only view the pools (no other permission).
-    fleet.manage("shell", "-c", (
-        "from django.contrib.auth.models import Permission, User\n"
-        "u = User.objects.create_user('watcher', 'w@example.com', 'watch-the-pools', is_staff=True)\n"
-        "u.user_permissions.add(Permission.objects.get(codename='view_poolsnapshot'))\n"
-    ))  # fmt: skip
+    fleet.manage(
+        "shell",
+        "-c",
+        (
+            "from django.contrib.auth.models import Permission, User\n"
+            "u = User.objects.create_user('watcher', 'w@example.com', 'watch-the-pools', is_staff=True)\n"
+            "u.user_permissions.add(Permission.objects.get(codename='view_poolsnapshot'))\n"
+        ),
+    )
     workers = wait_for(f"{WORKERS} workers", lambda: len(fleet.workers()) == WORKERS and fleet.workers())
 
     # Every worker serves some traffic and publishes it before the page opens.
@@ -158,8 +168,9 @@ def test_status_page_in_chromium(fleet):
                 wait_for(
                     "the hostile connection in the server's view",
                     lambda: any("(not publishing)" in t for t in server_rows.all_inner_texts()),
-                    timeout=15, every=0.5,
-                )  # fmt: skip
+                    timeout=15,
+                    every=0.5,
+                )
                 assert "<img src=x onerror=window.__xss=1>:4242 (not publishing)" in server_rows.all_inner_texts()
                 assert page.evaluate("window.__xss") is None
                 assert page.evaluate("window.__notReloaded") is True and navigations == []

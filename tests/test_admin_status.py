@@ -59,9 +59,14 @@ def plain(superuser, application_name: str) -> psycopg.Connection:
     """A connection to the test database outside any pool, with this application_name."""
     info = superuser.info
     return psycopg.connect(
-        dbname=info.dbname, user=info.user, host=info.host, port=info.port,
-        password=info.password or None, application_name=application_name, autocommit=True,
-    )  # fmt: skip
+        dbname=info.dbname,
+        user=info.user,
+        host=info.host,
+        port=info.port,
+        password=info.password or None,
+        application_name=application_name,
+        autocommit=True,
+    )
 
 
 # ----- Who may see it -----------------------------------------------------------------------------
@@ -231,10 +236,13 @@ def test_publishing_appends_history_points_and_the_page_charts_them(superuser, m
     assert [p[0] for p in points] == ["default"] and points[0][3] == 4 and points[0][4] >= 1
     monkeypatch.setattr(history, "STEP", 0.0)
     publish_now()
-    borrows = [b for (b,) in superuser.execute(
-        "SELECT borrows FROM django_pooled_pg_poolhistory WHERE pid = %s AND alias = 'default' ORDER BY id",
-        [os.getpid()],
-    )]  # fmt: skip
+    borrows = [
+        b
+        for (b,) in superuser.execute(
+            "SELECT borrows FROM django_pooled_pg_poolhistory WHERE pid = %s AND alias = 'default' ORDER BY id",
+            [os.getpid()],
+        )
+    ]
     assert len(borrows) == 2 and borrows[1] == 2, "the second point counts the borrows since the first"
 
     read = history.read()

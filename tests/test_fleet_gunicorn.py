@@ -48,10 +48,13 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
     # The server's view per worker is what pg_stat_activity says.
     def matches() -> dict | None:
         data = fleet.poolstats()
-        counts = dict(fleet.admin(
-            "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
-            "AND application_name LIKE 'dpp default %%' GROUP BY 1", [fleet.dbname],
-        ))  # fmt: skip
+        counts = dict(
+            fleet.admin(
+                "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND application_name LIKE 'dpp default %%' GROUP BY 1",
+                [fleet.dbname],
+            )
+        )
         processes = live(data)
         ok = set(processes) == workers and all(
             p["server"]["total"] == counts.get(p["application_name"], 0) > 0 and p["server"]["total"] == p["size"]

@@ -117,8 +117,12 @@ def test_no_import_cycle():
 
 
 def test_the_layers_import_only_downwards():
-    allowed = {"shared": {"shared"}, "pooling": {"shared", "pooling"}, "telemetry": {"shared", "pooling", "telemetry"},
-               "face": {"shared", "pooling", "telemetry", "face"}}  # fmt: skip
+    allowed = {
+        "shared": {"shared"},
+        "pooling": {"shared", "pooling"},
+        "telemetry": {"shared", "pooling", "telemetry"},
+        "face": {"shared", "pooling", "telemetry", "face"},
+    }
     wrong = [
         f"{name} ({layer(name)}) imports {target} ({layer(target)})"
         for name, targets in graph().items()

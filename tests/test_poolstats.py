@@ -151,10 +151,12 @@ def test_publish_and_read_back(superuser):
     assert process.snapshot.counters["borrows"] == borrows
     assert process.snapshot.wait["count"] == borrows
     # The server's view of this process's connections is what pg_stat_activity says.
-    by_state = dict(superuser.execute(
-        "SELECT state, count(*) FROM pg_stat_activity WHERE application_name = %s GROUP BY state",
-        [snapshot.application_name("default")],
-    ).fetchall())  # fmt: skip
+    by_state = dict(
+        superuser.execute(
+            "SELECT state, count(*) FROM pg_stat_activity WHERE application_name = %s GROUP BY state",
+            [snapshot.application_name("default")],
+        ).fetchall()
+    )
     assert process.server.total == sum(by_state.values())
     assert process.server.by_state["idle"] == by_state.get("idle", 0)
     total = fleet.aliases["default"]

@@ -72,9 +72,15 @@ class Gunicorn:
         if stdout == subprocess.PIPE:
             popen.setdefault("text", True)
         self.proc = subprocess.Popen(
-            self.command(), env=self.env, cwd=TESTPROJECT, stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None, start_new_session=True, **popen,
-        )  # fmt: skip
+            self.command(),
+            env=self.env,
+            cwd=TESTPROJECT,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
+            start_new_session=True,
+            **popen,
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

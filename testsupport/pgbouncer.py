@@ -85,9 +85,13 @@ class PgBouncer:
                 shutil.chown(child, run_as)
             command = ["runuser", "-u", run_as, "--", *command]
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd="/",
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            cwd="/",
             start_new_session=True,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -148,8 +148,9 @@ class ResetWithFirstStatement:
 
     __slots__ = ()
 
-    def _execute_gen(self, query: Any, params: Any = None, *, prepare: bool | None = None,
-                     binary: bool | None = None) -> Any:  # fmt: skip
+    def _execute_gen(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
         conn = self._conn  # type: ignore[attr-defined]
         if conn._pooled_pg_reset_due:
             if conn.autocommit and conn._pipeline is None and not prepare and not binary:

@@ -225,10 +225,12 @@ class FleetStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "taken_at": self.taken_at, "stats_database": self.stats_database,
+            "taken_at": self.taken_at,
+            "stats_database": self.stats_database,
             "aliases": {name: a.to_dict() for name, a in self.aliases.items()},
-            "capacity": [c.to_dict() for c in self.capacity], "errors": list(self.errors),
-        }  # fmt: skip
+            "capacity": [c.to_dict() for c in self.capacity],
+            "errors": list(self.errors),
+        }
 
 
 ROWS = """
@@ -331,9 +333,10 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
             process.server = ServerView() if entry.split_by_process else None
     user_names = {
         p.snapshot.application_name: entry
-        for entry in on_server.values() if not entry.split_by_process
+        for entry in on_server.values()
+        if not entry.split_by_process
         for p in entry.processes
-    }  # fmt: skip
+    }
     # (alias, host, pid) -> process: one lookup per connection, not a scan (200 processes x 800
     # connections per alias on the admin page).
     by_key = {(name, p.host, p.pid): p for name, entry in on_server.items() for p in entry.processes}

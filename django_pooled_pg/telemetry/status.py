@@ -240,11 +240,19 @@ def chart(
     start = end - shown
     window = shown
     result = {
-        "in_use": "", "waiting": "", "max_size": "", "wait_p95": "", "conn_top": "1", "p95_top": "1 ms",
-        "points": len(times), "last_in_use": "–", "last_waiting": "–", "last_p95": "–",
+        "in_use": "",
+        "waiting": "",
+        "max_size": "",
+        "wait_p95": "",
+        "conn_top": "1",
+        "p95_top": "1 ms",
+        "points": len(times),
+        "last_in_use": "–",
+        "last_waiting": "–",
+        "last_p95": "–",
         "span_label": f"{shown / 60:.0f} min ago",
         "span_title": "The last hour" if shown >= 3600 else f"The last {shown / 60:.0f} minutes",
-    }  # fmt: skip
+    }
     if times:
         top = _nice(max([*max_size, *in_use, *waiting, 1.0]))
         xs = [max(0.0, min(CHART_WIDTH, (t - start) / window * CHART_WIDTH)) for t in times]
@@ -253,14 +261,16 @@ def chart(
         def conn_y(values: list[float]) -> list[float]:
             return [CHART_HEIGHT - v / top * CHART_HEIGHT for v in values]
 
-        result.update({
-            "in_use": _path(xs, conn_y(in_use), gaps),
-            "waiting": _path(xs, conn_y(waiting), gaps),
-            "max_size": _path(xs, conn_y(max_size), gaps),
-            "conn_top": f"{top:g}",
-            "last_in_use": f"{in_use[-1]:g}",
-            "last_waiting": f"{waiting[-1]:g}",
-        })  # fmt: skip
+        result.update(
+            {
+                "in_use": _path(xs, conn_y(in_use), gaps),
+                "waiting": _path(xs, conn_y(waiting), gaps),
+                "max_size": _path(xs, conn_y(max_size), gaps),
+                "conn_top": f"{top:g}",
+                "last_in_use": f"{in_use[-1]:g}",
+                "last_waiting": f"{waiting[-1]:g}",
+            }
+        )
     if p95_times:
         p95_ms = [v * 1000 for v in p95]
         p95_top = _nice(max([*p95_ms, 1.0]))

@@ -135,9 +135,13 @@ def render_alias(entry: AliasFleet) -> list[str]:
                 str(s.max_size), *server_cells(p.server),
             ])  # fmt: skip
             count_rows.append([label, *counters(s.counters)])
-            time_rows.append([
-                label, *timing(Histogram.from_dict(s.wait).summary()), *timing(Histogram.from_dict(s.hold).summary()),
-            ])  # fmt: skip
+            time_rows.append(
+                [
+                    label,
+                    *timing(Histogram.from_dict(s.wait).summary()),
+                    *timing(Histogram.from_dict(s.hold).summary()),
+                ]
+            )
         total = f"total ({len(entry.live)} live)"
         pool_rows.append([
             total, "", str(entry.size), str(entry.idle), str(entry.in_use), str(entry.waiting),
@@ -154,8 +158,9 @@ def render_alias(entry: AliasFleet) -> list[str]:
     if view is not None:
         longest = ", ".join(
             f"longest {state} {duration(view.longest[state])}"
-            for state in ("active", "idle in transaction") if view.longest[state]
-        )  # fmt: skip
+            for state in ("active", "idle in transaction")
+            if view.longest[state]
+        )
         out.append(
             f"  server: {view.total} pooled connections: {view.by_state['active']} active, "
             f"{view.by_state['idle']} idle, {view.by_state['idle in transaction']} idle in transaction"
@@ -215,14 +220,18 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
         parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
         parser.add_argument(
-            "--check", action="store_true",
+            "--check",
+            action="store_true",
             help="exit 1 with a one-line reason when a pool is saturated, timing out or leaking, or "
             "the fleet is over the server's capacity; 2 when statistics cannot be read; else 0",
-        )  # fmt: skip
+        )
         parser.add_argument(
-            "--window", type=float, default=60.0, metavar="SECONDS",
+            "--window",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
             help="with --check: how recent a timeout or leak report must be to count (default 60)",
-        )  # fmt: skip
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         alias = options["database"]
