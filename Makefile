@@ -17,11 +17,13 @@ BENCH_ARGS ?=
 
 test: lint test-django52 test-django6 test-oldest
 
-# ruff's lint and format check and mypy (settings in pyproject.toml), in the Django 6 venv.
+# ruff's lint and format check, mypy and import-linter's layer contracts (settings in
+# pyproject.toml), in the Django 6 venv.
 lint: $(VENV_DJ6)/.done
 	$(VENV_DJ6)/bin/ruff check .
 	$(VENV_DJ6)/bin/ruff format --check .
 	$(VENV_DJ6)/bin/mypy
+	$(VENV_DJ6)/bin/lint-imports
 
 test-django52: $(VENV_DJ52)/.done
 	$(VENV_DJ52)/bin/python -m pytest $(PYTEST_ARGS)
