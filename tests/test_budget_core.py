@@ -20,9 +20,7 @@ from tests.conftest import one
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-COUNT = (
-    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = current_database()"
-)
+COUNT = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = current_database()"
 
 
 def backends(conn) -> int:
