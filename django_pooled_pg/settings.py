@@ -117,8 +117,8 @@ OWN_OPTIONS: dict[str, OptionSpec] = {
         lambda v: v is None or (_number(0).check(v)), "None or a number greater than 0 (seconds)"
     ),
     "fleet_max_size": OptionSpec(
-        lambda v: v is None or v == "auto" or _integer(2).check(v),
-        'None, "auto", or an integer >= 2 (the connections all processes together may hold)',
+        lambda v: v is None or v == "auto" or _integer(3).check(v),
+        'None, "auto", or an integer >= 3 (the connections all processes together may hold)',
     ),
 }
 

@@ -46,6 +46,8 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_take_parked",
         "_clean",
         "_looking",
+        "_shrink",
+        "_keeps",
     }
     used = {
         word

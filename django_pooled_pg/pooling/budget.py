@@ -3,25 +3,28 @@ process, on every host, together hold at most that many connections to the alias
 
 Why it works this way:
 
-* **Admission is counted by the server, after the fact, by the newcomer.** A connection the pool
-  opens counts the server's client backends of its database (``pg_stat_activity``, itself
-  included) before the pool may use it, and closes again when the count is over the budget. The
-  server's view includes every process of every host, the ones that died a moment ago excluded
-  (a SIGKILLed process's sessions end with its sockets), so nothing has to be renewed, no clock
-  is compared, and a share comes back by itself when its holder dies. A newcomer that counts
-  last sees every newcomer before it, so two that count at once cannot both squeeze in.
+* **Admission is counted by the server, by the newcomer.** A connection the pool opens counts
+  the server's client backends of its database (``pg_stat_activity``, itself included) before
+  the pool may use it, and closes again when there is no room for it. The server's view includes
+  every process of every host and none that died (a SIGKILLed process's sessions end with its
+  sockets), so nothing is renewed, no clock is compared, and a share comes back by itself when
+  its holder dies. Of two newcomers that count at once, the later sees the earlier.
 * **The door.** A newcomer exists before it can count, so one connection of the budget is kept
-  free for it (:data:`DOOR`): the pools use at most ``fleet_max_size - 1`` and a refused
-  newcomer, counted in the last one, never takes the server over the budget. On a host, opening
-  connections is serialized by a file lock (:meth:`FleetBudget.gate`, about 1 ms per
-  connection), so one newcomer at a time stands in the door per host.
-* **Demand is visible.** A newcomer that finds the budget full does not leave at once: it waits
-  in the door for up to :data:`WAIT` seconds under the application name :data:`WANTING`, where
-  every other process's periodic look (:meth:`FleetBudget.look`, every :data:`LOOK_EVERY`
-  seconds on one idle connection) sees it; a process holding more than its fair share
-  (the budget divided among the processes seen) closes idle connections until it does not. The
-  newcomer joins as soon as its count fits, or goes and its borrowers get a 503
-  (:class:`~django_pooled_pg.errors.BudgetExhausted`).
+  for it (:data:`DOOR`): the pools use at most ``fleet_max_size - 1`` and a refused newcomer,
+  counted in the last one for the millisecond it takes to count and close, never takes the
+  server over the budget. On a host, newcomers count one at a time (:meth:`FleetBudget.gate`,
+  a file lock); newcomers of different hosts refused in the same millisecond can each stand in
+  the door, one connection over the budget per extra host for that millisecond.
+* **The reserve: how a new process gets in without anyone waiting.** Of the usable budget, one
+  connection (:data:`RESERVE`) is only for a process below its fair share (the usable budget
+  divided among the processes the server shows, by their ``dpp ALIAS HOST:PID`` application
+  names). A new process holds nothing, so its first connection takes the reserve; it then shows
+  in ``pg_stat_activity``, every fair share shrinks, and each process's look (every
+  :data:`LOOK_EVERY` s, on one of its connections) gives back what it holds above its new fair
+  share until the reserve is free again (the idle connections at once, the others as they come
+  back). A process at or above its fair share grows only while the reserve stays free. When
+  there are more processes than usable connections, the ones without a share get a 503
+  (:class:`~django_pooled_pg.errors.BudgetExhausted`) at once.
 * **Nothing on the borrow path.** All of this runs when a connection is opened (psycopg_pool's
   background workers) and in the look; a borrow reads one attribute more to fail fast.
 """
@@ -44,25 +47,23 @@ logger = logging.getLogger("django_pooled_pg")
 
 #: Connections of the budget kept free for a newcomer counting itself in.
 DOOR = 1
-#: Seconds a newcomer waits in the door for other processes to give back idle connections.
-WAIT = 1.5
+#: Connections of the usable budget only a process below its fair share may take.
+RESERVE = 1
 #: Seconds after a refusal during which this process opens no new connection (its borrowers
 #: that find none free get a 503 at once).
 BACK_OFF = 1.0
-#: Seconds between two looks of a process at the budget (one statement on an idle connection).
+#: Seconds between two looks of a process at the budget (one statement on one connection).
 LOOK_EVERY = 0.5
 #: Seconds a host's newcomer may wait for another one of the same host to finish counting.
-GATE_TIMEOUT = WAIT + 1.0
-#: The application name of a newcomer waiting in the door.
-WANTING = "dpp-budget wanting"
+GATE_TIMEOUT = 2.0
 #: For "auto": connections of the server's capacity left to others (psql, migrations, cron):
 #: 10% of it, and at least this many.
 AUTO_HEADROOM = 3
 
-#: The client backends a budget counts: of the alias's database, or of the whole server (auto).
+#: The client backends a budget counts (of the alias's database, or of the whole server for
+#: "auto"), and the processes among them (their pools' connections' application names).
 _COUNT = (
-    "SELECT count(*), count(*) FILTER (WHERE application_name = '" + WANTING + "'), "
-    "count(DISTINCT application_name) FILTER (WHERE application_name LIKE 'dpp %') "
+    "SELECT count(*), count(DISTINCT application_name) FILTER (WHERE application_name LIKE 'dpp %') "
     "FROM pg_stat_activity WHERE backend_type = 'client backend'"
 )
 COUNT_DATABASE = _COUNT + " AND datname = current_database()"
@@ -84,7 +85,7 @@ class BudgetRefused(BaseException):
 def auto_size(capacity: int) -> int:
     """The budget ``"auto"`` derives from the server's ``capacity`` (max_connections minus the
     reserved connections): what is left after the headroom."""
-    return max(DOOR + 1, capacity - max(AUTO_HEADROOM, capacity // 10))
+    return max(DOOR + RESERVE + 1, capacity - max(AUTO_HEADROOM, capacity // 10))
 
 
 def _query(conn: Any, sql: str) -> list[int]:
@@ -119,11 +120,11 @@ class FleetBudget:
         #: When a newcomer of this process was last refused (``time.monotonic()``), 0.0: never;
         #: set by the pool, which counts the refusal.
         self.refused_at = 0.0
-        #: What the last count or look saw: backends, newcomers wanting, processes.
-        self.seen: tuple[int, int, int] = (0, 0, 0)
+        #: What the last count or look saw: the fleet's connections, and its processes.
+        self.seen: tuple[int, int] = (0, 0)
         self.seen_at = 0.0
-        #: Idle connections this process gave back for others.
-        self.given_back = 0
+        #: How many connections this process holds (the pool sets it: its psycopg_pool count).
+        self.held: Callable[[], int] = lambda: 0
 
     def refused_recently(self) -> bool:
         """Whether a newcomer of this process was refused less than :data:`BACK_OFF` s ago."""
@@ -175,40 +176,49 @@ class FleetBudget:
 
     def admit(self, conn: Any, *, reader: bool = False) -> None:
         """Let the freshly opened ``conn`` in, or :class:`BudgetRefused` (the caller closes it).
-        Call inside :meth:`gate`."""
+        Call inside :meth:`gate`.
+
+        The count includes ``conn``. A process below its fair share may take the budget's
+        last usable connection (the reserve: that is how a new process gets in); one at or
+        above it may not, so the reserve stays for newcomers. A reader may stand in the door."""
         if self.size is None:
             self.size = auto_size(_query(conn, CAPACITY)[0])
-        total, wanting, processes = self._count(conn)
-        if total <= self.usable or (reader and total <= self.size):
+        total, processes = self._count(conn)
+        held = self.held() - 1  # (the pool counts this connection already)
+        limit = self.usable if held < self.fair(processes) else self.usable - RESERVE
+        if total <= limit or (reader and total <= self.size):
             return
-        deadline = time.monotonic() + WAIT
-        conn.pgconn.exec_(f"SET application_name = '{WANTING}'".encode())
-        try:
-            while time.monotonic() < deadline and total <= self.usable + DOOR:
-                time.sleep(0.05)
-                total, wanting, processes = self._count(conn)
-                if total <= self.usable:
-                    return
-        finally:
-            conn.pgconn.exec_(b"RESET application_name")
         raise BudgetRefused(
             f"the fleet budget of database {self.alias!r} is used up: {total - 1} connections of "
-            f"{self.size} (fleet_max_size, one kept free to count newcomers in) held by "
-            f"{processes} processes"
+            f"{self.size} (fleet_max_size; one kept to count newcomers in, one for processes "
+            f"below their fair share) held by {processes} processes, {max(held, 0)} by this one"
         )
 
-    def _count(self, conn: Any) -> tuple[int, int, int]:
-        total, wanting, processes = _query(conn, self.count_sql)
-        self.seen, self.seen_at = (total, wanting, processes), time.monotonic()
-        return total, wanting, processes
+    def fair(self, processes: int) -> int:
+        """A process's fair share of the usable budget among ``processes`` (at least 1)."""
+        return max(1, self.usable // max(1, processes))
 
-    def excess(self, conn: Any, held: int, floor: int) -> int:
-        """Look at the budget through the idle connection ``conn``: how many of the ``held``
-        connections this process should give back, so that newcomers waiting in the door get
-        in (none while nobody waits). A process keeps its fair share (the usable budget divided
-        among the processes seen, waiting ones included) and at least ``floor``."""
-        total, wanting, processes = self._count(conn)
-        if not wanting or self.size is None:
+    def tight(self) -> bool:
+        """Whether a new connection of this process would be refused, by what this process saw
+        less than a second ago: then the pool does not try (each try costs the server a
+        backend start)."""
+        if time.monotonic() - self.seen_at > 1.0:
+            return False
+        total, processes = self.seen
+        return self.held() >= self.fair(processes) and total >= self.usable - RESERVE
+
+    def _count(self, conn: Any) -> tuple[int, int]:
+        total, processes = _query(conn, self.count_sql)
+        self.seen, self.seen_at = (total, processes), time.monotonic()
+        return total, processes
+
+    def excess(self, conn: Any) -> int:
+        """Look at the budget through ``conn``: how many of its connections this process should
+        give back. None while the reserve is free; otherwise those above its fair share, as
+        many as it takes to free the reserve (another process's newcomer took it: the fair
+        shares have just shrunk)."""
+        total, processes = self._count(conn)
+        over = total - (self.usable - RESERVE)
+        if over <= 0 or self.size is None:
             return 0
-        fair = self.usable // max(1, processes + wanting)
-        return max(0, held - max(fair, floor))
+        return max(0, min(over, self.held() - self.fair(processes)))

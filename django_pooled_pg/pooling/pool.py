@@ -116,10 +116,14 @@ class Pool(ConnectionPool[PooledConnection]):
         self._parked: dict[Borrow, PooledConnection] = {}
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
-        self.can_keep = kwargs.get("reset") is None
+        self.can_keep = self._keeps = kwargs.get("reset") is None
+        #: Connections a look at the fleet budget asked back, given back as they return.
+        self._shrink = 0
         #: The fleet's connection budget (OPTIONS["pool"]["fleet_max_size"]), or None.
         size = settings.fleet_max_size
         self.budget = None if size is None else FleetBudget.for_params(alias, size, kwargs.get("kwargs") or {})
+        if self.budget is not None:
+            self.budget.held = lambda: self._nconns
         self._looking: threading.Thread | None = None
         kwargs["connection_class"] = health_tracking(
             kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep, budget=self.budget
@@ -351,7 +355,7 @@ class Pool(ConnectionPool[PooledConnection]):
         connection is never parked while someone waits for one.
         """
         with self._lock:
-            if self._waiting or self._closed:
+            if self._waiting or self._closed or self._shrink:
                 return False
             self._parked[borrow] = conn
         return True
@@ -424,11 +428,11 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def budget_error(self) -> BudgetExhausted:
         assert self.budget is not None
-        size, (total, wanting, processes) = self.budget.size, self.budget.seen
+        size, (total, processes) = self.budget.size, self.budget.seen
         return BudgetExhausted(
             f"no connection for database {self.alias!r}: the fleet budget (fleet_max_size={size}) is "
-            f"used up by other processes ({total} connections of {processes} processes seen, "
-            f"{wanting} waiting) and this one holds {self._nconns}. {self.describe()}",
+            f"used up ({total} connections of {processes} processes seen) and this process holds "
+            f"{self._nconns}. {self.describe()}",
             alias=self.alias,
             state=self.describe(),
         )
@@ -482,8 +486,8 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def _maybe_grow_pool(self) -> None:
         # Called under the lock by getconn() when no connection is free: no new attempt while
-        # the budget refused one a moment ago (each costs the server a backend start).
-        if self.budget is not None and self.budget.refused_recently():
+        # the budget refused one a moment ago, or would (each costs the server a backend start).
+        if self.budget is not None and (self.budget.refused_recently() or self.budget.tight()):
             return
         super()._maybe_grow_pool()
 
@@ -502,31 +506,54 @@ class Pool(ConnectionPool[PooledConnection]):
                 logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
 
     def look(self) -> int:
-        """Look at the fleet budget through one idle connection, and give back the idle
-        connections above this process's fair share while other processes wait for one
-        (:meth:`.budget.FleetBudget.excess`). The number given back; 0 when every connection is
-        in use (a busy process gives back nothing: its connections come back to it first)."""
+        """Look at the fleet budget through one of this process's connections, and give back
+        the connections above its fair share while other processes wait for one
+        (:meth:`.budget.FleetBudget.excess`): the idle ones now, the others as they come back
+        (:meth:`putconn`; nothing is kept or parked meanwhile). The number given back now.
+
+        The look borrows like anyone (a kept or parked connection too: under load connections
+        are seldom idle in the queue), and skips its turn when every connection is in use, so
+        that it never makes the pool grow."""
         budget = self.budget
         assert budget is not None
-        with self._lock:
-            conn = self._pool.popleft() if self._pool else None
-        if conn is None:
+        if not (self._pool or self._parked):
             return 0
         try:
-            excess = 0 if conn._pooled_pg_pending else budget.excess(conn, self._nconns, floor=1)
-        finally:
-            self._add_to_pool(conn)
-        if not excess:
+            conn = self.getconn(timeout=LOOK_EVERY)
+        except PoolTimeout:
             return 0
+        try:
+            excess = budget.excess(conn)
+        finally:
+            release_connection(self, conn)
         with self._lock:
             idle = [self._pool.pop() for _ in range(min(excess, len(self._pool)))]
             self._nconns -= len(idle)
+            self._shrink = excess - len(idle)
+        self.can_keep = self._keeps and not self._shrink
         for conn in idle:
             conn.close()
-        self.stats.budget_given_back += len(idle)
-        if idle:
-            logger.info("pool %r: gave %d idle connections back to the fleet budget", self.alias, len(idle))
+        self._given_back(len(idle))
         return len(idle)
+
+    def putconn(self, conn: PooledConnection) -> None:
+        if self._shrink and not conn.closed:  # (a fleet budget's look asked for connections back)
+            with self._lock:
+                give = self._shrink > 0
+                if give:
+                    self._shrink -= 1
+                    self._nconns -= 1
+            if give:
+                self.can_keep = self._keeps and not self._shrink
+                conn.close()
+                self._given_back(1)
+                return
+        super().putconn(conn)
+
+    def _given_back(self, n: int) -> None:
+        if n:
+            self.stats.budget_given_back += n
+            logger.info("pool %r: gave %d connections back to the fleet budget", self.alias, n)
 
     def _close_connection(self, conn: Any) -> None:
         # psycopg_pool closes connections here; a healthy one closed while the pool is open was
