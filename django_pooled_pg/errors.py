@@ -26,6 +26,11 @@ class PoolExhausted(PoolError):
     queue of waiting borrowers is full (``max_waiting``)."""
 
 
+class BudgetExhausted(PoolExhausted):
+    """The fleet's connection budget (``OPTIONS["pool"]["fleet_max_size"]``) is used up by other
+    processes: this one could not open a connection, and none of its own came free in time."""
+
+
 class DatabaseUnavailable(PoolError):
     """The database cannot be reached: new connections fail, or the borrowed one was lost.
     ``__cause__`` holds the error from the server or the network."""

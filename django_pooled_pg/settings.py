@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "leak_timeout": None,
     "ping_after": 1.0,
     "behind_pgbouncer": False,
+    "fleet_max_size": None,
 }
 
 #: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
@@ -115,6 +116,10 @@ OWN_OPTIONS: dict[str, OptionSpec] = {
     "leak_timeout": OptionSpec(
         lambda v: v is None or (_number(0).check(v)), "None or a number greater than 0 (seconds)"
     ),
+    "fleet_max_size": OptionSpec(
+        lambda v: v is None or v == "auto" or _integer(2).check(v),
+        'None, "auto", or an integer >= 2 (the connections all processes together may hold)',
+    ),
 }
 
 #: Keys psycopg_pool takes that this package sets itself; naming them is a mistake.
@@ -153,6 +158,8 @@ class PoolSettings:
     ping_after: float | None = 1.0
     #: Connections go through PgBouncer in transaction mode: no startup options.
     behind_pgbouncer: bool = False
+    #: The most connections all processes together hold (an int, "auto"); None: no budget.
+    fleet_max_size: int | str | None = None
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:
@@ -271,6 +278,17 @@ def pgbouncer_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Pro
                 "cannot be used behind PgBouncer in transaction mode: SET ROLE would stay on whichever "
                 "server connection ran it, for other clients.",
                 "connect as that role (USER), or set it in PgBouncer's database definition (user=).",
+            )
+        )
+    pool = options.get("pool")
+    if isinstance(pool, Mapping) and pool.get("fleet_max_size") is not None:
+        problems.append(
+            Problem(
+                "django_pooled_pg.E023",
+                _pool_setting(alias, "fleet_max_size"),
+                "cannot be used behind PgBouncer: the budget counts the server's client backends, "
+                "and behind PgBouncer those are PgBouncer's own server connections, not this fleet's.",
+                "cap the fleet in PgBouncer (max_client_conn, max_db_connections) and remove fleet_max_size.",
             )
         )
     if options.get("prepare_threshold") is not None:

@@ -39,7 +39,14 @@ def test_each_internal_is_there_with_its_parameters(name):
 def test_every_internal_used_in_pool_py_is_listed():
     """pool.py touches no other private name of psycopg_pool than those listed."""
     source = inspect.getsource(inspect.getmodule(Pool))
-    ours = {n for n in vars(Pool) if n.startswith("_")} | {"_checking", "_probing", "_parked", "_take_parked", "_clean"}
+    ours = {n for n in vars(Pool) if n.startswith("_")} | {
+        "_checking",
+        "_probing",
+        "_parked",
+        "_take_parked",
+        "_clean",
+        "_looking",
+    }
     used = {
         word
         for word in set(__import__("re").findall(r"(?:self|super\(\))\.(_[a-z_]+)", source))

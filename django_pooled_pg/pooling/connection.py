@@ -13,6 +13,7 @@ from .reset import ResetOnFirstCommand
 from .session import RESET_SQL
 
 if TYPE_CHECKING:
+    from .budget import FleetBudget
     from .pool import ConnectionHealth
 
 
@@ -54,15 +55,26 @@ else:
     PooledConnection = Connection
 
 
-def health_tracking(base: type[Connection[Any]], health: ConnectionHealth, pipelined: bool = True) -> type[Any]:
-    """A subclass of ``base`` with the pool's state, whose ``connect()`` reports to ``health``:
-    psycopg_pool opens every connection through ``connection_class.connect``."""
+def health_tracking(
+    base: type[Connection[Any]], health: ConnectionHealth, pipelined: bool = True, budget: FleetBudget | None = None
+) -> type[Any]:
+    """A subclass of ``base`` with the pool's state, whose ``connect()`` reports to ``health``
+    and, with a fleet budget, lets the new connection in only if the budget has room for it
+    (:meth:`.budget.FleetBudget.admit`: before the pool's ``configure`` and Django's
+    ``connection_created`` run on it). psycopg_pool opens every connection through
+    ``connection_class.connect``."""
 
     class HealthTrackingConnection(ResetOnFirstCommand, PoolState, base):  # type: ignore[valid-type, misc]
         _pooled_pg_pipelined = pipelined
 
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            if budget is None:
+                return cls._connect_tracked(*args, **kwargs)
+            return budget.connect(lambda: cls._connect_tracked(*args, **kwargs))
+
+        @classmethod
+        def _connect_tracked(cls, *args: Any, **kwargs: Any) -> Any:
             try:
                 conn = super().connect(*args, **kwargs)
             except Exception as exc:

@@ -17,6 +17,7 @@ probing, recovery). ``pyproject.toml`` pins the psycopg_pool releases that were 
 
 from __future__ import annotations
 
+import logging
 import operator
 import select
 import threading
@@ -27,13 +28,16 @@ from psycopg import Connection, OperationalError
 from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from ..errors import DatabaseUnavailable, PoolError, PoolExhausted
+from ..errors import BudgetExhausted, DatabaseUnavailable, PoolError, PoolExhausted
 from ..settings import PoolSettings
+from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
 from .release import release_connection, reset_session
 from .reset import RESET_OK, can_pipeline, mark_reset_due, reset_done
 from .stats import AliasStats
+
+logger = logging.getLogger("django_pooled_pg")
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
 RECENT = 0.05
@@ -55,6 +59,9 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_reset_connection": ("conn",),  # putconn(): the reset is marked due, not run
     "_check_connection": ("conn",),  # getconn() with a `check`: a pending reset first
     "_close_connection": ("conn",),  # a connection closed for max_lifetime/max_idle: recycled
+    "_add_connection": ("attempt", "growing"),  # the budget's refusal gives an attempt up
+    "_maybe_grow_pool": (),  # no new attempt right after the budget refused one
+    "_growing": None,  # ...and a refused growing attempt lets the next one start
 }
 #: The attributes psycopg_pool sets on each connection it opens: when max_lifetime ends, and
 #: when it was opened (``time.monotonic()``).
@@ -110,8 +117,12 @@ class Pool(ConnectionPool[PooledConnection]):
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
         self.can_keep = kwargs.get("reset") is None
+        #: The fleet's connection budget (OPTIONS["pool"]["fleet_max_size"]), or None.
+        size = settings.fleet_max_size
+        self.budget = None if size is None else FleetBudget.for_params(alias, size, kwargs.get("kwargs") or {})
+        self._looking: threading.Thread | None = None
         kwargs["connection_class"] = health_tracking(
-            kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep
+            kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep, budget=self.budget
         )
         super().__init__(**kwargs)
 
@@ -174,16 +185,25 @@ class Pool(ConnectionPool[PooledConnection]):
         """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
         # Wait in slices of one connect attempt, so that a server that starts failing while we
         # wait (a fresh pool, a restart) fails this borrower now rather than at the timeout.
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
+        budget = self.budget
+        # With a budget, wait in short slices: a process refused its share answers 503 at once.
+        wait_slice = self.fail_fast_timeout if budget is None else LOOK_EVERY
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if self.health.failing and self.probe():
                     continue  # the server is back: the probe's connection is in the pool
                 try:
-                    conn = self.getconn(min(remaining, self.fail_fast_timeout))
+                    conn = self.getconn(min(remaining, wait_slice))
                 except PoolTimeout:
-                    if self.health.failing or remaining <= self.fail_fast_timeout:
+                    if budget is not None and (
+                        (not self._nconns and budget.refused_recently())
+                        or (budget.refused_at > started and remaining <= wait_slice)
+                    ):
+                        raise self.budget_error() from None
+                    if self.health.failing or remaining <= wait_slice:
                         raise
                     continue
                 if self.usable(conn) and self._clean(conn):
@@ -299,7 +319,7 @@ class Pool(ConnectionPool[PooledConnection]):
         try:
             try:
                 conn = self._connect(timeout=self.fail_fast_timeout)
-            except Exception:
+            except (Exception, BudgetRefused):
                 return False
             with self._lock:
                 room = self._nconns < self.max_size
@@ -402,6 +422,17 @@ class Pool(ConnectionPool[PooledConnection]):
             if conn is not None:
                 self._close_connection(conn)
 
+    def budget_error(self) -> BudgetExhausted:
+        assert self.budget is not None
+        size, (total, wanting, processes) = self.budget.size, self.budget.seen
+        return BudgetExhausted(
+            f"no connection for database {self.alias!r}: the fleet budget (fleet_max_size={size}) is "
+            f"used up by other processes ({total} connections of {processes} processes seen, "
+            f"{wanting} waiting) and this one holds {self._nconns}. {self.describe()}",
+            alias=self.alias,
+            state=self.describe(),
+        )
+
     def timeout_error(self, waited: float) -> PoolError:
         state = self.describe()
         if self.health.failing:
@@ -430,6 +461,72 @@ class Pool(ConnectionPool[PooledConnection]):
             f"pool {self.alias!r}: size {size}/{self.max_size}, idle {idle}, in use {size - idle}, "
             f"waiting {stats.get('requests_waiting', 0)}, timeout {self.timeout:g}s"
         )
+
+    # ----- The fleet budget (OPTIONS["pool"]["fleet_max_size"], see .budget) ---------------------
+
+    def _add_connection(self, attempt: Any = None, growing: bool = False) -> None:
+        # psycopg_pool's attempt to open a connection (a maintenance task): a refusal by the
+        # budget gives the attempt up (no retry: the next borrower that finds no connection
+        # tries again, after the budget's back-off) and frees its place in max_size.
+        try:
+            super()._add_connection(attempt, growing=growing)
+        except BudgetRefused as refused:
+            with self._lock:
+                self._nconns -= 1
+                if growing:
+                    self._growing = False
+            assert self.budget is not None
+            self.budget.refused_at = time.monotonic()
+            self.stats.budget_refused += 1
+            logger.warning("pool %r: %s; its borrowers get 503 until a share frees", self.alias, refused)
+
+    def _maybe_grow_pool(self) -> None:
+        # Called under the lock by getconn() when no connection is free: no new attempt while
+        # the budget refused one a moment ago (each costs the server a backend start).
+        if self.budget is not None and self.budget.refused_recently():
+            return
+        super()._maybe_grow_pool()
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        super().open(wait, timeout)
+        if self.budget is not None and self._looking is None:
+            self._looking = threading.Thread(target=self._look_loop, name=f"pool-budget-{self.alias}", daemon=True)
+            self._looking.start()
+
+    def _look_loop(self) -> None:
+        while not self._closed:
+            time.sleep(LOOK_EVERY)
+            try:
+                self.look()
+            except Exception as exc:  # (the server is failing: the pool's own checks report it)
+                logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
+
+    def look(self) -> int:
+        """Look at the fleet budget through one idle connection, and give back the idle
+        connections above this process's fair share while other processes wait for one
+        (:meth:`.budget.FleetBudget.excess`). The number given back; 0 when every connection is
+        in use (a busy process gives back nothing: its connections come back to it first)."""
+        budget = self.budget
+        assert budget is not None
+        with self._lock:
+            conn = self._pool.popleft() if self._pool else None
+        if conn is None:
+            return 0
+        try:
+            excess = 0 if conn._pooled_pg_pending else budget.excess(conn, self._nconns, floor=1)
+        finally:
+            self._add_to_pool(conn)
+        if not excess:
+            return 0
+        with self._lock:
+            idle = [self._pool.pop() for _ in range(min(excess, len(self._pool)))]
+            self._nconns -= len(idle)
+        for conn in idle:
+            conn.close()
+        self.stats.budget_given_back += len(idle)
+        if idle:
+            logger.info("pool %r: gave %d idle connections back to the fleet budget", self.alias, len(idle))
+        return len(idle)
 
     def _close_connection(self, conn: Any) -> None:
         # psycopg_pool closes connections here; a healthy one closed while the pool is open was

@@ -146,6 +146,10 @@ COUNTERS: tuple[Counter, ...] = (
             "parked_reused"),
     Counter("parked_taken", 'release="transaction": parked connections taken by another borrower (also borrows).',
             "parked_taken"),
+    Counter("budget_refused", "New connections refused because the fleet budget (fleet_max_size) was used up.",
+            "budget_refused", "refused"),
+    Counter("budget_given_back", "Idle connections closed to give the fleet budget to waiting processes.",
+            "budget_given_back"),
 )  # fmt: skip
 COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
 
@@ -170,6 +174,8 @@ class AliasStats:
     recycled: int = 0
     parked_reused: int = 0
     parked_taken: int = 0
+    budget_refused: int = 0
+    budget_given_back: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
 

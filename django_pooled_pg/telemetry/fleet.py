@@ -109,6 +109,8 @@ class AliasFleet:
     in_use: int = 0
     waiting: int = 0
     max_size: int = 0
+    #: The fleet budget its processes report (0: none).
+    fleet_max_size: int = 0
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTER_NAMES, 0))
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
@@ -132,6 +134,7 @@ class AliasFleet:
             "total": {
                 "processes": len(self.live), "size": self.size, "idle": self.idle,
                 "in_use": self.in_use, "waiting": self.waiting, "max_size": self.max_size,
+                "fleet_max_size": self.fleet_max_size,
                 "counters": dict(self.counters),
                 "wait": self.wait.summary(), "hold": self.hold.summary(),
             },
@@ -205,6 +208,7 @@ class FleetStats:
                 for counter, words in (
                     ("exhausted", "borrowers timed out"),
                     ("unavailable", "borrowers found the database unavailable"),
+                    ("budget_refused", f"the fleet budget ({s.fleet_max_size}) held back new connections"),
                 ):
                     since = p.since(counter)
                     if since is not None and since <= window:
@@ -291,6 +295,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         entry.in_use += snap.in_use
         entry.waiting += snap.waiting
         entry.max_size += snap.max_size
+        entry.fleet_max_size = max(entry.fleet_max_size, snap.fleet_max_size)
         for counter in COUNTER_NAMES:
             entry.counters[counter] += snap.counters.get(counter, 0)
         entry.wait.merge(Histogram.from_dict(snap.wait))
@@ -319,7 +324,12 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         _assign_activity(fleet, entry.server, activity)
 
     for server, (max_conn, su_reserved, reserved, connected) in sorted(limits.items()):
-        fleet_max = sum(a.max_size for a in fleet.aliases.values() if a.server == server)
+        # An alias with a fleet budget opens at most its budget, whatever the sum of max_size.
+        fleet_max = sum(
+            min(a.max_size, a.fleet_max_size) if a.fleet_max_size else a.max_size
+            for a in fleet.aliases.values()
+            if a.server == server
+        )
         fleet.capacity.append(Capacity(server, max_conn, su_reserved, reserved, fleet_max, connected))
     return fleet
 

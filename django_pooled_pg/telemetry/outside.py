@@ -4,12 +4,18 @@ and those ``poolstats`` and the admin page read with (the pool may be the thing 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg
 from django.db import connections
 
+from ..pooling.budget import BudgetRefused, FleetBudget
+from ..pooling.registry import registry
+from ..settings import read_pool_settings
 from .snapshot import hostname
+
+C = TypeVar("C")
 
 
 def plain_connection_params(alias: str, application_name: str, connect_timeout: float | None = None) -> dict[str, Any]:
@@ -27,7 +33,29 @@ def plain_connection_params(alias: str, application_name: str, connect_timeout: 
 def connect(alias: str) -> Any:
     """A connection of its own to ``alias``'s database, for reading the statistics."""
     name = f"dpp-poolstats {hostname()}:{os.getpid()}"[:63]
-    return psycopg.connect(**plain_connection_params(alias, name, connect_timeout=5))
+    params = plain_connection_params(alias, name, connect_timeout=5)
+    return within_budget(alias, params, lambda: psycopg.connect(**params))
+
+
+def within_budget(alias: str, params: dict[str, Any], connect: Callable[[], C]) -> C:
+    """``connect()``, let in by ``alias``'s fleet budget if it has one (this process's pool's,
+    or one read from the settings in a process without a pool, such as ``poolstats``): the
+    statistics' connections count like the pool's. A refusal is a ``psycopg.OperationalError``,
+    which every reader of the statistics already reports."""
+    try:
+        size = read_pool_settings(alias, connections[alias].settings_dict).fleet_max_size
+    except Exception:  # (settings the pool would refuse: no budget to honour)
+        size = None
+    if size is None:
+        return connect()
+    pool = registry.get(alias)
+    budget = (
+        pool.budget if pool is not None and pool.budget is not None else FleetBudget.for_params(alias, size, params)
+    )
+    try:
+        return budget.connect(connect)
+    except BudgetRefused as refused:
+        raise psycopg.OperationalError(str(refused)) from None
 
 
 def describe_error(exc: BaseException) -> str:

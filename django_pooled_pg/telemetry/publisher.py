@@ -35,7 +35,7 @@ from ..pooling.registry import registry
 from ..pooling.release import release_connection
 from ..settings import StatsSettings, read_stats_settings
 from . import history, snapshot
-from .outside import plain_connection_params
+from .outside import plain_connection_params, within_budget
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -208,7 +208,7 @@ class Publisher:
                 return 0
             params = plain_connection_params(config.database, f"dpp-publish {host}:{pid}"[:63], config.publish_timeout)
             try:
-                conn = psycopg.connect(**params)
+                conn = within_budget(config.database, params, lambda: psycopg.connect(**params))
             except psycopg.OperationalError as exc:
                 self.skipped += 1
                 self.last_outcome = "refused"

@@ -24,7 +24,7 @@ STARTED_AT = time.time()
 
 #: Counters whose recent increase ``poolstats --check`` reports: the wall-clock time of the
 #: snapshot in which each was last seen to grow, per alias.
-WATCHED = ("exhausted", "unavailable", "responses_503", "leaks")
+WATCHED = ("exhausted", "unavailable", "responses_503", "leaks", "budget_refused")
 _last_seen: dict[tuple[str, str], tuple[int, float]] = {}
 
 
@@ -78,6 +78,11 @@ class PoolSnapshot:
     #: Borrows held now that were reported as leaks.
     leaked_now: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: The fleet budget (OPTIONS["pool"]["fleet_max_size"], "auto" resolved; 0: none or not read
+    #: yet), and what this process last saw of it: connections of the fleet, processes, and
+    #: newcomers waiting for a share. This process's share is its ``size``.
+    fleet_max_size: int = 0
+    fleet_seen: list[int] = field(default_factory=list)
     #: Epoch seconds when each of WATCHED last grew (0: never seen growing).
     last_increase: dict[str, float] = field(default_factory=dict)
     wait: dict[str, Any] = field(default_factory=dict)  # Histogram.to_dict()
@@ -135,6 +140,8 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
             in_use=len(in_alias), waiting=measures.get("requests_waiting", 0),
             leaked_now=sum(1 for b in in_alias if b.reported),
             counters=counters, last_increase=last_increase,
+            fleet_max_size=pool.budget.size or 0 if pool.budget else 0,
+            fleet_seen=list(pool.budget.seen) if pool.budget else [],
             wait=stats.wait.to_dict(), hold=stats.hold.to_dict(),
         ))  # fmt: skip
     return snapshots

@@ -1,0 +1,202 @@
+"""The fleet budget (OPTIONS["pool"]["fleet_max_size"]) in one process against the suite's
+server: other processes' connections are stood in for by plain connections to the same database,
+which the budget counts like any other. (tests/test_budget.py runs whole gunicorn fleets.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from django.db import connections
+
+from django_pooled_pg.errors import BudgetExhausted, PoolExhausted
+from django_pooled_pg.pooling import budget as budget_module
+from django_pooled_pg.pooling.ledger import ledger
+from django_pooled_pg.pooling.registry import registry
+from django_pooled_pg.settings import find_problems
+from tests.conftest import one
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+COUNT = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = current_database()"
+
+
+def backends(conn) -> int:
+    return conn.execute(COUNT).fetchone()[0]
+
+
+def fresh(conn) -> int:
+    """The backends of the database once the default alias's earlier pool is closed (the
+    budget of the next one counts them all)."""
+    connections["default"].close()
+    registry.close("default")
+    return backends(conn)
+
+
+def plain(application_name: str = "test other process"):
+    params = connections["default"].settings_dict
+    return psycopg.connect(
+        dbname=params["NAME"],
+        user=params["USER"],
+        password=params["PASSWORD"] or None,
+        host=params["HOST"],
+        port=params["PORT"],
+        application_name=application_name,
+        autocommit=True,
+    )
+
+
+class Sampler:
+    """The database's client backends every 10 ms, from a connection to another database."""
+
+    def __init__(self) -> None:
+        params = connections["default"].settings_dict
+        self.conn = psycopg.connect(
+            dbname="postgres",
+            user=params["USER"],
+            password=params["PASSWORD"] or None,
+            host=params["HOST"],
+            port=params["PORT"],
+            autocommit=True,
+        )
+        self.name, self.peak, self.stop = params["NAME"], 0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s"
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.conn.execute(query, [self.name]).fetchone()[0])
+            time.sleep(0.01)
+
+    def close(self) -> int:
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+        return self.peak
+
+
+def hold(n: int, release: threading.Event) -> list[threading.Thread]:
+    """``n`` threads that each borrow a connection of the default alias and hold it."""
+    started = threading.Barrier(n + 1)
+
+    def run() -> None:
+        try:
+            one("SELECT 1")
+            started.wait()
+            release.wait()
+        finally:
+            connections["default"].close()
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=20)
+    return threads
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(1, "E005"), (0, "E005"), ("all", "E005"), (True, "E005"), (2, None), ("auto", None), (None, None)],
+)
+def test_fleet_max_size_is_validated(value, problem):
+    settings = {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"fleet_max_size": value}}}
+    found = [p.id.split(".")[1] for p in find_problems("default", settings)]
+    assert found == ([problem] if problem else [])
+
+
+def test_no_budget_behind_pgbouncer():
+    settings = {
+        "ENGINE": "django_pooled_pg",
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+        "OPTIONS": {"pool": {"fleet_max_size": 10, "behind_pgbouncer": True}},
+    }
+    problems = find_problems("default", settings)
+    assert [p.id for p in problems] == ["django_pooled_pg.E023"]
+    assert "max_db_connections" in str(problems[0])
+
+
+@pytest.mark.parametrize("release", ["request", "transaction"])
+def test_a_process_without_a_share_gets_a_fast_503_and_the_budget_holds(pool_options, superuser, release):
+    """Other processes hold the whole budget: this one's first borrow is refused within the
+    door's wait, not after the pool's timeout, and the server never has more backends than the
+    budget; when they go, the next borrow gets a connection."""
+    others = [plain() for _ in range(2)]
+    budget = fresh(superuser) + 1  # everything the others hold, and the door
+    pool_options(min_size=0, max_size=4, timeout=10, fleet_max_size=budget, release=release)
+    sampler = Sampler()
+    started = time.monotonic()
+    with pytest.raises(BudgetExhausted, match="fleet budget"):
+        one("SELECT 1")
+    waited = time.monotonic() - started
+    assert waited < budget_module.WAIT + budget_module.LOOK_EVERY + 1.5, waited
+    pool = registry.get("default")
+    assert pool.stats.budget_refused >= 1
+    for conn in others:
+        conn.close()
+    time.sleep(budget_module.BACK_OFF)
+    assert one("SELECT 1") == 1
+    connections["default"].close()
+    assert sampler.close() <= budget
+
+
+def test_a_process_with_a_share_waits_for_its_own_connections(pool_options, superuser):
+    """A process that holds connections and is refused more queues for its own, as without a
+    budget, and its borrower that times out is told the budget held the pool back."""
+    budget = fresh(superuser) + 3  # two for this process, and the door
+    pool_options(min_size=0, max_size=4, timeout=3, fleet_max_size=budget)
+    release = threading.Event()
+    holders = hold(2, release)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BudgetExhausted):
+            one("SELECT 1")
+        assert time.monotonic() - started >= 2.5  # its timeout, not the fast 503
+        assert isinstance(BudgetExhausted("x", alias="default"), PoolExhausted)
+    finally:
+        release.set()
+        for thread in holders:
+            thread.join()
+    assert one("SELECT 1") == 1
+    assert backends(superuser) <= budget
+
+
+def test_idle_connections_above_the_fair_share_go_back_to_a_waiting_newcomer(pool_options, superuser):
+    """A newcomer waiting in the door (shown by its application name) makes this process close
+    its idle connections above its fair share within a few looks."""
+    budget = fresh(superuser) + 4
+    pool_options(min_size=0, max_size=4, timeout=10, fleet_max_size=budget)
+    release = threading.Event()
+    holders = hold(3, release)
+    release.set()
+    for thread in holders:
+        thread.join()
+    pool = registry.get("default")
+    assert pool.get_stats()["pool_size"] == 3
+    newcomer = plain(budget_module.WANTING)
+    try:
+        deadline = time.monotonic() + 5
+        while pool.stats.budget_given_back == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.stats.budget_given_back >= 1
+        assert pool.get_stats()["pool_size"] < 3
+        assert backends(superuser) <= budget
+    finally:
+        newcomer.close()
+    assert one("SELECT 1") == 1
+
+
+def test_auto_is_the_servers_capacity_less_the_headroom(pool_options, superuser):
+    refused = ledger.stats_for("default").budget_refused
+    pool_options(min_size=1, max_size=2, fleet_max_size="auto")
+    assert one("SELECT 1") == 1
+    max_connections, reserved = superuser.execute(
+        "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int"
+        " + coalesce(current_setting('reserved_connections', true)::int, 0)"
+    ).fetchone()
+    pool = registry.get("default")
+    assert pool.budget.size == budget_module.auto_size(max_connections - reserved)
+    assert pool.budget.size <= max_connections - reserved - budget_module.AUTO_HEADROOM
+    assert ledger.stats_for("default").budget_refused == refused
