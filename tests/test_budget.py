@@ -219,7 +219,8 @@ def can_unshare() -> bool:
 class HostGunicorn(Gunicorn):
     """gunicorn serving the demo, its output in ``logfile``; with ``hostname``, in a UTS namespace
     whose host name is that (``socket.gethostname()``, which the pools put in their
-    ``application_name``: two such masters are two hosts)."""
+    ``application_name``), and :meth:`BudgetFleet.master` gives it a ``TMPDIR`` of its own (where
+    the budget keeps its per-host lock): two such masters are two hosts."""
 
     def __init__(self, env: dict[str, str], logfile: Path, *, hostname: str | None = None, **kwargs) -> None:
         options = ["--timeout", "30", "--graceful-timeout", "5"]
@@ -312,7 +313,11 @@ class BudgetFleet(Fleet):
 
     def master(self, workers: int, *, threads: int = 8, hostname: str | None = None) -> HostGunicorn:
         name = f"gunicorn-{len(self.masters) + 1}{f'-{hostname}' if hostname else ''}.log"
-        gunicorn = HostGunicorn(self.env, self.tmp_path / name, hostname=hostname, workers=workers, threads=threads)
+        env = self.env
+        if hostname is not None:  # a host of its own: its own temporary directory too
+            (tmp := self.tmp_path / hostname).mkdir(exist_ok=True)
+            env = {**env, "TMPDIR": str(tmp)}
+        gunicorn = HostGunicorn(env, self.tmp_path / name, hostname=hostname, workers=workers, threads=threads)
         self.masters.append(gunicorn)
         gunicorn.start()
         gunicorn.ready()
