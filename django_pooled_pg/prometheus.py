@@ -49,6 +49,7 @@ GAUGES = {
     "waiting": "Borrowers waiting for a connection.",
     "max_size": "The pool's max_size.",
     "min_size": "The pool's min_size.",
+    "fleet_max_size": "The fleet budget all processes share (fleet_max_size; 0: none). This process's share is its size.",
 }
 
 

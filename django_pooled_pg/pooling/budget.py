@@ -156,26 +156,30 @@ class FleetBudget:
         finally:
             os.close(fd)  # (releases the lock)
 
-    def connect(self, connect: Callable[[], C]) -> C:
+    def connect(self, connect: Callable[[], C], *, reader: bool = False) -> C:
         """``connect()``'s new connection, let in (or :class:`BudgetRefused`, closed): every
         connection this package opens to a budgeted database comes through here, the pool's
-        (``connection.health_tracking``) and the statistics' alike."""
+        (``connection.health_tracking``) and the statistics' alike.
+
+        ``reader``: a short session of ``poolstats`` or the admin page, which must be able to
+        read when the budget is full (that is when they are needed): it may stand in the door
+        (the budget's last connection) instead of waiting for a share."""
         with self.gate():
             conn = connect()
             try:
-                self.admit(conn)
+                self.admit(conn, reader=reader)
             except BaseException:
                 conn.close()  # type: ignore[attr-defined]
                 raise
         return conn
 
-    def admit(self, conn: Any) -> None:
+    def admit(self, conn: Any, *, reader: bool = False) -> None:
         """Let the freshly opened ``conn`` in, or :class:`BudgetRefused` (the caller closes it).
         Call inside :meth:`gate`."""
         if self.size is None:
             self.size = auto_size(_query(conn, CAPACITY)[0])
         total, wanting, processes = self._count(conn)
-        if total <= self.usable:
+        if total <= self.usable or (reader and total <= self.size):
             return
         deadline = time.monotonic() + WAIT
         conn.pgconn.exec_(f"SET application_name = '{WANTING}'".encode())

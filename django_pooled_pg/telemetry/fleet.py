@@ -127,6 +127,18 @@ class AliasFleet:
     def live(self) -> list[ProcessStats]:
         return [p for p in self.processes if not p.stale]
 
+    def budget_text(self) -> str:
+        """The fleet budget in words ("" without one): its size, what the live processes hold
+        (each one's share), how often it held back a new connection and had one given back."""
+        if not self.fleet_max_size:
+            return ""
+        shares = ", ".join(f"{p.snapshot.host}:{p.snapshot.pid} {p.snapshot.size}" for p in self.live)
+        return (
+            f"fleet budget: {self.size} of {self.fleet_max_size} connections held (fleet_max_size, one kept "
+            f"free to count newcomers in); shares: {shares or 'none'}; refused "
+            f"{self.counters.get('budget_refused', 0)}, given back {self.counters.get('budget_given_back', 0)}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "alias": self.alias, "database": self.database, "server": self.server,

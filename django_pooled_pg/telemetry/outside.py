@@ -34,10 +34,10 @@ def connect(alias: str) -> Any:
     """A connection of its own to ``alias``'s database, for reading the statistics."""
     name = f"dpp-poolstats {hostname()}:{os.getpid()}"[:63]
     params = plain_connection_params(alias, name, connect_timeout=5)
-    return within_budget(alias, params, lambda: psycopg.connect(**params))
+    return within_budget(alias, params, lambda: psycopg.connect(**params), reader=True)
 
 
-def within_budget(alias: str, params: dict[str, Any], connect: Callable[[], C]) -> C:
+def within_budget(alias: str, params: dict[str, Any], connect: Callable[[], C], *, reader: bool = False) -> C:
     """``connect()``, let in by ``alias``'s fleet budget if it has one (this process's pool's,
     or one read from the settings in a process without a pool, such as ``poolstats``): the
     statistics' connections count like the pool's. A refusal is a ``psycopg.OperationalError``,
@@ -53,7 +53,7 @@ def within_budget(alias: str, params: dict[str, Any], connect: Callable[[], C]) 
         pool.budget if pool is not None and pool.budget is not None else FleetBudget.for_params(alias, size, params)
     )
     try:
-        return budget.connect(connect)
+        return budget.connect(connect, reader=reader)
     except BudgetRefused as refused:
         raise psycopg.OperationalError(str(refused)) from None
 

@@ -180,6 +180,7 @@ def _alias(entry: AliasFleet, fleet: FleetStats) -> dict[str, Any]:
         },
         "times": [["wait", *_times(entry.wait.summary())], ["hold", *_times(entry.hold.summary())]],
         "capacity": _capacity(capacity),
+        "budget": entry.budget_text(),
         "processes": [_process_row(p) for p in entry.processes],
         "server": _server(entry),
     }  # fmt: skip

@@ -105,17 +105,6 @@ def server_cells(view: ServerView | None) -> list[str]:
     ]
 
 
-def budget_line(entry: AliasFleet) -> str:
-    """The fleet budget: its size, what the live processes hold (their shares), how often it
-    held back a new connection and gave one back."""
-    shares = ", ".join(f"{p.snapshot.host}:{p.snapshot.pid} {p.snapshot.size}" for p in entry.live)
-    return (
-        f"  fleet budget: {entry.size} of {entry.fleet_max_size} connections held (fleet_max_size, one kept "
-        f"free to count newcomers in); shares: {shares or 'none'}; refused {entry.counters.get('budget_refused', 0)}, "
-        f"given back {entry.counters.get('budget_given_back', 0)}"
-    )
-
-
 def render_alias(entry: AliasFleet) -> list[str]:
     out = [f"{entry.alias}: database {entry.database or '?'} on {entry.server}"]
     if not entry.processes:
@@ -179,7 +168,7 @@ def render_alias(entry: AliasFleet) -> list[str]:
             + (f" ({longest})" if longest else "")
         )
     if entry.fleet_max_size:
-        out.append(budget_line(entry))
+        out.append(f"  {entry.budget_text()}")
     if not entry.split_by_process:
         out.append(
             '  note: OPTIONS["application_name"] is set, so the server view cannot be split per '
