@@ -115,8 +115,16 @@ class Sampler(threading.Thread):
 
     QUERY = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'"
 
-    def __init__(self, server: dict, dbname: str, every: float = 0.05) -> None:
+    #: Who the backends are, when a sample is over the budget (the host and pid are in the name).
+    DETAIL = (
+        "SELECT application_name, state, count(*) FROM pg_stat_activity WHERE datname = %s "
+        "AND backend_type = 'client backend' GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+
+    def __init__(self, server: dict, dbname: str, budget: int, every: float = 0.05) -> None:
         super().__init__(daemon=True)
+        self.budget = budget
+        self.details: list[tuple[float, list[tuple]]] = []
         self.conn = psycopg.connect(
             dbname="postgres", autocommit=True, application_name="budget test sampler", **server
         )
@@ -131,7 +139,9 @@ class Sampler(threading.Thread):
         while not self._done.is_set():
             try:
                 n = self.conn.execute(self.QUERY, [self.dbname]).fetchone()[0]
-                self.series.append((time.monotonic() - self.t0, int(n)))
+                self.series.append((t := time.monotonic() - self.t0, int(n)))
+                if n > self.budget and len(self.details) < 5:
+                    self.details.append((round(t, 2), self.conn.execute(self.DETAIL, [self.dbname]).fetchall()))
             except psycopg.Error as exc:
                 self.errors.append(str(exc))
             self._done.wait(self.every)
@@ -160,12 +170,13 @@ class Sampler(threading.Thread):
     def over(self, limit: int) -> list[tuple[float, int]]:
         return [(round(t, 2), n) for t, n in self.series if n > limit]
 
-    def report(self, budget: int) -> str:
+    def report(self) -> str:
         phases = ", ".join(f"{name}: peak {peak} of {n} samples" for name, (peak, n) in self.per_phase().items())
-        over = self.over(budget)
+        over = self.over(self.budget)
         return (
-            f"sampled backends: peak {self.peak} against a budget of {budget} ({len(self.series)} samples; {phases})"
+            f"sampled backends: peak {self.peak} against a budget of {self.budget} ({len(self.series)} samples; {phases})"
             + (f"; over the budget at (s, backends): {over[:20]}" if over else "")
+            + "".join(f"\n  at {t} s: {rows}" for t, rows in self.details)
         )
 
 
@@ -355,10 +366,10 @@ def budget_fleet(tmp_path: Path, pool: dict) -> Iterator[BudgetFleet]:
 def check_clean(load: Load, logs: str, sampler: Sampler, budget: int) -> None:
     """What every scenario asks: within the budget, no 500, the server never full."""
     statuses = load.statuses()
-    print(sampler.report(budget))
+    print(sampler.report())
     print(f"answers: {dict(sorted(statuses.items()))}")
     assert not sampler.errors, sampler.errors[:3]
-    assert sampler.peak <= budget, sampler.report(budget)
+    assert sampler.peak <= budget, sampler.report()
     assert statuses[500] == 0, f"{statuses[500]} answers were 500: {dict(statuses)}"
     assert not server_full_lines(logs), "\n".join(server_full_lines(logs)[:10])
     assert set(statuses) <= {0, 200, 503}, dict(statuses)
@@ -375,7 +386,7 @@ def test_budget_holds_while_gunicorn_scales_up_and_down(tight_server, tmp_path, 
     budget = 8
     with budget_fleet(tmp_path, pool_options(release, budget)) as fleet:
         gunicorn = fleet.master(workers=2)
-        sampler = Sampler(fleet.server, fleet.dbname)
+        sampler = Sampler(fleet.server, fleet.dbname, budget)
         sampler.start()
         load = Load(sampler.t0)
         load.add(gunicorn.base, HOLD, 20)
@@ -409,7 +420,7 @@ def test_budget_holds_while_gunicorn_scales_up_and_down(tight_server, tmp_path, 
         peak_after, _ = sampler.per_phase()["3 workers"]
         assert peak_after >= budget - 2, (
             f"after scaling down to 3 workers (12 connections of max_size) the backends only reached "
-            f"{peak_after} under load, not the budget of {budget} again: {sampler.report(budget)}"
+            f"{peak_after} under load, not the budget of {budget} again: {sampler.report()}"
         )
         # The new counter is published by every process; refusals are logged as such.
         processes = live(fleet.poolstats())
@@ -425,7 +436,7 @@ def test_budget_is_shared_by_two_hosts(tight_server, tmp_path):
     hosts = ["budget-host-a", "budget-host-b"] if can_unshare() else [None, None]
     with budget_fleet(tmp_path, pool_options("request", budget)) as fleet:
         masters = [fleet.master(workers=2, hostname=host) for host in hosts]
-        sampler = Sampler(fleet.server, fleet.dbname)
+        sampler = Sampler(fleet.server, fleet.dbname, budget)
         sampler.start()
         load = Load(sampler.t0)
         for gunicorn in masters:
@@ -491,7 +502,7 @@ def test_budget_holds_for_a_burst_of_processes(tight_server, tmp_path, release):
     full."""
     budget, n = 10, 20
     with budget_fleet(tmp_path, pool_options(release, budget, timeout=5)) as fleet:
-        sampler = Sampler(fleet.server, fleet.dbname)
+        sampler = Sampler(fleet.server, fleet.dbname, budget)
         sampler.start()
         procs = [
             subprocess.Popen(
@@ -534,9 +545,9 @@ def test_budget_holds_for_a_burst_of_processes(tight_server, tmp_path, release):
             results.append(line.removeprefix("RESULT "))
             print(f"child {i:2}: {results[-1]}")
         kinds = Counter(r.split()[0] for r in results)
-        print(f"children: {dict(kinds)}; {sampler.report(budget)}")
+        print(f"children: {dict(kinds)}; {sampler.report()}")
         everything = "\n".join(outputs)
-        assert sampler.peak <= budget, sampler.report(budget)
+        assert sampler.peak <= budget, sampler.report()
         assert not server_full_lines(everything), "\n".join(server_full_lines(everything)[:5])
         assert set(kinds) <= {"ok", "refused"}, "\n".join(
             sorted(
