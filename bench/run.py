@@ -4,7 +4,10 @@
 One run on one machine measures, for each mode and endpoint, requests per second, p50/p99
 latency, non-2xx responses and the peak number of server backends (``pg_stat_activity``, sampled
 every 100 ms during the run); then an overload case (``max_connections=20``, 4 workers x 16
-threads, 128 clients); then ``bench/micro.py`` (borrow + SELECT 1 + return, in-process). It
+threads, 128 clients); then an autoscaling spike (``max_connections=20``, 2 -> 8 workers with
+``TTIN`` under load: Django's pool with a static ``max_size`` against ours with a
+``fleet_max_size``; ``--autoscale-only`` runs just that and writes ``AUTOSCALE.md``); then
+``bench/micro.py`` (borrow + SELECT 1 + return, in-process). It
 writes ``bench/results/RESULTS.md``, ``bench/results/chart.png`` and the raw figures under
 ``bench/results/raw/``.
 
@@ -26,7 +29,8 @@ Every pool (ours, Django's, PgBouncer's) gets the same size per worker: ``--pool
 (min = max), so PgBouncer's ``default_pool_size`` is workers x pool size.
 
     python bench/run.py [--quick] [--modes a,b] [--endpoints product,slow] [--duration 8]
-                        [--workers 2] [--threads 16] [--connections N] [--skip-overload] [--perf] ...
+                        [--workers 2] [--threads 16] [--connections N] [--skip-overload] [--perf]
+                        [--skip-autoscale | --autoscale-only] [--autoscale-budget auto|N] ...
 
 Needs wrk and pgbouncer (installed with apt-get when missing and running as root), PostgreSQL
 server binaries (see testsupport/pgcluster.py), and in this interpreter Django, this package,
@@ -104,6 +108,10 @@ BOUNCER = {
     "min_pool_size": "0", "reserve_pool_size": "0", "max_client_conn": "2000",
     "server_reset_query": "", "log_connections": "0", "log_disconnections": "0",
 }  # fmt: skip
+#: The modes of the autoscaling scenario: Django's pool with a static max_size, ours with a budget.
+AUTOSCALE_MODES = ("django-pool", "pooled-request", "pooled-transaction")
+#: What the server says when it has no slot left for the site's role.
+SERVER_FULL = ("too many clients", "remaining connection slots")
 BACKENDS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s"
     " AND pid <> pg_backend_pid()"
@@ -488,8 +496,136 @@ class Bench:
             wait_no_backends(self.cluster)
         return out
 
+    def run_autoscale(self, mode: str) -> dict[str, Any]:
+        """The autoscaling spike for one mode: wrk's load on ``--autoscale-endpoint`` against
+        ``--autoscale-start-workers`` workers, then one TTIN a second up to ``--autoscale-end-workers``
+        while the load goes on. Every pool has min_size 1 and max_size ``--pool-size`` per worker, so
+        the end workers' sizes do not fit the server's ``--autoscale-max-connections``; ours also
+        has ``fleet_max_size`` ``--autoscale-budget``. Counts the answers by status, the log lines
+        where the server refused a connection, and the peak of backends (every 50 ms)."""
+        a = self.args
+        reset_data(self.cluster, self.last_seeded_order)
+        wait_no_backends(self.cluster)
+        db = database(mode, self.cluster, a.pool_size, a.pool_timeout, None)
+        db["OPTIONS"]["pool"]["min_size"] = 1
+        if mode in OURS:
+            db["OPTIONS"]["pool"]["fleet_max_size"] = a.autoscale_budget
+        env = django_env(db) | {"BENCH_LOG_ERRORS": "1"}
+        if (reason := preflight(env)) is not None:
+            log(f"autoscale/{mode}: not available: {reason.splitlines()[0]}")
+            return {"unavailable": reason}
+        wait_no_backends(self.cluster)
+        logfile = self.rawdir / f"gunicorn-autoscale-{mode}.log"
+        offset = logfile.stat().st_size if logfile.exists() else 0
+        server = Gunicorn(env, a.autoscale_start_workers, a.autoscale_threads, logfile)
+        out: dict[str, Any] = {"pool": db["OPTIONS"]["pool"]}
+        try:
+            server.start()
+            path = self.path(a.autoscale_endpoint)
+            server.wait_ready(path)
+            assert server.proc is not None
+            sampler = Sampler(self.cluster, interval=0.05)
+            sampler.start()
+            holder: dict[str, Any] = {}
+
+            def spike() -> None:
+                try:
+                    holder["wrk"] = run_wrk(self.tools["wrk"], server.base + path, a.autoscale_duration,
+                                            a.autoscale_connections, a.wrk_threads, a.wrk_timeout, a.reconnect_every)  # fmt: skip
+                except RuntimeError as exc:
+                    holder["error"] = str(exc)
+
+            load = threading.Thread(target=spike, daemon=True)
+            started = time.monotonic()
+            load.start()
+            time.sleep(a.autoscale_ramp_after)
+            signals = []
+            for _ in range(a.autoscale_end_workers - a.autoscale_start_workers):
+                server.proc.send_signal(signal.SIGTTIN)
+                signals.append(round(time.monotonic() - started, 1))
+                time.sleep(1.0)
+            load.join()
+            workers = len([pid for pid in os.listdir("/proc") if pid.isdigit() and (f := _stat_fields(pid))
+                           and int(f[1]) == server.proc.pid])  # fmt: skip
+            out.update(sampler.finish())
+            if "error" in holder:
+                raise RuntimeError(holder["error"])
+            result = holder["wrk"]
+        except RuntimeError as exc:
+            log(f"autoscale/{mode}: FAILED: {exc}")
+            return {"failed": str(exc), **out}
+        finally:
+            server.stop()
+            wait_no_backends(self.cluster)
+        with logfile.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        statuses = result["statuses"]
+        out.update(
+            {
+                key: result[key]
+                for key in ("rps", "requests", "p50_ms", "p99_ms", "statuses", "non2xx", "errors", "command")
+            }
+        )
+        out.update(
+            {
+                "ttin_at_s": signals,
+                "workers_at_end": workers,
+                "responses_500": statuses.get(500, 0),
+                "responses_503": statuses.get(503, 0),
+                "responses_2xx": sum(n for code, n in statuses.items() if 200 <= code < 300),
+                "server_full_lines": sum(1 for ln in text.splitlines() if any(w in ln for w in SERVER_FULL)),
+                "budget_lines": sum(1 for ln in text.splitlines() if "fleet budget" in ln),
+            }
+        )
+        log(
+            f"autoscale/{mode}: {out['rps']:.0f} req/s, 2xx {out['responses_2xx']}, 500 {out['responses_500']}, "
+            f"503 {out['responses_503']}, other non-2xx {out['non2xx'] - out['responses_500'] - out['responses_503']}, "
+            f"socket errors {out['errors']}, 'too many clients'/'remaining connection slots' log lines "
+            f"{out['server_full_lines']}, peak backends {out['peak_backends']}, workers {workers}"
+        )
+        return out
+
 
 # ----- Report ------------------------------------------------------------------------------------
+
+
+def autoscale_section(data: dict[str, Any]) -> list[str]:
+    """The autoscaling scenario's table (empty when it did not run)."""
+    results, o = data.get("autoscale"), data.get("autoscale_setup")
+    if not results or not o:
+        return []
+    lines = [
+        f"## Autoscaling: max_connections={o['max_connections']}, {o['start_workers']} -> {o['end_workers']} "
+        f"workers (TTIN) under load",
+        "",
+        f"`GET {ENDPOINTS[o['endpoint']][1]}` with wrk, {o['connections']} clients for {o['duration']:g} s; "
+        f"{o['start_workers']} gunicorn workers x {o['threads']} threads at first, one `TTIN` a second from "
+        f"{o['ramp_after']:g} s on until {o['end_workers']}. Every pool: min_size 1, max_size {o['pool_size']} per "
+        f"worker, so {o['end_workers']} workers may open {o['end_workers'] * o['pool_size']} connections, against "
+        f"max_connections {o['max_connections']} (the site's role, not a superuser, gets that less "
+        f"superuser_reserved_connections). Ours also has `fleet_max_size: {o['budget']!r}`. Server full: lines of the "
+        'gunicorn log with "too many clients" or "remaining connection slots". Peak backends: client backends '
+        "of the database, from `pg_stat_activity` every 50 ms.",
+        "",
+        "| mode | pool | req/s | 2xx | 500 | 503 | other non-2xx | socket errors | server full (log lines) "
+        "| peak backends | workers at end |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in results.items():
+        if "rps" not in r:
+            why = "not available" if "unavailable" in r else "failed"
+            first = (r.get("unavailable") or r.get("failed") or "").strip().splitlines()[:1]
+            lines.append(f"| {mode} | {why}: {first[0][:120] if first else ''} | | | | | | | | | |")
+            continue
+        pool = r["pool"]
+        size = f"max {pool['max_size']}" + (f", budget {pool['fleet_max_size']}" if "fleet_max_size" in pool else "")
+        other = r["non2xx"] - r["responses_500"] - r["responses_503"]
+        lines.append(
+            f"| {mode} | {size} | {r['rps']:.0f} | {r['responses_2xx']} | {r['responses_500']} | {r['responses_503']} "
+            f"| {other} | {r['errors']} | {r['server_full_lines']} | {r['peak_backends']} | {r['workers_at_end']} |"
+        )
+    return [*lines, ""]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -743,6 +879,7 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
                 *endpoint_table(data["overload"], endpoint, statuses=True),
                 "",
             ]
+    lines += autoscale_section(data)
     notes = []
     for scenario in ("main", "overload"):
         for mode, entry in (data.get(scenario) or {}).items():
@@ -799,6 +936,53 @@ def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
     return {"rounds": rounds, "n": n, "results": med, "all": results}
 
 
+def run_autoscale(args: argparse.Namespace, bench: Bench, cluster: PgCluster) -> tuple[dict, dict[str, dict]]:
+    """The autoscaling scenario in each of :data:`AUTOSCALE_MODES` that ``--modes`` has: its
+    setup (for the report) and {mode: result}."""
+    cluster.set_max_connections(args.autoscale_max_connections)
+    setup = {
+        "max_connections": args.autoscale_max_connections,
+        "start_workers": args.autoscale_start_workers,
+        "end_workers": args.autoscale_end_workers,
+        "threads": args.autoscale_threads,
+        "connections": args.autoscale_connections,
+        "duration": args.autoscale_duration,
+        "ramp_after": args.autoscale_ramp_after,
+        "endpoint": args.autoscale_endpoint,
+        "pool_size": args.pool_size,
+        "budget": args.autoscale_budget,
+    }
+    out = {}
+    for mode in [m for m in AUTOSCALE_MODES if m in args.modes]:
+        log(f"autoscale: {mode}")
+        out[mode] = bench.run_autoscale(mode)
+    return setup, out
+
+
+def write_autoscale_only(outdir: Path, rawdir: Path, data: dict[str, Any], started: float) -> int:
+    """``--autoscale-only``: AUTOSCALE.md and the raw figures (RESULTS.md is left alone)."""
+    data["elapsed_min"] = (time.monotonic() - started) / 60
+    raw = rawdir / f"autoscale-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    raw.write_text(json.dumps(data, indent=1, default=str))
+    lines = [
+        "# Benchmark results: autoscaling",
+        "",
+        f"`{data['command']}` on {data['date']} ({data['elapsed_min']:.1f} min). "
+        + RECONNECT_NOTE.format(n=data["args"]["reconnect_every"]),
+        "",
+        *autoscale_section(data),
+        "## Machine and versions",
+        "",
+        *[f"* {k}: {v}" for k, v in data["machine"].items()],
+        *[f"* {k} {v}" for k, v in data["versions"].items()],
+        "",
+    ]
+    (outdir / "AUTOSCALE.md").write_text("\n".join(lines))
+    log(f"wrote {outdir / 'AUTOSCALE.md'} and {raw}")
+    print((outdir / "AUTOSCALE.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", type=lambda v: csv_list(v, ALL_MODES), default=list(ALL_MODES))
@@ -830,6 +1014,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload-workers", type=int, default=4)
     parser.add_argument("--overload-threads", type=int, default=16)
     parser.add_argument("--overload-connections", type=int, default=128)
+    parser.add_argument("--skip-autoscale", action="store_true")
+    parser.add_argument(
+        "--autoscale-only",
+        action="store_true",
+        help="run only the autoscaling scenario (no micro, main or overload); writes AUTOSCALE.md",
+    )
+    parser.add_argument("--autoscale-max-connections", type=int, default=20)
+    parser.add_argument("--autoscale-start-workers", type=int, default=2)
+    parser.add_argument("--autoscale-end-workers", type=int, default=8)
+    parser.add_argument("--autoscale-threads", type=int, default=16)
+    parser.add_argument("--autoscale-connections", type=int, default=128)
+    parser.add_argument("--autoscale-duration", type=float, default=20, help="seconds of the spike")
+    parser.add_argument("--autoscale-ramp-after", type=float, default=3, help="seconds of spike before the first TTIN")
+    parser.add_argument("--autoscale-endpoint", choices=list(ENDPOINTS), default="slow")
+    parser.add_argument(
+        "--autoscale-budget",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help='fleet_max_size for our modes: a number or "auto" (default)',
+    )
     parser.add_argument(
         "--perf", action="store_true", help="count the workers' context switches and futex calls (perf stat)"
     )
@@ -861,7 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
     rawdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    tools = ensure_tools("pgbouncer" in args.modes)
+    tools = ensure_tools("pgbouncer" in args.modes and not args.autoscale_only)
 
     data: dict[str, Any] = {
         "command": command,
@@ -909,6 +1113,10 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, cluster, tools, rawdir, cookie)
         data["pid"] = bench.pid
 
+        if args.autoscale_only:
+            data["autoscale_setup"], data["autoscale"] = run_autoscale(args, bench, cluster)
+            return write_autoscale_only(outdir, rawdir, data, started)
+
         if not args.skip_micro:
             log(f"micro-benchmark: {args.micro_rounds} rounds x {args.micro_n}")
             data["micro"] = run_micro(cluster, args.micro_rounds, args.micro_n)
@@ -939,6 +1147,9 @@ def main(argv: list[str] | None = None) -> int:
                     "overload", mode, o["endpoints"], o["workers"], o["threads"], o["connections"]
                 )
             data["overload"] = collapse([overload], args.modes, o["endpoints"])
+
+        if not args.skip_autoscale:
+            data["autoscale_setup"], data["autoscale"] = run_autoscale(args, bench, cluster)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted")

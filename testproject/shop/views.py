@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -92,10 +93,13 @@ def three(request: HttpRequest) -> JsonResponse:
 
 
 def slow(request: HttpRequest) -> JsonResponse:
-    p = random_product()
-    # Stands in for a call to another service; ?s=SECONDS (at most 5) to hold the connection longer.
-    time.sleep(min(max(float(request.GET.get("s", "0.05")), 0.0), 5.0))
-    open_orders = Order.objects.filter(status=Order.Status.NEW).count()
+    """A query, a wait on "another service", a query. ``?s=SECONDS`` (at most 5): the wait;
+    ``?tx=1``: all three in one transaction, which holds the connection for the wait under
+    ``release="transaction"`` as well (without it, that mode gives it back between the queries)."""
+    with transaction.atomic() if request.GET.get("tx") == "1" else contextlib.nullcontext():
+        p = random_product()
+        time.sleep(min(max(float(request.GET.get("s", "0.05")), 0.0), 5.0))
+        open_orders = Order.objects.filter(status=Order.Status.NEW).count()
     return JsonResponse({"product": product_json(p) if p else None, "open_orders": open_orders})
 
 

@@ -7,10 +7,13 @@ Environment:
   it to the cluster it starts.
 * ``DEBUG``: ``1``/``true``/``yes``/``on`` to turn debug on (off by default).
 * ``DJANGO_SECRET_KEY``: the secret key (a fixed, insecure one by default: this is a demo).
+* ``POOLED_PG_POOL``: a JSON object merged into ``OPTIONS["pool"]`` (for tests: e.g.
+  ``{"max_size": 4, "fleet_max_size": 8, "release": "transaction"}``); unset, the demo's own.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -22,13 +25,24 @@ DEBUG = os.environ.get("DEBUG", "").strip().lower() in ("1", "true", "yes", "on"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
 
+def pool_from_env() -> dict:
+    """``POOLED_PG_POOL``'s JSON object, or {} when it is unset or empty."""
+    raw = os.environ.get("POOLED_PG_POOL", "").strip()
+    if not raw:
+        return {}
+    pool = json.loads(raw)
+    if not isinstance(pool, dict):
+        raise ValueError(f"POOLED_PG_POOL must hold a JSON object of pool options, not {raw!r}")
+    return pool
+
+
 def database_from_url(url: str) -> dict:
     """A DATABASES entry (ENGINE django_pooled_pg) for a ``postgresql://`` URL."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql", "pgsql"):
         raise ValueError(f"DATABASE_URL must start with postgresql://, not {parts.scheme}://")
     options: dict = dict(parse_qsl(parts.query))
-    options["pool"] = {"min_size": 2, "max_size": 4, "timeout": 5}
+    options["pool"] = {"min_size": 2, "max_size": 4, "timeout": 5, **pool_from_env()}
     return {
         "ENGINE": "django_pooled_pg",
         "NAME": unquote(parts.path.lstrip("/")) or "shop",
