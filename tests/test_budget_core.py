@@ -18,6 +18,7 @@ from django_pooled_pg.pooling import budget as budget_module
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import find_problems
+from django_pooled_pg.telemetry.snapshot import application_name
 from tests.conftest import one
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -183,7 +184,7 @@ def test_a_newcomer_takes_the_reserve_and_idle_connections_above_the_fair_share_
     pool = registry.get("default")
     assert pool.get_stats()["pool_size"] == 3
     before = pool.stats.budget_given_back
-    newcomer = plain("dpp default elsewhere:1")  # (its pool's first connection)
+    newcomer = plain(application_name("default", pid=1))  # (its pool's first connection)
     try:
         deadline = time.monotonic() + 5
         while pool.stats.budget_given_back == before and time.monotonic() < deadline:
@@ -263,7 +264,7 @@ def test_connections_in_use_above_the_fair_share_go_back_when_returned(pool_opti
     before = pool.stats.budget_given_back
     # Two more processes: the fair share is (budget - 1) // 3 = 2, and the server is one over
     # the usable budget (as if the second had come through the door at the same moment).
-    newcomers = [plain("dpp default elsewhere:1"), plain("dpp default elsewhere:2")]
+    newcomers = [plain(application_name("default", pid=pid)) for pid in (1, 2)]
     try:
         deadline = time.monotonic() + 5
         while pool.stats.budget_given_back == before and time.monotonic() < deadline:
@@ -279,3 +280,27 @@ def test_connections_in_use_above_the_fair_share_go_back_when_returned(pool_opti
         for conn in newcomers:
             conn.close()
     assert one("SELECT 1") == 1
+
+
+def test_the_door_is_one_connection_per_host(pool_options, superuser):
+    """Newcomers of different hosts may count in at the same moment (each host's one at a
+    time), so the budget keeps one connection per host the server shows for them."""
+    budget = fresh(superuser) + 4
+    pool_options(min_size=0, max_size=4, timeout=1, fleet_max_size=budget)
+    other_host = plain("dpp default elsewhere:1")
+    release = threading.Event()
+    try:
+        # Usable: the budget less two doors (this host and "elsewhere"): the superuser, the
+        # other host's connection and one of this process's (the reserve is for it: it holds
+        # none yet, below its fair share). The second is refused.
+        holders = hold(1, release)
+        pool = registry.get("default")
+        assert pool.budget.door == 2
+        with pytest.raises(BudgetExhausted):
+            one("SELECT 1")
+        assert backends(superuser) <= budget - 2
+    finally:
+        release.set()
+        other_host.close()
+    for thread in holders:
+        thread.join()

@@ -9,12 +9,13 @@ Why it works this way:
   every process of every host and none that died (a SIGKILLed process's sessions end with its
   sockets), so nothing is renewed, no clock is compared, and a share comes back by itself when
   its holder dies. Of two newcomers that count at once, the later sees the earlier.
-* **The door.** A newcomer exists before it can count, so one connection of the budget is kept
-  for it (:data:`DOOR`): the pools use at most ``fleet_max_size - 1`` and a refused newcomer,
-  counted in the last one for the millisecond it takes to count and close, never takes the
-  server over the budget. On a host, newcomers count one at a time (:meth:`FleetBudget.gate`,
-  a file lock); newcomers of different hosts refused in the same millisecond can each stand in
-  the door, one connection over the budget per extra host for that millisecond.
+* **The door.** A newcomer exists before it can count, so one connection of the budget per host
+  is kept for newcomers (:attr:`FleetBudget.door`; the hosts are those the server shows, by the
+  application names): on a host newcomers count one at a time (:meth:`FleetBudget.gate`, a file
+  lock), so however many hosts open connections at the same moment, a refused newcomer, which
+  stands in the door for the few milliseconds it takes to count and close, never takes the
+  server over the budget. (Only a host the server has not seen yet, whose first newcomer comes
+  in the same millisecond as one of every other host, can be one over, for that millisecond.)
 * **The reserve: how a new process gets in without anyone waiting.** Of the usable budget, one
   connection (:data:`RESERVE`) is only for a process below its fair share (the usable budget
   divided among the processes the server shows, by their ``dpp ALIAS HOST:PID`` application
@@ -45,7 +46,7 @@ C = TypeVar("C")
 
 logger = logging.getLogger("django_pooled_pg")
 
-#: Connections of the budget kept free for a newcomer counting itself in.
+#: Connections of the budget kept free for newcomers counting themselves in, per host.
 DOOR = 1
 #: Connections of the usable budget only a process below its fair share may take.
 RESERVE = 1
@@ -63,7 +64,8 @@ AUTO_HEADROOM = 3
 #: The client backends a budget counts (of the alias's database, or of the whole server for
 #: "auto"), and the processes among them (their pools' connections' application names).
 _COUNT = (
-    "SELECT count(*), count(DISTINCT application_name) FILTER (WHERE application_name LIKE 'dpp %') "
+    "SELECT count(*), count(DISTINCT application_name) FILTER (WHERE application_name LIKE 'dpp %'), "
+    r"count(DISTINCT substring(application_name FROM '^dpp \S+ (.*):[0-9]+$')) "
     "FROM pg_stat_activity WHERE backend_type = 'client backend'"
 )
 COUNT_DATABASE = _COUNT + " AND datname = current_database()"
@@ -122,6 +124,8 @@ class FleetBudget:
         self.refused_at = 0.0
         #: What the last count or look saw: the fleet's connections, and its processes.
         self.seen: tuple[int, int] = (0, 0)
+        #: Connections kept for newcomers: one per host seen (at least one).
+        self.door = DOOR
         self.seen_at = 0.0
         #: How many connections this process holds (the pool sets it: its psycopg_pool count).
         self.held: Callable[[], int] = lambda: 0
@@ -133,7 +137,7 @@ class FleetBudget:
     @property
     def usable(self) -> int:
         """Connections the pools may hold: the budget minus the door."""
-        return (self.size or 0) - DOOR
+        return (self.size or 0) - self.door
 
     @contextlib.contextmanager
     def gate(self) -> Iterator[None]:
@@ -208,7 +212,9 @@ class FleetBudget:
         return self.held() >= self.fair(processes) and total >= self.usable - RESERVE
 
     def _count(self, conn: Any) -> tuple[int, int]:
-        total, processes = _query(conn, self.count_sql)
+        total, processes, hosts = _query(conn, self.count_sql)
+        # (at most half the budget: a budget smaller than twice the hosts still lets each in)
+        self.door = max(DOOR, min(DOOR * hosts, (self.size or 0) // 2))
         self.seen, self.seen_at = (total, processes), time.monotonic()
         return total, processes
 

@@ -189,8 +189,7 @@ class Pool(ConnectionPool[PooledConnection]):
         """A connection, or :class:`PoolExhausted` / :class:`DatabaseUnavailable`."""
         # Wait in slices of one connect attempt, so that a server that starts failing while we
         # wait (a fresh pool, a restart) fails this borrower now rather than at the timeout.
-        started = time.monotonic()
-        deadline = started + self.timeout
+        deadline = time.monotonic() + self.timeout
         budget = self.budget
         # With a budget, wait in short slices: a process refused its share answers 503 at once.
         wait_slice = self.fail_fast_timeout if budget is None else LOOK_EVERY
@@ -202,9 +201,15 @@ class Pool(ConnectionPool[PooledConnection]):
                 try:
                     conn = self.getconn(min(remaining, wait_slice))
                 except PoolTimeout:
-                    if budget is not None and (
-                        (not self._nconns and budget.refused_recently())
-                        or (budget.refused_at > started and remaining <= wait_slice)
+                    # A process without a share fails at once; one that timed out below its
+                    # max_size was held back by the budget (it grows whenever borrowers wait).
+                    if (
+                        budget is not None
+                        and not self.health.failing
+                        and (
+                            (not self._nconns and budget.refused_recently())
+                            or (remaining <= wait_slice and self._nconns < self.max_size)
+                        )
                     ):
                         raise self.budget_error() from None
                     if self.health.failing or remaining <= wait_slice:
