@@ -64,10 +64,16 @@ def test_idle_connections_killed_by_the_server_are_replaced_unseen(pool_options,
     assert ledger.stats_for("default").lost >= lost + 1
 
 
-def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, server):
+#: The faults below with and without a fleet budget: the budget's counts run on the same server,
+#: and must not make its failures worse (README, "A fleet-wide budget").
+BUDGETS = pytest.mark.parametrize("budget", [{}, {"fleet_max_size": 50}], ids=["", "budget"])
+
+
+@BUDGETS
+def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, server, budget):
     """psycopg_pool's check backs off between dead connections: with 8 of them the first request
     waited out a 30 s timeout. Here: 16 idle connections, and the first request succeeds."""
-    pool_options(min_size=16, max_size=16, timeout=10)
+    pool_options(min_size=16, max_size=16, timeout=10, **budget)
     fill_pool(16)
     server.restart()
     started = time.monotonic()
@@ -195,13 +201,14 @@ def test_liveness_check_costs_a_poll_not_a_round_trip(pool_options):
     assert poll < ping / 3, (poll, ping)
 
 
-def test_server_down_when_the_app_starts(pool_options, server):
+@BUDGETS
+def test_server_down_when_the_app_starts(pool_options, server, budget):
     """A fresh pool while the server is down: fast 503s, and recovery by itself, without
     waiting out psycopg_pool's reconnection back-off (1, 2, 4, 8 s...)."""
     server.stop()
     try:
         registry.close_all()
-        pool_options(min_size=2, max_size=4, timeout=10)
+        pool_options(min_size=2, max_size=4, timeout=10, **budget)
         client = Client(raise_request_exception=False)
         latencies = []
         down_since = time.monotonic()
