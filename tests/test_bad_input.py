@@ -43,6 +43,7 @@ BAD_VALUES = {
     "behind_pgbouncer": ["yes", 1, None],
     "ping_after": [-1, "1", True],
     "leak_timeout": [0, -1, "30"],
+    "fleet_max_size": [2, 0, "all", True, 7.5],
 }
 UNKNOWN = ["max_sise", "pool_size", "TIMEOUT", "ping"]
 CASES = [(key, value) for key, values in BAD_VALUES.items() for value in values]
