@@ -128,9 +128,9 @@ def test_no_budget_behind_pgbouncer():
 
 @pytest.mark.parametrize("release", ["request", "transaction"])
 def test_a_process_without_a_share_gets_a_fast_503_and_the_budget_holds(pool_options, superuser, release):
-    """Other processes hold the whole budget: this one's first borrow is refused within the
-    door's wait, not after the pool's timeout, and the server never has more backends than the
-    budget; when they go, the next borrow gets a connection."""
+    """Other processes hold the whole budget: this one's first borrow is refused at once, not
+    after the pool's timeout, and the server never has more backends than the budget; when
+    they go, the next borrow gets a connection."""
     others = [plain() for _ in range(2)]
     budget = fresh(superuser) + 1  # everything the others hold, and the door
     pool_options(min_size=0, max_size=4, timeout=10, fleet_max_size=budget, release=release)
