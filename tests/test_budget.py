@@ -429,12 +429,13 @@ def test_budget_holds_while_gunicorn_scales_up_and_down(tight_server, tmp_path, 
             assert "fleet budget" in logs, "borrowers were refused for lack of budget, and no log line says so"
 
 
-def test_budget_is_shared_by_two_hosts(tight_server, tmp_path):
+@pytest.mark.parametrize("release", RELEASE_MODES)
+def test_budget_is_shared_by_two_hosts(tight_server, tmp_path, release):
     """Two gunicorn masters, each 2 workers x max_size 4 (16 in all), with different host names,
     on one database with a budget of 8: both serve, the backends never pass 8."""
     budget = 8
     hosts = ["budget-host-a", "budget-host-b"] if can_unshare() else [None, None]
-    with budget_fleet(tmp_path, pool_options("request", budget)) as fleet:
+    with budget_fleet(tmp_path, pool_options(release, budget)) as fleet:
         masters = [fleet.master(workers=2, hostname=host) for host in hosts]
         sampler = Sampler(fleet.server, fleet.dbname, budget)
         sampler.start()
