@@ -31,18 +31,25 @@ def server():
     return cluster
 
 
-@pytest.fixture
-def superuser():
-    """A plain psycopg connection as superuser to the test database, outside any pool."""
+def plain_connection(dbname: str | None = None, **kwargs) -> psycopg.Connection:
+    """A plain psycopg connection (autocommit) with the default alias's credentials, outside any
+    pool: to its database, or to ``dbname``."""
     params = connections["default"].settings_dict
-    conn = psycopg.connect(
-        dbname=params["NAME"],
+    return psycopg.connect(
+        dbname=dbname or params["NAME"],
         user=params["USER"],
         password=params["PASSWORD"] or None,
         host=params["HOST"],
         port=params["PORT"],
         autocommit=True,
+        **kwargs,
     )
+
+
+@pytest.fixture
+def superuser():
+    """A plain psycopg connection as superuser to the test database, outside any pool."""
+    conn = plain_connection()
     yield conn
     conn.close()
 

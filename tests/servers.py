@@ -81,14 +81,16 @@ class Fleet:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
-    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def manage(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(PROJECT / "manage.py"), *args],
             cwd=PROJECT,
-            env=self.env,
+            env=self.env if env is None else env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
             check=check,
         )
 

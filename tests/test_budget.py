@@ -300,15 +300,7 @@ class BudgetFleet(Fleet):
     def create(self) -> None:
         self.admin(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(self.dbname), sql.Identifier(ROLE)))
         for args in (["migrate", "--noinput"], ["seed_shop"]):
-            subprocess.run(
-                [sys.executable, str(PROJECT / "manage.py"), *args],
-                cwd=PROJECT,
-                env=self.setup_env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=True,
-            )
+            self.manage(*args, env=self.setup_env, timeout=120)
         self.preflight()
 
     def preflight(self) -> None:
@@ -339,18 +331,6 @@ class BudgetFleet(Fleet):
             gunicorn.stop(timeout=15)
             print(f"--- {gunicorn.logfile.name} (tail) ---\n{gunicorn.log()[-3000:]}")
         self.admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
-
-    def poolstats(self) -> dict:
-        done = subprocess.run(
-            [sys.executable, str(PROJECT / "manage.py"), "poolstats", "--json"],
-            cwd=PROJECT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return json.loads(done.stdout)
 
 
 @contextlib.contextmanager

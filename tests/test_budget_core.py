@@ -8,7 +8,6 @@ import json
 import threading
 import time
 
-import psycopg
 import pytest
 from django.db import connections, transaction
 from django.test import RequestFactory
@@ -19,7 +18,7 @@ from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import find_problems
 from django_pooled_pg.telemetry.snapshot import application_name
-from tests.conftest import one
+from tests.conftest import one, plain_connection
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,32 +42,15 @@ def fresh(conn) -> int:
 
 
 def plain(application_name: str = "test other process"):
-    params = connections["default"].settings_dict
-    return psycopg.connect(
-        dbname=params["NAME"],
-        user=params["USER"],
-        password=params["PASSWORD"] or None,
-        host=params["HOST"],
-        port=params["PORT"],
-        application_name=application_name,
-        autocommit=True,
-    )
+    return plain_connection(application_name=application_name)
 
 
 class Sampler:
     """The database's client backends every 10 ms, from a connection to another database."""
 
     def __init__(self) -> None:
-        params = connections["default"].settings_dict
-        self.conn = psycopg.connect(
-            dbname="postgres",
-            user=params["USER"],
-            password=params["PASSWORD"] or None,
-            host=params["HOST"],
-            port=params["PORT"],
-            autocommit=True,
-        )
-        self.name, self.peak, self.stop = params["NAME"], 0, threading.Event()
+        self.conn = plain_connection("postgres")
+        self.name, self.peak, self.stop = connections["default"].settings_dict["NAME"], 0, threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
