@@ -93,6 +93,8 @@ class PoolStatusAdmin(admin.ModelAdmin):
         for alias in model["aliases"]:
             alias["processes_html"] = rows_html(alias["processes"])
             alias["server_rows_html"] = rows_html(alias["server"]["rows"] if alias["server"] else [])
+            alias["views_html"] = rows_html(alias["views"])
+            alias["holders_html"] = rows_html(alias["holders"])
         context = {
             **self.admin_site.each_context(request),
             "title": opts.verbose_name_plural.capitalize(),

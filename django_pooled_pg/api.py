@@ -14,9 +14,12 @@ or calls :func:`release_connections` at the end of each unit of work (a task, a 
 
 from __future__ import annotations
 
+import sys
 from asyncio import _get_running_loop
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import Token
+from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -24,24 +27,36 @@ from django.db.transaction import TransactionManagementError
 
 from . import eventlog
 from .base import reset_connect_state
+from .pooling.ledger import current_view
 
 
 @contextmanager
-def borrow(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
+def borrow(alias: str = DEFAULT_DB_ALIAS, name: str | None = None) -> Iterator[BaseDatabaseWrapper]:
     """Borrow this thread's connection to ``alias`` for the block and give it back after.
 
     Yields Django's connection object (``connections[alias]``); queries through the ORM in the
     block use it. If the thread already held a connection when the block began, it is left
     alone, so blocks nest.
+
+    ``name``: what the per-view statistics (``poolstats --views``) and leak reports call the
+    block; by default the view or task it runs in, or else the ``module.function`` that opened it.
     """
-    wrapper = connections[alias]
-    held_before = wrapper.connection is not None
-    wrapper.ensure_connection()
+    if name is None and current_view.get() is None:
+        caller = sys._getframe(2)  # (the generator's frame, contextlib's __enter__, the caller)
+        name = f"{caller.f_globals.get('__name__', '?')}.{caller.f_code.co_qualname}"
+    token = current_view.set(name) if name is not None else None
     try:
-        yield wrapper
+        wrapper = connections[alias]
+        held_before = wrapper.connection is not None
+        wrapper.ensure_connection()
+        try:
+            yield wrapper
+        finally:
+            if not held_before:
+                release_connection_of(wrapper)
     finally:
-        if not held_before:
-            release_connection_of(wrapper)
+        if token is not None:
+            current_view.reset(token)
 
 
 @contextmanager
@@ -183,3 +198,32 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
     wrapper._pins = 0
     wrapper.close()
     wrapper.autocommit = wrapper.settings_dict["AUTOCOMMIT"]
+
+
+# ----- Task workers ---------------------------------------------------------------------------
+
+_task_tokens: dict[str, Token[str | None]] = {}
+
+
+def name_celery_tasks() -> None:
+    """Count a Celery task's borrows under the task's name (``poolstats --views``, leak
+    reports): connected to Celery's ``task_prerun`` / ``task_postrun`` when the process runs
+    Celery (a worker imports it before Django starts)."""
+    from celery import signals as celery_signals
+
+    celery_signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="django_pooled_pg")
+    celery_signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="django_pooled_pg")
+
+
+def _task_started(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    if task_id is not None:
+        _task_tokens[task_id] = current_view.set(getattr(task, "name", None) or getattr(sender, "name", None))
+
+
+def _task_ended(sender: Any = None, task_id: str | None = None, **kwargs: Any) -> None:
+    token = _task_tokens.pop(task_id, None) if task_id is not None else None
+    if token is not None:
+        try:
+            current_view.reset(token)
+        except ValueError:  # (ended in another context than it started: leave the name)
+            pass

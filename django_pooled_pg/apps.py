@@ -1,3 +1,5 @@
+import sys
+
 from django.apps import AppConfig
 
 
@@ -10,3 +12,7 @@ class PooledPgConfig(AppConfig):
         from . import checks  # (registers the system checks)
 
         checks.log_middleware_warnings()
+        if "celery" in sys.modules:  # a worker: its tasks' borrows are counted under their names
+            from .api import name_celery_tasks
+
+            name_celery_tasks()

@@ -448,7 +448,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned, holder=id(self))
         conn._pooled_pg_used = True
         self._wait = self._borrow.started - started
-        pool.stats.borrowed(self._wait)
+        pool.stats.borrowed(self._wait, self._borrow.stats)
         self._borrowed_from = pool
         self._borrow_generation = registry.generation
         self._per_statement = False  # set by init_connection_state: its own queries keep it
@@ -543,7 +543,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # may borrow another before the error reaches the middleware, which answers 503.
             pool_error.set(DatabaseUnavailable(f"lost the connection to database {self.alias!r}", alias=self.alias))
         stats = pool.stats
-        stats.rollbacks += outcome.rolled_back
+        borrow.stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
         if not was_parked:
@@ -597,10 +597,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.parked = False
         borrow.started = now
         borrow.reported = False
-        borrow.view = current_view.get()
+        view = borrow.view = current_view.get()
+        stats = borrow.stats = pool.stats.views.get(view) or pool.stats.view(view)
         if pool.settings.leak_timeout:
             borrow.frames = capture_frames(4)
-        pool.stats.borrowed(None)
+        pool.stats.borrowed(None, stats)
         conn._pooled_pg_used = True
         self._wait = 0.0
         self._per_statement = False
@@ -609,7 +610,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def _returned(self, borrow: Any, now: float, rolled_back: bool) -> None:
         held = now - borrow.started
-        borrow.pool.stats.hold.record(held)
+        borrow.stats.hold.record(held)
         if signals.connection_returned.receivers:
             signals.connection_returned.send(
                 sender=type(self),
@@ -675,7 +676,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow = self._borrow
         borrow.parked = False
         borrow.started = now
-        pool.stats.borrowed(None)
+        view = current_view.get()
+        if view is not borrow.view:  # (the same string all through a request)
+            borrow.view = view
+            borrow.stats = pool.stats.views.get(view) or pool.stats.view(view)
+        pool.stats.borrowed(None, borrow.stats)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)

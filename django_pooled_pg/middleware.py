@@ -129,12 +129,21 @@ class PoolMiddleware:
         return response
 
     def process_view(self, request: HttpRequest, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
-        try:
-            view = _view_names[view_func]
-        except (KeyError, TypeError):  # (TypeError: an unhashable callable)
-            view = _view_name(view_func)
+        """Name the request by its view from here on: the route's name (``namespace:name``) or,
+        for a route without one, the view's ``module.function``, as Django's ``ResolverMatch``
+        spells it; the statistics count each view's borrows under it (paths would make one
+        entry per URL)."""
+        match = getattr(request, "resolver_match", None)
+        if match is not None:
+            view = match.view_name
+        else:  # (a process_view called without Django's handler)
+            try:
+                view = _view_names[view_func]
+            except (KeyError, TypeError):  # (TypeError: an unhashable callable)
+                view = _view_name(view_func)
         request._pooled_pg_view = view
         current_view.set(view)
+        ledger.name_view(view)  # what middleware borrowed before (request mode) is the view's
         return None
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
@@ -157,7 +166,7 @@ class PoolMiddleware:
         return getattr(request, "_pooled_pg_view", None) or request.path
 
     def log(self, request: HttpRequest, error: PoolError) -> None:
-        ledger.stats_for(error.alias).responses_503 += 1
+        ledger.stats_for(error.alias).view(self.view_name(request)).responses_503 += 1
         cause = f" (cause: {error.__cause__})" if error.__cause__ is not None else ""
         eventlog.warn(
             "a 503",

@@ -12,6 +12,11 @@ so whichever worker answers the scrape reports the whole fleet, one series per `
 Wait and hold times are histograms in seconds. They are rebuilt from the package's own
 microsecond histograms (8 buckets per power of two): a duration is counted under the first
 ``le`` bound at or above the top of its bucket, so a bucket boundary is accurate to 12.5%.
+Per view (``django_pooled_pg_view_*``, labels alias, view, host, pid): the ``TOP_VIEWS``
+views (``settings.POOLED_PG``, 10 by default) holding the most connection-seconds over the fleet
+since start, by name, and the rest of each process summed under ``view="other"``, so that the
+number of series stays bounded whatever the number of views. A view entering the top list
+leaves ``other`` (whose counter then drops: a counter reset to Prometheus).
 The endpoint has no authentication of its own: expose it only where your scraper can reach it.
 """
 
@@ -34,7 +39,8 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
         "django_pooled_pg.prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'"
     ) from exc
 
-from .pooling.stats import BUCKETS, COUNTERS, Histogram, bucket_floor
+from .pooling.stats import BUCKETS, COUNTERS, OTHER, Histogram, bucket_floor
+from .settings import read_stats_settings
 from .telemetry.fleet import AliasFleet, FleetStats, fleet_stats
 
 PREFIX = "django_pooled_pg"
@@ -93,6 +99,7 @@ class FleetCollector:
         )
         for alias in self.fleet.aliases.values():
             self._alias(alias, gauges, counters, wait, hold, server)
+        yield from self._views()
         capacity_max = GaugeMetricFamily(
             f"{PREFIX}_capacity_available_connections", "max_connections minus reserved slots.", labels=["server"]
         )
@@ -112,6 +119,29 @@ class FleetCollector:
         yield from counters.values()
         yield from (wait, hold, server, capacity_max, capacity_fleet, capacity_over)
 
+    def _views(self) -> Iterator[Any]:
+        labels = ["alias", "view", "host", "pid"]
+        families = {
+            key: CounterMetricFamily(f"{PREFIX}_view_{name}", text, labels=labels)
+            for key, (name, text) in VIEW_FAMILIES.items()
+        }
+        top = read_stats_settings().top_views
+        for alias in self.fleet.aliases.values():
+            named = {v.name for v in alias.top_views(recent=False) if v.name != OTHER}
+            named = set([name for name in (v.name for v in alias.top_views(recent=False)) if name in named][:top])
+            for process in alias.live:
+                sums: dict[str, list[float]] = {}
+                for name, data in process.snapshot.views.items():
+                    key = name if name in named else OTHER
+                    row = sums.setdefault(key, [0.0] * len(VIEW_FAMILIES))
+                    for i, value in enumerate(_view_values(data)):
+                        row[i] += value
+                for name, row in sums.items():
+                    values = [alias.alias, name, process.host, str(process.pid)]
+                    for family, value in zip(families.values(), row, strict=True):
+                        family.add_metric(values, value)
+        yield from families.values()
+
     @staticmethod
     def _alias(alias: AliasFleet, gauges: dict, counters: dict, wait: Any, hold: Any, server: Any) -> None:
         for process in alias.live:
@@ -127,6 +157,28 @@ class FleetCollector:
         if alias.server_view is not None:
             for state, count in alias.server_view.by_state.items():
                 server.add_metric([alias.alias, state], count)
+
+
+#: The per-view families: key -> (name after ``django_pooled_pg_view_``, help).
+VIEW_FAMILIES = {
+    "borrows": ("borrows", "Borrows given back, per view (route name or module.function, task, borrow() block)."),
+    "hold": ("hold_seconds", "Connection-seconds held, per view."),
+    "wait": ("wait_seconds", "Seconds spent waiting for a connection, per view."),
+    "rollbacks": ("rollbacks", "Connections a view gave back inside a transaction (rolled back)."),
+    "responses_503": ("responses_503", "HTTP 503 responses of PoolMiddleware, per view."),
+}
+
+
+def _view_values(data: dict[str, Any]) -> tuple[float, ...]:
+    """A published view's values in VIEW_FAMILIES' order."""
+    hold, wait = data.get("hold", {}), data.get("wait", {})
+    return (
+        hold.get("count", 0),
+        hold.get("total_us", 0) / 1_000_000,
+        wait.get("total_us", 0) / 1_000_000,
+        data.get("rollbacks", 0),
+        data.get("responses_503", 0),
+    )
 
 
 def metrics(request: HttpRequest) -> HttpResponse:

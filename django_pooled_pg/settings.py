@@ -336,6 +336,7 @@ STATS_DEFAULTS: dict[str, Any] = {
     "STALE_AFTER": None,  # seconds without a publication before a row is shown stale
     "PRUNE_AFTER": 300.0,  # seconds without a publication before a row is deleted
     "PUBLISH_TIMEOUT": 0.5,  # seconds a publication may wait for a connection / run its SQL
+    "TOP_VIEWS": 10,  # views listed by name (poolstats --views, admin page, Prometheus); the rest: "other"
 }
 
 
@@ -348,6 +349,7 @@ class StatsSettings:
     stale_after: float
     prune_after: float
     publish_timeout: float
+    top_views: int = 10
 
     @property
     def enabled(self) -> bool:
@@ -385,6 +387,7 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
         "STALE_AFTER": (_number(0), True),
         "PRUNE_AFTER": (_number(0), False),
         "PUBLISH_TIMEOUT": (_number(0), False),
+        "TOP_VIEWS": (_integer(1), False),
     }
     for key, (spec, none_ok) in numbers.items():
         if key in raw and not ((none_ok and raw[key] is None) or spec.check(raw[key])):
@@ -449,4 +452,5 @@ def read_stats_settings() -> StatsSettings:
         stale_after=float(stale),
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),
+        top_views=int(merged["TOP_VIEWS"]),
     )

@@ -188,13 +188,17 @@ def test_stale_rows_are_marked_left_out_of_totals_and_pruned(superuser):
 
 
 def test_one_table_of_counters_recorded_and_published():
-    """AliasStats counts exactly the counters of stats.COUNTERS, and a snapshot publishes each."""
+    """AliasStats counts exactly the counters of stats.COUNTERS (the per-view ones, rollbacks and
+    503s, as the sum of its views'), and a snapshot publishes each."""
     import dataclasses
 
-    from django_pooled_pg.pooling.stats import COUNTER_NAMES, AliasStats
+    from django_pooled_pg.pooling.stats import COUNTER_NAMES, AliasStats, ViewStats
 
-    recorded = [f.name for f in dataclasses.fields(AliasStats) if f.type in (int, "int")]
-    assert recorded == list(COUNTER_NAMES)
+    per_view = [name for name in ViewStats.__slots__ if name in COUNTER_NAMES]
+    assert per_view == ["rollbacks", "responses_503"]
+    recorded = {f.name for f in dataclasses.fields(AliasStats) if f.type in (int, "int")}
+    assert sorted(recorded | set(per_view)) == sorted(COUNTER_NAMES)
+    assert all(isinstance(getattr(AliasStats, name), property) for name in per_view)
     query()
     assert list(snapshot.take("default")[0].counters) == list(COUNTER_NAMES)
 

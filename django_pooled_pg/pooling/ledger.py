@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import eventlog, signals
-from .stats import AliasStats
+from .stats import AliasStats, ViewStats
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_pooled_pg")
 
-#: The view of the request being served on this thread or task, set by the middleware; it
-#: names the culprit in leak and rollback reports.
+#: The view of the request being served on this thread or task (its path until the middleware
+#: has resolved it), the task a worker runs, or the name of a ``borrow()`` block: it names the
+#: culprit in leak and rollback reports, and the borrow is counted under it (:class:`ViewStats`).
 current_view: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_view", default=None)
 
 Frames = list[tuple[str, int, str]]
@@ -49,6 +50,8 @@ class Borrow:
     thread: threading.Thread
     started: float
     view: str | None
+    #: Where its waits and holds are counted: the ViewStats of ``view``.
+    stats: ViewStats
     frames: Frames | None = None
     reported: bool = False
     #: The borrower parked the connection between statements or kept it for its next borrow
@@ -120,13 +123,15 @@ class BorrowLedger:
         ``owned_by_thread``: the borrowing wrapper lives in this thread's local storage, so the
         connection is lost if the thread ends: return it then."""
         leak_timeout = pool.settings.leak_timeout
+        view = current_view.get()
         borrow = Borrow(
             alias,
             pool,
             conn,
             threading.current_thread(),
             time.monotonic(),
-            current_view.get(),
+            view,
+            pool.stats.views.get(view) or pool.stats.view(view),
             capture_frames(3) if leak_timeout else None,
             holder=holder,
         )
@@ -165,6 +170,18 @@ class BorrowLedger:
             except ValueError:
                 pass
 
+    def name_view(self, view: str) -> None:
+        """The middleware has resolved the request's view: this thread's borrows made before it
+        (by other middleware, under the request's path) are the view's from now on, so that their
+        hold is counted, and any leak reported, under its name."""
+        holder = self._local.__dict__.get("holder")
+        if holder is None:
+            return
+        for borrow in holder.borrows:
+            if not borrow.parked and borrow.view is not None and borrow.view.startswith("/"):
+                borrow.view = view
+                borrow.stats = borrow.pool.stats.view(view)
+
     def in_use(self, alias: str) -> int:
         return sum(1 for b in list(self.borrows.values()) if b.alias == alias and not b.parked)
 
@@ -195,10 +212,9 @@ class BorrowLedger:
             return 0
         del self.borrows[id(borrow.conn)]
         outcome = release_connection(borrow.pool, borrow.conn)
-        stats = self.stats_for(borrow.alias)
-        stats.reclaimed += 1
-        stats.rollbacks += outcome.rolled_back
-        stats.hold.record(time.monotonic() - borrow.started)
+        self.stats_for(borrow.alias).reclaimed += 1
+        borrow.stats.rollbacks += outcome.rolled_back
+        borrow.stats.hold.record(time.monotonic() - borrow.started)
         eventlog.warn(
             "a thread ended holding a connection",
             borrow.alias,

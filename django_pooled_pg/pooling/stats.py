@@ -1,14 +1,21 @@
-"""Measurements of one alias's pool in this process, recorded on the borrow path.
+"""Measurements of one alias's pool in this process, recorded on the borrow path, per view.
 
 psycopg_pool's own ``*_ms`` counters add whole milliseconds per event (sub-millisecond waits add
 0) and its ``usage_ms`` stays 0 under Django, which borrows with ``getconn``/``putconn``. So wait
 and hold times are measured here, in microseconds, into :class:`Histogram`: log-linear buckets
 (8 per power of two, so a percentile is within 12.5%) that cost an ``int.bit_length()`` and a
 list increment to record, merge across processes by adding, and publish as a short sparse dict.
+
+Every wait and hold is recorded once, in the :class:`ViewStats` of the view (or task, or
+``borrow()`` block) that borrowed: the alias's own histograms, rollbacks and 503s are the sum of
+its views' (:class:`AliasStats`), added up when a reporter asks. So attributing a borrow to its
+view costs the borrow path one dict lookup (about 25 ns), not a second histogram (264 ns).
 """
 
 from __future__ import annotations
 
+import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,9 +105,8 @@ class Histogram:
         return histogram
 
     def merge(self, other: Histogram) -> None:
-        for index, n in enumerate(other.counts):
-            if n:
-                self.counts[index] += n
+        if other.count:
+            self.counts = list(map(operator.add, self.counts, other.counts))  # (in C: 3 us)
         self.count += other.count
         self.total_us += other.total_us
         self.max_us = max(self.max_us, other.max_us)
@@ -124,8 +130,9 @@ class Counter:
 #: (snapshot, fleet), ``poolstats``, the admin page and Prometheus read. Each is incremented in
 #: one place (tests/test_layout.py checks): ``borrows`` and ``parked_reused`` in
 #: :meth:`AliasStats.borrowed`, ``lost`` in ``Pool.lost`` (snapshot.take() adds psycopg_pool's own
-#: count of connections its checks found dead); only ``rollbacks`` has two, the return path and
-#: the reclaim of a thread that ended holding its connection.
+#: count of connections its checks found dead); ``rollbacks`` and ``responses_503`` are counted
+#: per view (:class:`ViewStats`) and summed: rollbacks in two places, the return path and the
+#: reclaim of a thread that ended holding its connection.
 COUNTERS: tuple[Counter, ...] = (
     Counter("borrows", "Connections borrowed from the pool.", "borrows", "borrows"),
     Counter("exhausted", "Borrowers that got PoolExhausted (timeout or max_waiting).", "exhausted", "timeouts"),
@@ -154,18 +161,60 @@ COUNTERS: tuple[Counter, ...] = (
 COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
 
 
+#: The names views are listed under when they have none of their own: borrows before the
+#: middleware resolved the request's view (other middleware, a 404) and views past
+#: :data:`MAX_VIEWS`. Outside requests a borrow is named by its ``borrow()`` block or task, else
+#: by :func:`process_label`.
+BEFORE_VIEW = "(before the view)"
+OTHER = "other"
+#: Views one alias keeps apart in one process (about 6 KB each); later ones are counted as
+#: :data:`OTHER`. A site with more views than this ranks the first ones it served.
+MAX_VIEWS = 500
+
+
+def process_label() -> str:
+    """What borrows outside requests, tasks and ``borrow(name=...)`` blocks are listed under:
+    ``manage.py COMMAND`` in a management command, else ``(outside a view)``."""
+    argv = sys.argv
+    if len(argv) > 1 and argv[0].rsplit("/", 1)[-1] in ("manage.py", "django-admin"):
+        return f"manage.py {argv[1]}"
+    return "(outside a view)"
+
+
+class ViewStats:
+    """One view's use of one alias's pool in this process: its waits (one per borrow: the count
+    is its borrows), its holds (the sum is its connection-seconds), the transactions it left open
+    (rolled back when given back) and its 503s."""
+
+    __slots__ = ("name", "wait", "hold", "rollbacks", "responses_503")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.wait = Histogram()
+        self.hold = Histogram()
+        self.rollbacks = 0
+        self.responses_503 = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wait": self.wait.to_dict(),
+            "hold": self.hold.to_dict(),
+            "rollbacks": self.rollbacks,
+            "responses_503": self.responses_503,
+        }
+
+
 @dataclass
 class AliasStats:
     """Everything measured for one alias in this process since it started: the counters of
-    :data:`COUNTERS` (what each means is said there) and the wait and hold histograms."""
+    :data:`COUNTERS` (what each means is said there), and per view the wait and hold histograms,
+    rollbacks and 503s, whose sums are the alias's."""
 
     borrows: int = 0
     exhausted: int = 0
     unavailable: int = 0
-    responses_503: int = 0
     leaks: int = 0
     reclaimed: int = 0
-    rollbacks: int = 0
     resets: int = 0
     discarded: int = 0
     opened: int = 0
@@ -176,25 +225,75 @@ class AliasStats:
     parked_taken: int = 0
     budget_refused: int = 0
     budget_given_back: int = 0
-    wait: Histogram = field(default_factory=Histogram)
-    hold: Histogram = field(default_factory=Histogram)
+    #: View name (None: outside requests) -> its measurements; see :meth:`view`.
+    views: dict[str | None, ViewStats] = field(default_factory=dict)
 
-    def borrowed(self, wait: float | None) -> None:
-        """Count a borrow that waited ``wait`` seconds; ``None``: a borrower took back the
-        connection it had parked or kept (``parked_reused``), without waiting.
+    def view(self, name: str | None) -> ViewStats:
+        """The measurements of view ``name``, made at its first borrow. The borrow path asks
+        ``views.get(name)`` first and comes here on a miss. A path (the middleware names a
+        request by its path until its view is resolved) is never a key: every path would be one."""
+        found = self.views.get(name)
+        if found is not None:
+            return found
+        if name is None:
+            label = process_label()
+        elif name.startswith("/"):
+            label = BEFORE_VIEW
+        elif len(self.views) >= MAX_VIEWS:
+            label = OTHER
+        else:
+            return self.views.setdefault(name, ViewStats(name))
+        found = self.views.get(label)
+        if found is None:
+            found = self.views.setdefault(label, ViewStats(label))
+        if name is None:
+            self.views[None] = found
+        return found
+
+    def borrowed(self, wait: float | None, view: ViewStats) -> None:
+        """Count a borrow by ``view`` that waited ``wait`` seconds; ``None``: a borrower took back
+        the connection it had parked or kept (``parked_reused``), without waiting.
 
         The one place ``borrows`` and ``parked_reused`` are counted. It runs on every borrow and,
         with release="transaction", before every statement: the zero wait is recorded here
         rather than through :meth:`Histogram.record` (the same bucket, without the arithmetic
         or a second call)."""
         self.borrows += 1
+        histogram = view.wait
         if wait is None:
             self.parked_reused += 1
-            histogram = self.wait
             histogram.counts[0] += 1
             histogram.count += 1
         else:
-            self.wait.record(wait)
+            histogram.record(wait)
+
+    def named_views(self) -> list[ViewStats]:
+        """Each view once (the ``None`` key is an alias of a label)."""
+        return [view for name, view in list(self.views.items()) if name is not None]
+
+    @property
+    def wait(self) -> Histogram:
+        """Every view's waits together."""
+        return self._sum("wait")
+
+    @property
+    def hold(self) -> Histogram:
+        """Every view's holds together."""
+        return self._sum("hold")
+
+    @property
+    def rollbacks(self) -> int:
+        return sum(view.rollbacks for view in self.named_views())
+
+    @property
+    def responses_503(self) -> int:
+        return sum(view.responses_503 for view in self.named_views())
+
+    def _sum(self, which: str) -> Histogram:
+        total = Histogram()
+        for view in self.named_views():
+            total.merge(getattr(view, which))
+        return total
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTER_NAMES}

@@ -96,6 +96,70 @@ class ProcessStats:
 
 
 @dataclass
+class ViewFleet:
+    """One view's (or task's, or ``borrow()`` block's) use of one alias, summed over the live
+    processes: borrows given back, connection-seconds, wait and hold times, rollbacks of
+    transactions it left open, 503s; over the last minute and since each process started."""
+
+    name: str
+    wait: Histogram = field(default_factory=Histogram)
+    hold: Histogram = field(default_factory=Histogram)
+    rollbacks: int = 0
+    responses_503: int = 0
+    recent_borrows: int = 0
+    recent_hold_us: int = 0
+
+    @property
+    def borrows(self) -> int:
+        return self.hold.count
+
+    @property
+    def seconds(self) -> float:
+        """Connection-seconds held since start."""
+        return self.hold.total_us / 1_000_000
+
+    @property
+    def recent_seconds(self) -> float:
+        return self.recent_hold_us / 1_000_000
+
+    def add(self, data: dict[str, Any]) -> None:
+        self.wait.merge(Histogram.from_dict(data.get("wait", {})))
+        self.hold.merge(Histogram.from_dict(data.get("hold", {})))
+        self.rollbacks += data.get("rollbacks", 0)
+        self.responses_503 += data.get("responses_503", 0)
+        recent = data.get("recent") or (0, 0)
+        self.recent_borrows += recent[0]
+        self.recent_hold_us += recent[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "view": self.name,
+            "recent": {"borrows": self.recent_borrows, "seconds": round(self.recent_seconds, 6)},
+            "total": {"borrows": self.borrows, "seconds": round(self.seconds, 6)},
+            "wait": self.wait.summary(), "hold": self.hold.summary(),
+            "rollbacks": self.rollbacks, "responses_503": self.responses_503,
+        }  # fmt: skip
+
+
+@dataclass
+class Holder:
+    """A connection checked out right now (as of its process's last publication)."""
+
+    host: str
+    pid: int
+    thread: str
+    view: str
+    #: Seconds held now: at the publication, plus the publication's age.
+    held: float
+    state: str
+    leak: bool
+    stack: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class AliasFleet:
     """Every process's pool of one alias, and their sum."""
 
@@ -122,6 +186,23 @@ class AliasFleet:
     #: False when the pools' connections carry the user's application_name: the server view is
     #: then per alias only.
     split_by_process: bool = True
+    #: Per view, summed over the live processes (see :meth:`top_views`).
+    views: dict[str, ViewFleet] = field(default_factory=dict)
+    #: The span of the views' recent figures: the shortest any live process published.
+    recent_seconds: float = 0.0
+    #: Connections borrowed now, in every live process, longest held first.
+    holders: list[Holder] = field(default_factory=list)
+
+    def top_views(self, n: int | None = None, *, recent: bool = True) -> list[ViewFleet]:
+        """The views holding the most connection-seconds, over the last minute (``recent``)
+        or since start; views with nothing in the span are left out of the recent list."""
+        views = list(self.views.values())
+        if recent:
+            views = [v for v in views if v.recent_borrows or v.recent_hold_us]
+            views.sort(key=lambda v: (v.recent_hold_us, v.recent_borrows), reverse=True)
+        else:
+            views.sort(key=lambda v: (v.hold.total_us, v.hold.count), reverse=True)
+        return views[:n] if n is not None else views
 
     @property
     def live(self) -> list[ProcessStats]:
@@ -153,6 +234,12 @@ class AliasFleet:
             "server_view": asdict(self.server_view) if self.server_view is not None else None,
             "unpublished": dict(self.unpublished),
             "split_by_process": self.split_by_process,
+            "views": {
+                "recent_seconds": round(self.recent_seconds, 3),
+                "by_recent": [v.to_dict() for v in self.top_views(recent=True)],
+                "by_total": [v.to_dict() for v in self.top_views(recent=False)],
+            },
+            "holders": [h.to_dict() for h in self.holders],
         }  # fmt: skip
 
 
@@ -312,6 +399,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
             entry.counters[counter] += snap.counters.get(counter, 0)
         entry.wait.merge(Histogram.from_dict(snap.wait))
         entry.hold.merge(Histogram.from_dict(snap.hold))
+        _add_views(entry, process)
 
     # Aliases configured here but not (yet) published still get a server view.
     for name, settings_dict in configured.items():
@@ -344,6 +432,25 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         )
         fleet.capacity.append(Capacity(server, max_conn, su_reserved, reserved, fleet_max, connected))
     return fleet
+
+
+def _add_views(entry: AliasFleet, process: ProcessStats) -> None:
+    """A live process's views and holders into its alias's."""
+    snap = process.snapshot
+    for name, data in snap.views.items():
+        view = entry.views.get(name)
+        if view is None:
+            view = entry.views[name] = ViewFleet(name)
+        view.add(data)
+    if snap.views:
+        span = snap.recent_seconds
+        entry.recent_seconds = min(entry.recent_seconds, span) if entry.recent_seconds else span
+    for h in snap.holders:
+        entry.holders.append(Holder(
+            snap.host, snap.pid, h.get("thread", ""), h.get("view", ""), h.get("held", 0.0) + process.age,
+            h.get("state", ""), bool(h.get("leak")), h.get("stack", ""),
+        ))  # fmt: skip
+    entry.holders.sort(key=lambda h: h.held, reverse=True)
 
 
 def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, ...]]) -> None:
@@ -383,4 +490,7 @@ def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, .
 #: The public name (``django_pooled_pg.fleet_stats``): ``django_pooled_pg.pooling.stats`` is a module.
 fleet_stats = stats
 
-__all__ = ["stats", "fleet_stats", "FleetStats", "AliasFleet", "ProcessStats", "ServerView", "Capacity", "WATCHED"]
+__all__ = [
+    "stats", "fleet_stats", "FleetStats", "AliasFleet", "ViewFleet", "Holder", "ProcessStats", "ServerView",
+    "Capacity", "WATCHED",
+]  # fmt: skip

@@ -16,8 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..pooling.ledger import ledger
+from ..pooling.ledger import Borrow, ledger
 from ..pooling.registry import registry
+from ..pooling.stats import OTHER, AliasStats, ViewStats
 
 #: When this process started, as the publisher sees it (reset in a forked child).
 STARTED_AT = time.time()
@@ -87,6 +88,16 @@ class PoolSnapshot:
     last_increase: dict[str, float] = field(default_factory=dict)
     wait: dict[str, Any] = field(default_factory=dict)  # Histogram.to_dict()
     hold: dict[str, Any] = field(default_factory=dict)
+    #: Per view (route name, ``module.function``, task, ``borrow()`` block): ViewStats.to_dict()
+    #: plus ``recent``: [borrows, hold_us] over the last ``recent_seconds`` (a minute, or since
+    #: the process started). The top :data:`PUBLISHED_VIEWS` by hold over each span; the rest
+    #: summed under "other", so that a row stays small whatever the number of views.
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recent_seconds: float = 0.0
+    #: Connections borrowed now, longest held first (at most :data:`PUBLISHED_HOLDERS`): thread,
+    #: view, held (s, at ``taken_at``), session state, whether reported as a leak, and the
+    #: borrower's stack when leak_timeout is set.
+    holders: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +140,7 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
         settings_dict = _settings_dict(name)
         app_name = str(kwargs.get("application_name") or "")
         in_alias = [b for b in held if b.alias == name and not b.parked]
+        views, recent_seconds = published_views(name, stats, time.monotonic())
         snapshots.append(PoolSnapshot(
             host=host, pid=pid, alias=name, started_at=STARTED_AT, taken_at=now,
             database=str(settings_dict.get("NAME") or kwargs.get("dbname") or ""),
@@ -143,8 +155,81 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
             fleet_max_size=pool.budget.size or 0 if pool.budget else 0,
             fleet_seen=list(pool.budget.seen) if pool.budget else [],
             wait=stats.wait.to_dict(), hold=stats.hold.to_dict(),
+            views=views, recent_seconds=recent_seconds,
+            holders=holders_of(in_alias, time.monotonic()),
         ))  # fmt: skip
     return snapshots
+
+
+# ----- Per view -----------------------------------------------------------------------------------
+
+#: Views a row publishes by name: the top ones by hold since start and over the last minute.
+PUBLISHED_VIEWS = 25
+#: The span of "recent" per-view figures, seconds.
+RECENT = 60.0
+#: Per alias, (monotonic time, {view: (holds, hold_us)}) at each of the last snapshots: what
+#: "recent" is measured from. Taken by the publisher's thread, never on the borrow path.
+_marks: dict[str, list[tuple[float, dict[str, tuple[int, int]]]]] = {}
+
+
+def published_views(alias: str, stats: AliasStats, now: float) -> tuple[dict[str, dict[str, Any]], float]:
+    """The views of one alias as a row publishes them, and the span (s) of their ``recent``."""
+    current = {view.name: view for view in stats.named_views()}
+    totals = {name: (view.hold.count, view.hold.total_us) for name, view in current.items()}
+    marks = _marks.get(alias)
+    if marks is None:  # the first snapshot: recent = since the process started (up to RECENT)
+        marks = _marks[alias] = [(now - min(RECENT, max(time.time() - STARTED_AT, 0.0)), {})]
+    marks.append((now, totals))
+    while marks[1][0] <= now - RECENT:
+        del marks[0]  # keep the newest mark at least RECENT old as the baseline
+    since, base = marks[0]
+    recent = {name: (n - base.get(name, (0, 0))[0], us - base.get(name, (0, 0))[1]) for name, (n, us) in totals.items()}
+    by_total = sorted(current, key=lambda name: totals[name][1], reverse=True)[:PUBLISHED_VIEWS]
+    by_recent = sorted(current, key=lambda name: recent[name][1], reverse=True)[:PUBLISHED_VIEWS]
+    named = set(by_total) | {name for name in by_recent if recent[name][0]}
+    out: dict[str, dict[str, Any]] = {}
+    other = ViewStats(OTHER)
+    other_recent = [0, 0]
+    for name, view in current.items():
+        if name in named and name != OTHER:
+            out[name] = {**view.to_dict(), "recent": list(recent[name])}
+        else:
+            other.wait.merge(view.wait)
+            other.hold.merge(view.hold)
+            other.rollbacks += view.rollbacks
+            other.responses_503 += view.responses_503
+            other_recent[0] += recent[name][0]
+            other_recent[1] += recent[name][1]
+    if other.wait.count or other.hold.count:
+        out[OTHER] = {**other.to_dict(), "recent": other_recent}
+    return out, now - since
+
+
+# ----- Holders ------------------------------------------------------------------------------------
+
+#: Holders a row lists (longest held first), and the characters of each one's stack.
+PUBLISHED_HOLDERS = 50
+STACK_CHARS = 4000
+_STATES = {0: "idle", 1: "active", 2: "idle in transaction", 3: "in failed transaction"}
+
+
+def holders_of(borrows: list[Borrow], now: float) -> list[dict[str, Any]]:
+    """The connections borrowed now from one alias, as a row publishes them."""
+    out = []
+    for borrow in sorted(borrows, key=lambda b: b.started)[:PUBLISHED_HOLDERS]:
+        try:  # (a libpq field read; the connection may be closing under us)
+            state = _STATES.get(int(borrow.conn.pgconn.transaction_status), "unknown")
+        except Exception:
+            state = "unknown"
+        out.append({
+            "thread": borrow.thread.name,
+            "view": borrow.view or borrow.stats.name,
+            "held": round(max(now - borrow.started, 0.0), 6),
+            "state": state,
+            "leak": borrow.reported,
+            "stack": borrow.stack()[-STACK_CHARS:] if borrow.frames else "",
+        })  # fmt: skip
+    return out
 
 
 def _settings_dict(alias: str) -> dict[str, Any]:
@@ -160,6 +245,7 @@ def after_fork_in_child() -> None:
     global STARTED_AT
     STARTED_AT = time.time()
     _last_seen.clear()
+    _marks.clear()
 
 
 os.register_at_fork(after_in_child=after_fork_in_child)

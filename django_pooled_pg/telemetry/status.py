@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 from ..pooling.stats import bucket_floor
+from ..settings import read_stats_settings
 from .fleet import AliasFleet, Capacity, FleetStats, ProcessStats, ServerView
 from .history import History, Series
 
@@ -24,6 +25,13 @@ PROCESS_COLUMNS = (
 )  # fmt: skip
 SERVER_COLUMNS = ("Process", "Connections", "Active", "Idle", "Idle in transaction", "Longest idle in tx")
 TIME_COLUMNS = ("", "Count", "Mean", "p50", "p95", "p99", "Max")
+VIEW_COLUMNS = (
+    "View", "Borrows, last min", "Conn-s, last min", "Borrows", "Conn-s", "p99 wait", "p50 hold", "p95 hold",
+    "p99 hold", "Rollbacks", "503s",
+)  # fmt: skip
+HOLDER_COLUMNS = ("Process", "Thread", "View", "Held", "Session", "Borrowed at")
+#: Frames of a holder's stack the page shows (the innermost: where it borrowed).
+HOLDER_FRAMES = 3
 #: Chart size in SVG user units (the SVG scales to the page's width).
 CHART_WIDTH, CHART_HEIGHT, P95_HEIGHT = 720.0, 130.0, 70.0
 
@@ -160,7 +168,36 @@ def _capacity(capacity: Capacity | None) -> dict[str, Any] | None:
     }
 
 
-def _alias(entry: AliasFleet, fleet: FleetStats) -> dict[str, Any]:
+def conn_seconds(seconds: float) -> str:
+    return f"{seconds:.3f}" if seconds < 10 else f"{seconds:,.1f}" if seconds < 1000 else f"{seconds:,.0f}"
+
+
+def _views(entry: AliasFleet, top: int) -> list[dict[str, Any]]:
+    """The views holding the most connection-seconds over the last minute, then since start."""
+    ranked = sorted(entry.views.values(), key=lambda v: (v.recent_hold_us, v.hold.total_us), reverse=True)
+    rows = []
+    for v in ranked[:top]:
+        rows.append({"key": v.name, "stale": False, "saturated": False, "cells": [
+            v.name, number(v.recent_borrows), conn_seconds(v.recent_seconds), number(v.borrows),
+            conn_seconds(v.seconds), duration(v.wait.percentile(99)), duration(v.hold.percentile(50)),
+            duration(v.hold.percentile(95)), duration(v.hold.percentile(99)), number(v.rollbacks),
+            number(v.responses_503),
+        ]})  # fmt: skip
+    return rows
+
+
+def _holders(entry: AliasFleet) -> list[dict[str, Any]]:
+    rows = []
+    for h in entry.holders:
+        frames = [line.strip() for line in h.stack.strip().splitlines() if line.strip().startswith("File ")]
+        rows.append({"key": f"{h.host}:{h.pid}:{h.thread}", "stale": False, "saturated": h.leak, "cells": [
+            f"{h.host}:{h.pid}", h.thread, h.view, age(h.held), h.state + (" (leak)" if h.leak else ""),
+            "\n".join(frames[-HOLDER_FRAMES:]) if frames else "–",
+        ]})  # fmt: skip
+    return rows
+
+
+def _alias(entry: AliasFleet, fleet: FleetStats, top: int = 10) -> dict[str, Any]:
     capacity = next((c for c in fleet.capacity if c.server == entry.server), None)
     live = entry.live
     c = entry.counters
@@ -183,6 +220,9 @@ def _alias(entry: AliasFleet, fleet: FleetStats) -> dict[str, Any]:
         "budget": entry.budget_text(),
         "processes": [_process_row(p) for p in entry.processes],
         "server": _server(entry),
+        "views": _views(entry, top),
+        "views_more": str(max(len(entry.views) - top, 0)),
+        "holders": _holders(entry),
     }  # fmt: skip
 
 
@@ -296,8 +336,9 @@ def page(fleet: FleetStats, history: History | None = None, *, window: float = 3
     """The page's model. Without ``history`` there is no ``chart`` key per alias (the script
     keeps the chart it has)."""
     aliases = []
+    top = read_stats_settings().top_views
     for name in sorted(fleet.aliases):
-        entry = _alias(fleet.aliases[name], fleet)
+        entry = _alias(fleet.aliases[name], fleet, top)
         if history is not None:
             entry["chart"] = chart(history.aliases.get(name), window, fleet.aliases[name], fleet.taken_at)
         aliases.append(entry)
@@ -311,4 +352,6 @@ def page(fleet: FleetStats, history: History | None = None, *, window: float = 3
         "process_columns": list(PROCESS_COLUMNS),
         "server_columns": list(SERVER_COLUMNS),
         "time_columns": list(TIME_COLUMNS),
+        "view_columns": list(VIEW_COLUMNS),
+        "holder_columns": list(HOLDER_COLUMNS),
     }

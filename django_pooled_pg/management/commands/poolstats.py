@@ -5,6 +5,8 @@
     manage.py poolstats --json            # the same data for machines (django_pooled_pg.fleet_stats)
     manage.py poolstats --watch 2         # refresh every 2 s until Ctrl-C
     manage.py poolstats --check           # health probe: exit 1 with a one-line reason, else 0
+    manage.py poolstats --views           # which views hold the connections: top views by connection-seconds
+    manage.py poolstats --holders         # the connections checked out now: process, thread, view, for how long
 
 For scripts: the exit status is 2 whenever the statistics could not be read (an ``error:`` line,
 also on stderr), ``--check`` says ``UNKNOWN`` (exit 2) when no process publishes statistics, the
@@ -30,6 +32,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from django_pooled_pg.pooling.stats import COUNTERS, Histogram
+from django_pooled_pg.settings import read_stats_settings
 from django_pooled_pg.telemetry.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
 
 EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
@@ -180,7 +183,64 @@ def render_alias(entry: AliasFleet) -> list[str]:
     return out
 
 
-def render(fleet: FleetStats) -> str:
+def seconds(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def render_views(entry: AliasFleet, top: int) -> list[str]:
+    """The views holding the most of ``entry``'s connections: over the last minute, and since
+    each process started (with their wait and hold times and what went wrong)."""
+    out = [f"{entry.alias}: database {entry.database or '?'} on {entry.server}; top {top} views by connection-seconds"]
+    if not entry.views:
+        return [*out, "  no view has given back a connection yet"]
+    recent = entry.top_views(recent=True)
+    recent_total = sum(v.recent_hold_us for v in recent) / 1_000_000
+    rows = [[v.name, str(v.recent_borrows), seconds(v.recent_seconds), share(v.recent_seconds, recent_total)]
+            for v in recent[:top]]  # fmt: skip
+    out.append(f"  last {entry.recent_seconds:.0f}s:")
+    out += table(["view", "borrows", "conn-s", "share"], rows, indent="    ") if rows else ["    none"]
+    ranked = entry.top_views(recent=False)
+    total = sum(v.seconds for v in ranked)
+    rows = []
+    for v in ranked[:top]:
+        wait, hold = v.wait.summary(), v.hold.summary()
+        rows.append([
+            v.name, str(v.borrows), seconds(v.seconds), share(v.seconds, total), ms(wait["p50"]), ms(wait["p99"]),
+            *timing(hold), str(v.rollbacks), str(v.responses_503),
+        ])  # fmt: skip
+    out.append("  since start:")
+    headers = [
+        "view", "borrows", "conn-s", "share", "wait p50", "p99", "hold mean", "p50", "p95", "p99", "max",
+        "rollbacks", "503s",
+    ]  # fmt: skip
+    out += table(headers, rows, indent="    ")
+    if len(ranked) > top:
+        out.append(f"    ({len(ranked) - top} more views)")
+    return out
+
+
+def render_holders(entry: AliasFleet) -> list[str]:
+    """The connections of ``entry`` borrowed now, fleet-wide, longest held first."""
+    out = [f"{entry.alias}: {len(entry.holders)} connection(s) checked out (as each process last published)"]
+    if not entry.holders:
+        return out
+    rows = [[f"{h.host}:{h.pid}", h.thread, h.view, duration(h.held), h.state + (" LEAK" if h.leak else "")]
+            for h in entry.holders]  # fmt: skip
+    out += table(["process", "thread", "view", "held", "session"], rows)
+    for h in entry.holders:
+        if h.stack:
+            out.append(f"  borrowed by {h.host}:{h.pid} {h.thread} ({h.view}) at:")
+            out += ["    " + line for line in h.stack.rstrip().splitlines()]
+    if not any(h.stack for h in entry.holders):
+        out.append("  (stacks are captured when OPTIONS['pool']['leak_timeout'] is set)")
+    return out
+
+
+def render(fleet: FleetStats, section: str = "pools", top: int = 10) -> str:
     when = datetime.fromtimestamp(fleet.taken_at).strftime("%Y-%m-%d %H:%M:%S")
     processes = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
     out = [
@@ -188,7 +248,12 @@ def render(fleet: FleetStats) -> str:
     ]
     for entry in fleet.aliases.values():
         out.append("")
-        out += render_alias(entry)
+        if section == "views":
+            out += render_views(entry, top)
+        elif section == "holders":
+            out += render_holders(entry)
+        else:
+            out += render_alias(entry)
     if fleet.capacity:
         out.append("")
         out += [c.describe() for c in fleet.capacity]
@@ -197,10 +262,16 @@ def render(fleet: FleetStats) -> str:
     if not any(entry.processes for entry in fleet.aliases.values()) and not fleet.errors:
         out.append("no process publishes statistics: is the site running, with django_pooled_pg in INSTALLED_APPS?")
     out.append("")
-    out.append(
-        "times in ms (wait: for a connection; hold: borrowed); counters since each process started; "
-        "totals leave stale rows out"
-    )
+    if section == "views":
+        out.append(
+            "views: route names (or module.function), tasks, borrow() blocks; borrows given back; "
+            "conn-s: connection-seconds held; times in ms; live processes only"
+        )
+    elif section != "holders":
+        out.append(
+            "times in ms (wait: for a connection; hold: borrowed); counters since each process started; "
+            "totals leave stale rows out"
+        )
     width = output_width()
     return "\n".join(wrapped for line in out for wrapped in fit(line, width))
 
@@ -228,6 +299,23 @@ class Command(BaseCommand):
             "the fleet is over the server's capacity; 2 when statistics cannot be read; else 0",
         )
         parser.add_argument(
+            "--views",
+            action="store_true",
+            help="the views (tasks, borrow() blocks) holding the most connection-seconds, over the last "
+            "minute and since start",
+        )
+        parser.add_argument(
+            "--holders",
+            action="store_true",
+            help="the connections checked out now, fleet-wide: process, thread, view, held for how long",
+        )
+        parser.add_argument(
+            "--top",
+            type=int,
+            metavar="N",
+            help='with --views: how many views to list (default POOLED_PG["TOP_VIEWS"], 10)',
+        )
+        parser.add_argument(
             "--window",
             type=float,
             default=60.0,
@@ -247,6 +335,14 @@ class Command(BaseCommand):
         watch = options["watch"]
         if watch is not None and watch <= 0:
             raise CommandError("--watch takes a number of seconds greater than 0")
+        if options["views"] and options["holders"]:
+            raise CommandError("--views and --holders are two reports: give one of them")
+        section = "views" if options["views"] else "holders" if options["holders"] else "pools"
+        top = options["top"]
+        if top is None:
+            top = read_stats_settings().top_views
+        elif top < 1:
+            raise CommandError("--top takes a number of views of at least 1")
         terminal = self.stdout.isatty()
         try:
             while True:
@@ -256,7 +352,7 @@ class Command(BaseCommand):
                 else:
                     if watch and terminal:
                         self.stdout.write("\x1b[H\x1b[2J", ending="")  # clear the screen, cursor home
-                    self.stdout.write(render(fleet))
+                    self.stdout.write(render(fleet, section, top))
                     if watch and terminal:
                         self.stdout.write(f"\nrefreshing every {watch:g}s; Ctrl-C to stop")
                     elif watch:
