@@ -119,10 +119,11 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet() -> Iterator[Fleet]:
-    """A started :class:`Fleet`, stopped at the end (its gunicorn log printed, so pytest shows it
-    when the test failed)."""
+def running_fleet(env: dict[str, str] | None = None) -> Iterator[Fleet]:
+    """A started :class:`Fleet` (with ``env`` added to its environment), stopped at the end (its
+    gunicorn log printed, so pytest shows it when the test failed)."""
     fleet = Fleet()
+    fleet.env.update(env or {})
     try:
         fleet.start()
         yield fleet

@@ -251,3 +251,4 @@ def test_celery_worker_keeps_its_pool(site_env, redis_url, celery_db, pool, rele
     assert len(backends) < 10, backends
     for state in result["states"]:
         assert state["in_use"] == 0, state
+        assert state["counted_as"] == "catalog.tasks.pool_state", state

@@ -24,7 +24,10 @@ def pool_state():
     pool = getattr(connection, "pool", None)
     stats = pool.get_stats() if pool is not None else {}
     Product.objects.exists()
+    borrow = getattr(connection, "_borrow", None)  # (our ENGINE's record of this borrow)
     return {
         "worker": os.getpid(),
         "in_use": stats.get("pool_size", 0) - stats.get("pool_available", 0),
+        # What the per-view statistics count this task's borrow under: the task's name.
+        "counted_as": borrow.stats.name if borrow is not None else None,
     }
