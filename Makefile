@@ -61,6 +61,7 @@ bench: $(BENCH_VENV)/.done
 screenshot: $(VENV_DJ6)/.done
 	$(VENV_DJ6)/bin/python -m pytest tests/test_admin_browser.py
 	cp build/admin-status.png docs/admin-status.png
+	cp build/admin-views.png docs/admin-views.png
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)

@@ -27,12 +27,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import ROOT, WORKERS, live, running_fleet, traffic, wait_for
+from tests.servers import ROOT, WORKERS, get, live, running_fleet, traffic, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: Written under build/ (ignored by git), so `make test` changes no tracked file; `make screenshot`
 #: copies it over docs/admin-status.png, the README's picture.
 SCREENSHOT = ROOT / "build" / "admin-status.png"
+#: The views and holders tables alone (docs/admin-views.png in the README).
+VIEWS_SCREENSHOT = ROOT / "build" / "admin-views.png"
 PAGE = "/admin/django_pooled_pg/poolsnapshot/"
 ARGS = [
     "--headless",
@@ -85,7 +87,7 @@ def ensure_playwright() -> None:
 def fleet():
     ensure_chromium()
     ensure_playwright()
-    with running_fleet() as fleet:
+    with running_fleet({"POOLED_PG_POOL": '{"leak_timeout": 30}'}) as fleet:  # (stacks of holders)
         yield fleet
 
 
@@ -184,11 +186,31 @@ def test_status_page_in_chromium(fleet):
                 stop.set()
                 sneaky.close()
             time.sleep(2)  # the slow requests finish
+            # Which views held the pool, by their route names; and, during three slow requests in
+            # a transaction, the connections checked out now, with the view and where it borrowed.
+            views = page.locator("section[data-alias=default] tbody[data-rows=views] tr td:first-child")
+            names = wait_for(
+                "the views table", lambda: {"shop:three", "shop:slow"} <= set(views.all_inner_texts()) and views
+            ).all_inner_texts()
+            assert {"shop:three", "shop:product", "shop:order", "shop:slow"} <= set(names), names
+            assert not [name for name in names if name.startswith("/")], names
+            holding = [threading.Thread(target=get, args=(fleet.base + "/shop/slow/?s=8&tx=1", 30)) for _ in range(3)]
+            for thread in holding:
+                thread.start()
+            holders = page.locator("section[data-alias=default] tbody[data-rows=holders] tr")
+            wait_for("three holders on the page", lambda: holders.count() >= 3, timeout=15, every=0.5)
             page.reload()
             page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
+            cells = holders.first.locator("td").all_inner_texts()
+            assert cells[2] == "shop:slow" and cells[4] == "idle in transaction", cells
+            assert "views.py" in cells[5] and "in slow" in cells[5], cells
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert SCREENSHOT.stat().st_size > 10_000
+            tables = page.locator("section[data-alias=default] .dpp-views-and-holders")
+            tables.screenshot(path=str(VIEWS_SCREENSHOT))
+            for thread in holding:
+                thread.join()
             # The refresh line tells the time by the server's clock and zone, as "Updated" does.
             page.wait_for_function("Number(document.getElementById('dpp-status').dataset.refreshed) >= 1")
             updated = page.locator(".dpp-meta [data-k=taken_at]").inner_text()

@@ -155,8 +155,19 @@ class Holder:
     leak: bool
     stack: str
 
+    def borrowed_at(self, frames: int = 3) -> list[str]:
+        """The innermost ``frames`` lines of the stack that are the project's own code: not
+        Django's, this package's or another installed package's (all of them when none is)."""
+        lines = [line.strip() for line in self.stack.splitlines() if line.strip().startswith("File ")]
+        own = [line for line in lines if not any(part in line for part in LIBRARY_PATHS)]
+        return (own or lines)[-frames:]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "borrowed_at": self.borrowed_at()}
+
+
+#: Parts of the file names of frames that are not the project's code.
+LIBRARY_PATHS = ("/site-packages/", "/dist-packages/", "/django_pooled_pg/", "/django/", "/lib/python3")
 
 
 @dataclass

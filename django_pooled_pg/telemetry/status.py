@@ -189,10 +189,10 @@ def _views(entry: AliasFleet, top: int) -> list[dict[str, Any]]:
 def _holders(entry: AliasFleet) -> list[dict[str, Any]]:
     rows = []
     for h in entry.holders:
-        frames = [line.strip() for line in h.stack.strip().splitlines() if line.strip().startswith("File ")]
+        frames = h.borrowed_at(HOLDER_FRAMES)
         rows.append({"key": f"{h.host}:{h.pid}:{h.thread}", "stale": False, "saturated": h.leak, "cells": [
             f"{h.host}:{h.pid}", h.thread, h.view, age(h.held), h.state + (" (leak)" if h.leak else ""),
-            "\n".join(frames[-HOLDER_FRAMES:]) if frames else "–",
+            "\n".join(frames) if frames else "–",
         ]})  # fmt: skip
     return rows
 

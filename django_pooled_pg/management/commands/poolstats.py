@@ -36,6 +36,8 @@ from django_pooled_pg.settings import read_stats_settings
 from django_pooled_pg.telemetry.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
 
 EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
+#: Frames of each holder's stack that ``--holders`` prints.
+STACK_FRAMES = 6
 #: The counters shown as columns, with their headers.
 COUNTER_COLUMNS = [(c.name, c.column) for c in COUNTERS if c.column]
 
@@ -233,9 +235,11 @@ def render_holders(entry: AliasFleet) -> list[str]:
     out += table(["process", "thread", "view", "held", "session"], rows)
     for h in entry.holders:
         if h.stack:
-            out.append(f"  borrowed by {h.host}:{h.pid} {h.thread} ({h.view}) at:")
-            out += ["    " + line for line in h.stack.rstrip().splitlines()]
-    if not any(h.stack for h in entry.holders):
+            out.append(f"  {h.host}:{h.pid} {h.thread} ({h.view}) borrowed at:")
+            out += ["    " + line for line in h.borrowed_at(STACK_FRAMES)]
+    if any(h.stack for h in entry.holders):
+        out.append("  (the project's innermost frames; --json has the whole stacks)")
+    else:
         out.append("  (stacks are captured when OPTIONS['pool']['leak_timeout'] is set)")
     return out
 
