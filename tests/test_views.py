@@ -165,3 +165,18 @@ def test_the_published_row_and_prometheus_stay_bounded(pool_options):
     }
     assert len(labels) == 7 + 1, sorted(labels)
     assert OTHER in labels
+
+
+def test_top_views_setting_and_poolstats_options_are_checked():
+    from django.core.management import CommandError, call_command
+
+    from django_pooled_pg.settings import find_stats_problems
+
+    problems = find_stats_problems({"TOP_VIEWS": 0}, {})
+    assert [(p.id, p.setting) for p in problems] == [("django_pooled_pg.E012", 'POOLED_PG["TOP_VIEWS"]')]
+    assert "an integer >= 1" in str(problems[0])
+    assert find_stats_problems({"TOP_VIEWS": 3}, {}) == []
+    with pytest.raises(CommandError, match="give one of them"):
+        call_command("poolstats", "--views", "--holders")
+    with pytest.raises(CommandError, match="at least 1"):
+        call_command("poolstats", "--views", "--top", "0")
