@@ -8,5 +8,10 @@ class PooledPgConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # (registers the system checks)
+        from .settings import opentelemetry_wanted
 
         checks.log_middleware_warnings()
+        if opentelemetry_wanted():  # POOLED_PG["OPENTELEMETRY"]
+            from .opentelemetry import instrument
+
+            instrument()

@@ -336,6 +336,7 @@ STATS_DEFAULTS: dict[str, Any] = {
     "STALE_AFTER": None,  # seconds without a publication before a row is shown stale
     "PRUNE_AFTER": 300.0,  # seconds without a publication before a row is deleted
     "PUBLISH_TIMEOUT": 0.5,  # seconds a publication may wait for a connection / run its SQL
+    "OPENTELEMETRY": False,  # True: the app's ready() reports the pools to OpenTelemetry's global provider
 }
 
 
@@ -348,6 +349,7 @@ class StatsSettings:
     stale_after: float
     prune_after: float
     publish_timeout: float
+    opentelemetry: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -397,6 +399,15 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
                     f'give "{key}" {expected}.',
                 )
             )
+    if not isinstance(raw.get("OPENTELEMETRY", False), bool):
+        problems.append(
+            Problem(
+                "django_pooled_pg.E015",
+                'POOLED_PG["OPENTELEMETRY"]',
+                f"must be True or False, got {raw['OPENTELEMETRY']!r}.",
+                'give "OPENTELEMETRY" True (report the pools to OpenTelemetry) or False.',
+            )
+        )
     if "STATS_DATABASE" not in raw:
         return problems  # the default picks a suitable alias (default_stats_database)
     alias = raw["STATS_DATABASE"]
@@ -449,4 +460,14 @@ def read_stats_settings() -> StatsSettings:
         stale_after=float(stale),
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),
+        opentelemetry=merged["OPENTELEMETRY"],
     )
+
+
+def opentelemetry_wanted() -> bool:
+    """``POOLED_PG["OPENTELEMETRY"]`` is True, read leniently: the app's ``ready()`` asks, and a
+    wrong value is the system checks' to report (E015), not a crash before they run."""
+    from django.conf import settings
+
+    raw = getattr(settings, "POOLED_PG", None)
+    return isinstance(raw, Mapping) and raw.get("OPENTELEMETRY") is True

@@ -2,7 +2,8 @@
 
 psycopg_pool's own ``*_ms`` counters add whole milliseconds per event (sub-millisecond waits add
 0) and its ``usage_ms`` stays 0 under Django, which borrows with ``getconn``/``putconn``. So wait
-and hold times are measured here, in microseconds, into :class:`Histogram`: log-linear buckets
+and hold times (and the time to open a connection, off the borrow path) are measured here, in
+microseconds, into :class:`Histogram`: log-linear buckets
 (8 per power of two, so a percentile is within 12.5%) that cost an ``int.bit_length()`` and a
 list increment to record, merge across processes by adding, and publish as a short sparse dict.
 """
@@ -15,6 +16,12 @@ from typing import Any
 SUB_BITS = 3
 SUB = 1 << SUB_BITS  # buckets per power of two
 BUCKETS = 40 * SUB  # up to 2**40 us, about 12 days
+
+#: The bounds (seconds, 100 us to 30 s) of the histograms the exporters rebuild from these
+#: buckets: Prometheus's ``le`` bounds, and the bucket boundaries OpenTelemetry is advised to use.
+SECONDS_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 
 def bucket_floor(index: int) -> int:
@@ -157,7 +164,9 @@ COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
 @dataclass
 class AliasStats:
     """Everything measured for one alias in this process since it started: the counters of
-    :data:`COUNTERS` (what each means is said there) and the wait and hold histograms."""
+    :data:`COUNTERS` (what each means is said there) and the wait, hold and connect histograms
+    (``connect``: how long opening each new connection took, recorded in one place,
+    ``pool.ConnectionHealth.succeeded``, by the thread that opened it)."""
 
     borrows: int = 0
     exhausted: int = 0
@@ -178,6 +187,7 @@ class AliasStats:
     budget_given_back: int = 0
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
+    connect: Histogram = field(default_factory=Histogram)
 
     def borrowed(self, wait: float | None) -> None:
         """Count a borrow that waited ``wait`` seconds; ``None``: a borrower took back the
