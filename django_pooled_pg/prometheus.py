@@ -9,7 +9,7 @@ metrics come from the snapshots every process publishes (:func:`~django_pooled_p
 so whichever worker answers the scrape reports the whole fleet, one series per ``host`` and ``pid``
 (stale processes are left out). Values are as fresh as ``POOLED_PG["STATS_INTERVAL"]``.
 
-Wait and hold times are histograms in seconds. They are rebuilt from the package's own
+Wait, hold and connect times are histograms in seconds. They are rebuilt from the package's own
 microsecond histograms (8 buckets per power of two): a duration is counted under the first
 ``le`` bound at or above the top of its bucket, so a bucket boundary is accurate to 12.5%.
 Per view (``django_pooled_pg_view_*``, labels alias, view, host, pid): the ``TOP_VIEWS``
@@ -39,14 +39,14 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
         "django_pooled_pg.prometheus needs prometheus_client: pip install 'django-pooled-pg[prometheus]'"
     ) from exc
 
-from .pooling.stats import BUCKETS, COUNTERS, OTHER, Histogram, bucket_floor
+from .pooling.stats import BUCKETS, COUNTERS, OTHER, SECONDS_BOUNDS, Histogram, bucket_floor
 from .settings import read_stats_settings
 from .telemetry.fleet import AliasFleet, FleetStats, fleet_stats
 
 PREFIX = "django_pooled_pg"
 
 #: Histogram bounds (seconds): 100 us to 30 s.
-BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BOUNDS = SECONDS_BOUNDS
 
 GAUGES = {
     "size": "Connections in the pool (idle, in use, being opened).",
@@ -92,13 +92,16 @@ class FleetCollector:
         counters = {c.name: CounterMetricFamily(f"{PREFIX}_{c.metric}", c.help, labels=labels) for c in COUNTERS}
         wait = HistogramMetricFamily(f"{PREFIX}_wait_seconds", "Time borrowers waited for a connection.", labels=labels)
         hold = HistogramMetricFamily(f"{PREFIX}_hold_seconds", "Time borrowers held a connection.", labels=labels)
+        connect = HistogramMetricFamily(
+            f"{PREFIX}_connect_seconds", "Time the pool took to open each new connection.", labels=labels
+        )
         server = GaugeMetricFamily(
             f"{PREFIX}_server_connections",
             "Pooled connections the server reports, by state.",
             labels=["alias", "state"],
         )
         for alias in self.fleet.aliases.values():
-            self._alias(alias, gauges, counters, wait, hold, server)
+            self._alias(alias, gauges, counters, (wait, hold, connect), server)
         yield from self._views()
         capacity_max = GaugeMetricFamily(
             f"{PREFIX}_capacity_available_connections", "max_connections minus reserved slots.", labels=["server"]
@@ -117,7 +120,7 @@ class FleetCollector:
             capacity_over.add_metric([capacity.server], int(capacity.over))
         yield from gauges.values()
         yield from counters.values()
-        yield from (wait, hold, server, capacity_max, capacity_fleet, capacity_over)
+        yield from (wait, hold, connect, server, capacity_max, capacity_fleet, capacity_over)
 
     def _views(self) -> Iterator[Any]:
         labels = ["alias", "view", "host", "pid"]
@@ -143,7 +146,8 @@ class FleetCollector:
         yield from families.values()
 
     @staticmethod
-    def _alias(alias: AliasFleet, gauges: dict, counters: dict, wait: Any, hold: Any, server: Any) -> None:
+    def _alias(alias: AliasFleet, gauges: dict, counters: dict, times: tuple[Any, Any, Any], server: Any) -> None:
+        wait, hold, connect = times
         for process in alias.live:
             s = process.snapshot
             values = [alias.alias, s.host, str(s.pid)]
@@ -151,7 +155,7 @@ class FleetCollector:
                 family.add_metric(values, getattr(s, name))
             for key, family in counters.items():
                 family.add_metric(values, s.counters.get(key, 0))
-            for family, data in ((wait, s.wait), (hold, s.hold)):
+            for family, data in ((wait, s.wait), (hold, s.hold), (connect, s.connect)):
                 buckets, total = histogram_buckets(data)
                 family.add_metric(values, buckets, total)
         if alias.server_view is not None:

@@ -337,6 +337,7 @@ STATS_DEFAULTS: dict[str, Any] = {
     "PRUNE_AFTER": 300.0,  # seconds without a publication before a row is deleted
     "PUBLISH_TIMEOUT": 0.5,  # seconds a publication may wait for a connection / run its SQL
     "TOP_VIEWS": 10,  # views listed by name (poolstats --views, admin page, Prometheus); the rest: "other"
+    "OPENTELEMETRY": False,  # True: the app's ready() reports the pools to OpenTelemetry's global provider
 }
 
 
@@ -350,6 +351,7 @@ class StatsSettings:
     prune_after: float
     publish_timeout: float
     top_views: int = 10
+    opentelemetry: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -400,6 +402,15 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
                     f'give "{key}" {expected}.',
                 )
             )
+    if not isinstance(raw.get("OPENTELEMETRY", False), bool):
+        problems.append(
+            Problem(
+                "django_pooled_pg.E015",
+                'POOLED_PG["OPENTELEMETRY"]',
+                f"must be True or False, got {raw['OPENTELEMETRY']!r}.",
+                'give "OPENTELEMETRY" True (report the pools to OpenTelemetry) or False.',
+            )
+        )
     if "STATS_DATABASE" not in raw:
         return problems  # the default picks a suitable alias (default_stats_database)
     alias = raw["STATS_DATABASE"]
@@ -453,4 +464,14 @@ def read_stats_settings() -> StatsSettings:
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),
         top_views=int(merged["TOP_VIEWS"]),
+        opentelemetry=merged["OPENTELEMETRY"],
     )
+
+
+def opentelemetry_wanted() -> bool:
+    """``POOLED_PG["OPENTELEMETRY"]`` is True, read leniently: the app's ``ready()`` asks, and a
+    wrong value is the system checks' to report (E015), not a crash before they run."""
+    from django.conf import settings
+
+    raw = getattr(settings, "POOLED_PG", None)
+    return isinstance(raw, Mapping) and raw.get("OPENTELEMETRY") is True

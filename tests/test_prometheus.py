@@ -70,6 +70,10 @@ def test_metrics_cover_every_process_with_conventional_names_and_types():
     assert sorted(b.value for b in inf) == sorted(c.value for c in counts)
     hold = families["django_pooled_pg_hold_seconds"]
     assert hold.type == "histogram"
+    connect = families["django_pooled_pg_connect_seconds"]  # each process opened one at least
+    assert connect.type == "histogram"
+    opened = [s for s in connect.samples if s.labels["alias"] == "default" and s.name.endswith("_count")]
+    assert len(opened) == 2 and all(c.value >= 1 for c in opened), opened
 
 
 def test_histogram_buckets_are_cumulative_and_round_up():

@@ -5,6 +5,7 @@ the pool keeps on each of its connections, declared once (:class:`PoolState`), a
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from psycopg import Connection
@@ -59,7 +60,8 @@ def health_tracking(
     base: type[Connection[Any]], health: ConnectionHealth, pipelined: bool = True, budget: FleetBudget | None = None
 ) -> type[Any]:
     """A subclass of ``base`` with the pool's state, whose ``connect()`` reports to ``health``
-    and, with a fleet budget, lets the new connection in only if the budget has room for it
+    (with the time libpq took to open the connection: the server's TCP/TLS handshake,
+    authentication and start-up; not the budget's admission nor the session set-up after) and, with a fleet budget, lets the new connection in only if the budget has room for it
     (:meth:`.budget.FleetBudget.admit`: before the pool's ``configure`` and Django's
     ``connection_created`` run on it). psycopg_pool opens every connection through
     ``connection_class.connect``."""
@@ -75,12 +77,13 @@ def health_tracking(
 
         @classmethod
         def _connect_tracked(cls, *args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
             try:
                 conn = super().connect(*args, **kwargs)
             except Exception as exc:
                 health.failed(exc)
                 raise
-            health.succeeded()
+            health.succeeded(time.monotonic() - started)
             return conn
 
     HealthTrackingConnection.__qualname__ = f"HealthTracking{base.__name__}"

@@ -92,9 +92,12 @@ class ConnectionHealth:
         self.failed_at = time.monotonic()
         self.stats.failed += 1
 
-    def succeeded(self) -> None:
+    def succeeded(self, seconds: float) -> None:
+        """A connection opened in ``seconds``: counted, and its time recorded (the one place of
+        both; a connection is opened by psycopg_pool's worker or a probe, never by a borrower)."""
         self.succeeded_at = time.monotonic()
         self.stats.opened += 1
+        self.stats.connect.record(seconds)
 
 
 class Pool(ConnectionPool[PooledConnection]):

@@ -2,7 +2,8 @@
 
 psycopg_pool's own ``*_ms`` counters add whole milliseconds per event (sub-millisecond waits add
 0) and its ``usage_ms`` stays 0 under Django, which borrows with ``getconn``/``putconn``. So wait
-and hold times are measured here, in microseconds, into :class:`Histogram`: log-linear buckets
+and hold times (and the time to open a connection, off the borrow path) are measured here, in
+microseconds, into :class:`Histogram`: log-linear buckets
 (8 per power of two, so a percentile is within 12.5%) that cost an ``int.bit_length()`` and a
 list increment to record, merge across processes by adding, and publish as a short sparse dict.
 
@@ -22,6 +23,12 @@ from typing import Any
 SUB_BITS = 3
 SUB = 1 << SUB_BITS  # buckets per power of two
 BUCKETS = 40 * SUB  # up to 2**40 us, about 12 days
+
+#: The bounds (seconds, 100 us to 30 s) of the histograms the exporters rebuild from these
+#: buckets: Prometheus's ``le`` bounds, and the bucket boundaries OpenTelemetry is advised to use.
+SECONDS_BOUNDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 
 
 def bucket_floor(index: int) -> int:
@@ -207,8 +214,10 @@ class ViewStats:
 @dataclass
 class AliasStats:
     """Everything measured for one alias in this process since it started: the counters of
-    :data:`COUNTERS` (what each means is said there), and per view the wait and hold histograms,
-    rollbacks and 503s, whose sums are the alias's."""
+    :data:`COUNTERS` (what each means is said there), per view the wait and hold histograms,
+    rollbacks and 503s, whose sums are the alias's, and the connect histogram (how long opening
+    each new connection took, recorded in one place, ``pool.ConnectionHealth.succeeded``, by the
+    thread that opened it)."""
 
     borrows: int = 0
     exhausted: int = 0
@@ -227,6 +236,7 @@ class AliasStats:
     budget_given_back: int = 0
     #: View name (None: outside requests) -> its measurements; see :meth:`view`.
     views: dict[str | None, ViewStats] = field(default_factory=dict)
+    connect: Histogram = field(default_factory=Histogram)
 
     def view(self, name: str | None) -> ViewStats:
         """The measurements of view ``name``, made at its first borrow. The borrow path asks

@@ -3,8 +3,8 @@
 A :class:`PoolSnapshot` is one row per process and alias: the pool's size right now (from
 psycopg_pool's ``get_stats()``: size, idle, waiting; in use from the ledger), the counters this
 package records on the borrow path (:class:`~django_pooled_pg.pooling.stats.AliasStats`), psycopg_pool's
-count of connections its checks found dead (``connections_lost``), and the wait and hold
-histograms. Building one reads counters that the borrow path updates without a lock; a value may
+count of connections its checks found dead (``connections_lost``), and the wait, hold and
+connect histograms. Building one reads counters that the borrow path updates without a lock; a value may
 be one borrow behind, which is fine for statistics, and the hot path pays nothing for it.
 """
 
@@ -88,6 +88,7 @@ class PoolSnapshot:
     last_increase: dict[str, float] = field(default_factory=dict)
     wait: dict[str, Any] = field(default_factory=dict)  # Histogram.to_dict()
     hold: dict[str, Any] = field(default_factory=dict)
+    connect: dict[str, Any] = field(default_factory=dict)  # time to open each new connection
     #: Per view (route name, ``module.function``, task, ``borrow()`` block): ViewStats.to_dict()
     #: plus ``recent``: [borrows, hold_us] over the last ``recent_seconds`` (a minute, or since
     #: the process started). The top :data:`PUBLISHED_VIEWS` by hold over each span; the rest
@@ -154,7 +155,7 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
             counters=counters, last_increase=last_increase,
             fleet_max_size=pool.budget.size or 0 if pool.budget else 0,
             fleet_seen=list(pool.budget.seen) if pool.budget else [],
-            wait=stats.wait.to_dict(), hold=stats.hold.to_dict(),
+            wait=stats.wait.to_dict(), hold=stats.hold.to_dict(), connect=stats.connect.to_dict(),
             views=views, recent_seconds=recent_seconds,
             holders=holders_of(in_alias, time.monotonic()),
         ))  # fmt: skip
