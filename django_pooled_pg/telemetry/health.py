@@ -48,6 +48,7 @@ client ~150 us; a refreshed probe adds ~100 us (a TCP connect on localhost).
 from __future__ import annotations
 
 import math
+import re
 import socket
 import threading
 import time
@@ -274,12 +275,17 @@ def server_addresses(params: dict[str, Any]) -> list[tuple[int, Any]]:
 
 
 def error_words(exc: BaseException | None) -> str:
-    """What went wrong, without the server's address (a psycopg error's first line names it):
-    the SQLSTATE when the server sent one, else the end of the first line ("Connection refused")."""
+    """What went wrong, without the server's address (a psycopg error's first line names it) or
+    the names the server quotes (database, user): the SQLSTATE when the server sent one, else
+    the end of the first line, e.g. ``database "..." does not exist``, ``Connection refused``."""
     if exc is None:
         return "unknown error"
     sqlstate = getattr(exc, "sqlstate", None)
     if sqlstate:
         return f"{type(exc).__name__}, SQLSTATE {sqlstate}"
-    words = describe_error(exc).rsplit(": ", 1)[-1].strip()
-    return words or type(exc).__name__
+    words = describe_error(exc).rsplit("failed: ", 1)[-1].removeprefix("FATAL:").strip()
+    return QUOTED.sub('"..."', words) or type(exc).__name__
+
+
+#: A name in a server's message (``database "shop"``, ``user "app"``).
+QUOTED = re.compile(r'"[^"]*"')
