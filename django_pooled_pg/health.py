@@ -34,7 +34,7 @@ def ready(request: HttpRequest) -> HttpResponse:
         # Django logs every 5xx as an ERROR of django.request: one line per poll of each load
         # balancer for as long as an outage lasts, burying the pool's own warnings (which say
         # it once). Django's own flag for "logged already" (django.utils.log.log_response).
-        response._has_been_logged = True  # type: ignore[attr-defined]
+        response._has_been_logged = True
     return response
 
 
