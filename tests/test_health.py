@@ -117,13 +117,16 @@ def test_a_stopped_server_without_traffic_makes_it_503_and_back(pool_options, se
 @MODES
 def test_a_failing_pool_recovers_without_traffic(pool_options, server, release):
     """Requests while the server is down leave the pool failing; once it is back, the checks
-    alone (a process out of the load balancer gets no traffic) bring it back to 200."""
+    alone (a process out of the load balancer gets no traffic) bring it back to 200. The outage
+    outlasts reconnect_timeout, so psycopg_pool has stopped retrying (as after 5 minutes by
+    default): only the check's attempt can bring the pool back."""
     server.stop()
     try:
         registry.close_all()
-        pool_options(min_size=1, max_size=4, timeout=3, release=release)
+        pool_options(min_size=1, max_size=4, timeout=3, release=release, reconnect_timeout=0.5)
         assert Client(raise_request_exception=False).get("/query/").status_code == 503
         assert registry.get("default").health.failing
+        time.sleep(1.5)  # psycopg_pool gives up (reconnect_failed) after its first retry
         body, _ = wait_status(ready, 503, within=3)
         assert body["aliases"]["default"]["state"] == "unreachable"
     finally:
