@@ -24,6 +24,7 @@ from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import HEALTH_DEFAULTS, find_stats_problems, read_health_settings
 from django_pooled_pg.telemetry import health
+from tests.conftest import plain_connection
 from tests.servers import Fleet
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -385,6 +386,13 @@ def test_cost_per_call(pool_options):
         assert health.reach("default", registry.get("default"), settings.probe_timeout) is None
         fresh.append(time.perf_counter() - started)
         time.sleep(0.05)
+    sessions = []
+    for _ in range(10):  # what the probe would cost as a session outside the pool instead
+        started = time.perf_counter()
+        plain_connection().close()
+        sessions.append(time.perf_counter() - started)
+        time.sleep(0.05)
+    figure("a session outside the pool (connect + close, median)", statistics.median(sessions) * 1e6)
     figure("readiness() with a cached probe, 3 aliases", verdict * 1e6)
     figure("GET /ready/ through the test client", request * 1e6)
     figure("a fresh probe (TCP connect + close, median)", statistics.median(fresh) * 1e6)
