@@ -19,8 +19,8 @@ must reach the server even without traffic; the choices were:
 * a session outside the pool (``telemetry/outside.py``): the most honest (it also sees a wrong
   password, "too many clients", a server starting up), but each one costs a backend start
   (3-8 ms to connect and close here, 12-30x the TCP probe, and a ``max_connections`` slot for
-  that time), counts against the fleet budget, and may be *refused by the budget* exactly when the fleet is busy, which is not
-  the database failing;
+  that time), counts against the fleet budget, and may be *refused by the budget* exactly when
+  the fleet is busy, which is not the database failing;
 * a poll of the idle connections' sockets (``Pool.usable()``'s trick, 1 us each): free, but it
   sees nothing when no connection is idle, mistakes one killed session for a dead server, and
   never notices a host that went silent (no FIN);
@@ -36,7 +36,8 @@ refuses sessions: a bad password, "too many clients", recovery) the pool's own a
 they are what borrowers meet: ``Pool.health.failing``. A failing pool gets one attempt from the
 check per probe interval (``Pool.probe()``, the borrowers' own recovery, which adds the
 connection to the pool when it works): without it, a process declared not ready gets no traffic,
-so nothing would try again until psycopg_pool's back-off (up to minutes) and it would stay out.
+so nothing would try again but psycopg_pool's retries, whose back-off doubles and which stop
+after ``reconnect_timeout`` (5 minutes by default), and it would stay out.
 
 Never a pool slot: nothing here borrows or waits in a pool's queue; ``Pool.get_stats()`` reads
 counters without its lock. So the check answers at once from a pool whose every connection is
