@@ -341,6 +341,25 @@ STATS_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: ``settings.POOLED_PG`` keys of the readiness check (``django_pooled_pg.health``, the
+#: django-health-check backend), their defaults and meaning. ``HEALTH_PROBE_INTERVAL`` None turns
+#: the server probe off: only the pools' own connection attempts tell then.
+HEALTH_DEFAULTS: dict[str, Any] = {
+    "HEALTH_SATURATED_AFTER": 5.0,  # seconds a pool may have borrowers waiting at max_size and stay ready
+    "HEALTH_PROBE_INTERVAL": 2.0,  # seconds between two probes of each alias's server, per process
+    "HEALTH_PROBE_TIMEOUT": 1.0,  # seconds a probe may take to reach the server
+}
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """The validated readiness settings of ``settings.POOLED_PG``."""
+
+    saturated_after: float
+    probe_interval: float | None
+    probe_timeout: float
+
+
 @dataclass(frozen=True)
 class StatsSettings:
     """The validated ``settings.POOLED_PG``."""
@@ -372,16 +391,17 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
             )
         ]
     problems: list[Problem] = []
+    known = {**STATS_DEFAULTS, **HEALTH_DEFAULTS}
     for key in raw:
-        if key not in STATS_DEFAULTS:
-            close = difflib.get_close_matches(str(key), STATS_DEFAULTS, n=1)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f'did you mean "{close[0]}"? ' if close else ""
             problems.append(
                 Problem(
                     "django_pooled_pg.E011",
                     f'POOLED_PG["{key}"]',
                     "is not a POOLED_PG setting.",
-                    f"{hint}Valid settings: {', '.join(STATS_DEFAULTS)}.",
+                    f"{hint}Valid settings: {', '.join(known)}.",
                 )
             )
     numbers = {
@@ -390,6 +410,9 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
         "PRUNE_AFTER": (_number(0), False),
         "PUBLISH_TIMEOUT": (_number(0), False),
         "TOP_VIEWS": (_integer(1), False),
+        "HEALTH_SATURATED_AFTER": (_number(0, strict=False), False),
+        "HEALTH_PROBE_INTERVAL": (_number(0), True),
+        "HEALTH_PROBE_TIMEOUT": (_number(0), False),
     }
     for key, (spec, none_ok) in numbers.items():
         if key in raw and not ((none_ok and raw[key] is None) or spec.check(raw[key])):
@@ -475,3 +498,22 @@ def opentelemetry_wanted() -> bool:
 
     raw = getattr(settings, "POOLED_PG", None)
     return isinstance(raw, Mapping) and raw.get("OPENTELEMETRY") is True
+
+
+def read_health_settings() -> HealthSettings:
+    """The readiness settings of ``settings.POOLED_PG``, or :class:`ImproperlyConfigured` listing
+    every problem of ``POOLED_PG`` (the same words as ``manage.py check``)."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    raw = getattr(settings, "POOLED_PG", None)
+    problems = find_stats_problems(raw, settings.DATABASES)
+    if problems:
+        raise ImproperlyConfigured("\n".join(str(p) for p in problems))
+    merged = {**HEALTH_DEFAULTS, **(raw or {})}
+    interval = merged["HEALTH_PROBE_INTERVAL"]
+    return HealthSettings(
+        saturated_after=float(merged["HEALTH_SATURATED_AFTER"]),
+        probe_interval=None if interval is None else float(interval),
+        probe_timeout=float(merged["HEALTH_PROBE_TIMEOUT"]),
+    )

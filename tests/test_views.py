@@ -180,3 +180,15 @@ def test_top_views_setting_and_poolstats_options_are_checked():
         call_command("poolstats", "--views", "--holders")
     with pytest.raises(CommandError, match="at least 1"):
         call_command("poolstats", "--views", "--top", "0")
+
+
+def test_the_readiness_view_is_not_in_the_view_statistics(pool_options):
+    """Polled every second by every load balancer, it borrows nothing, so it never shows up."""
+    pool_options(min_size=1, max_size=2, timeout=5)
+    client = Client()
+    assert client.get("/query/").status_code == 200
+    for _ in range(20):
+        assert client.get("/ready/").status_code == 200
+    names = set(views())
+    assert "tests.app.views.query" in names
+    assert not [name for name in names if "ready" in name], names

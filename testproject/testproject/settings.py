@@ -85,6 +85,8 @@ POOLED_PG = {
     "STATS_INTERVAL": float(os.environ.get("POOLED_PG_STATS_INTERVAL", "5")),
     "STALE_AFTER": float(os.environ["POOLED_PG_STALE_AFTER"]) if "POOLED_PG_STALE_AFTER" in os.environ else None,
     "PRUNE_AFTER": float(os.environ.get("POOLED_PG_PRUNE_AFTER", "300")),
+    # The readiness view (/ready/): how often each process probes the server.
+    "HEALTH_PROBE_INTERVAL": float(os.environ.get("POOLED_PG_HEALTH_PROBE_INTERVAL", "2")),
 }
 
 ROOT_URLCONF = "testproject.urls"

@@ -23,7 +23,15 @@ urlpatterns = [
     path("timeout-then-lost/", views.timeout_then_lost),
     path("sleep-query/", views.sleep_query),
     path("admin/", admin.site.urls),  # the pool status page
+    path("ready/", include("django_pooled_pg.health")),  # tests/test_health.py
 ]
 
 if importlib.util.find_spec("prometheus_client"):  # the [prometheus] extra
     urlpatterns.append(path("metrics/", include("django_pooled_pg.prometheus")))
+
+if importlib.util.find_spec("health_check"):  # the [healthcheck] extra
+    from health_check.views import HealthCheckView
+
+    urlpatterns.append(
+        path("ht/", HealthCheckView.as_view(checks=["django_pooled_pg.contrib.health_check.PoolHealthCheck"]))
+    )
