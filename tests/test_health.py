@@ -78,7 +78,10 @@ def test_ready_names_each_alias_and_no_secret():
     assert status == 200, body
     assert body["status"] == "ready"
     assert set(body["aliases"]) == {"default", "other", "replica"}
-    assert body["aliases"]["other"] == {"ready": True, "state": "no pool", "server": "reachable"}
+    # (another test of the session may have opened a pool of "other": then it reports that pool)
+    other = body["aliases"]["other"]
+    assert other["ready"] is True and other["server"] == "reachable", other
+    assert other["state"] in ("no pool", "ok") and ("pool" in other) == (other["state"] == "ok"), other
     params = connections["default"].settings_dict
     text = json.dumps(body)
     for secret in (params["HOST"], params["PORT"], params["NAME"], params["USER"]):
@@ -104,7 +107,7 @@ def test_a_stopped_server_without_traffic_makes_it_503_and_back(pool_options, se
         assert body["status"] == "unavailable"
         default = body["aliases"]["default"]
         assert default["state"] == "unreachable" and not default["ready"], body
-        assert body["reason"].startswith("default: server unreachable (Connection refused)"), body
+        assert "default: server unreachable (Connection refused)" in body["reason"].split("; "), body
         assert body["aliases"]["other"]["state"] == "unreachable"
         print(json.dumps(body))
     finally:
