@@ -83,11 +83,12 @@ def test_views_ranked_by_connection_seconds_and_holders_listed(fleet):
     recent = [v["view"] for v in data["by_recent"] if v["view"] in SENT]
     assert recent == [SLOW, THREE, PRODUCT]
 
-    report = fleet.manage("poolstats", "--views").stdout
+    wide = {**fleet.env, "COLUMNS": "150"}  # (one block of columns: the README shows this output)
+    report = fleet.manage("poolstats", "--views", env=wide).stdout
     print(report)
     lines = report.splitlines()
     since = lines.index("  since start:")
-    block = lines[since + 2 : lines.index("", since)]  # (the first block of columns)
+    block = lines[since + 2 : lines.index("", since)]
     rows = [line.split()[0] for line in block if line.split()[0] in SENT]
     assert rows == [SLOW, THREE, PRODUCT], report
 
@@ -103,7 +104,7 @@ def test_views_ranked_by_connection_seconds_and_holders_listed(fleet):
 
     try:
         holders = wait_for("the burst's connections published as held", slow_holders, timeout=3.5, every=0.1)
-        report = fleet.manage("poolstats", "--holders").stdout
+        report = fleet.manage("poolstats", "--holders", env=wide).stdout
     finally:
         for thread in burst:
             thread.join()
