@@ -31,6 +31,21 @@ SECONDS_BOUNDS = (
 )  # fmt: skip
 
 
+def _bucket(us: int) -> int:
+    """The bucket of ``us`` microseconds (see :meth:`Histogram.record`)."""
+    if us < SUB:
+        return max(us, 0)
+    exponent = us.bit_length() - 1
+    return (exponent - SUB_BITS + 1) * SUB + ((us >> (exponent - SUB_BITS)) - SUB)
+
+
+#: The bucket of every duration below 4 ms, looked up instead of computed: most holds of a
+#: statement and most waits are that short, and the lookup takes 65 ns off a record() of about
+#: 210 ns (Python 3.11). 32 KB.
+SMALL = 1 << 12
+SMALL_BUCKETS = [_bucket(us) for us in range(SMALL)]
+
+
 def bucket_floor(index: int) -> int:
     """The smallest value (us) that falls in bucket ``index`` (see :meth:`Histogram.record`)."""
     if index < SUB:
@@ -52,10 +67,10 @@ class Histogram:
 
     def record(self, seconds: float) -> None:
         us = int(seconds * 1_000_000)
-        # The bucket (values below 8 us have a bucket each), computed here rather than in a
-        # function of its own: this runs twice per borrow. bucket_floor() is its inverse.
-        if us < SUB:
-            index = max(us, 0)
+        # The bucket (values below 8 us have a bucket each): _bucket(us), looked up or computed
+        # here rather than called: this runs twice per borrow. bucket_floor() is its inverse.
+        if us < SMALL:
+            index = SMALL_BUCKETS[us] if us > 0 else 0
         elif us < 1 << 40:
             exponent = us.bit_length() - 1
             index = (exponent - SUB_BITS + 1) * SUB + ((us >> (exponent - SUB_BITS)) - SUB)
