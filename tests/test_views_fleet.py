@@ -25,6 +25,7 @@ SLOW, THREE, PRODUCT = "shop:slow", "shop:three", "shop:product"
 #: except inside the slow view's transaction, which holds one connection through its sleep).
 SENT = {SLOW: 10, THREE: 60, PRODUCT: 20}
 STATEMENTS = {SLOW: 1, THREE: 3, PRODUCT: 1}
+BURST = 4
 PATHS = {SLOW: "/shop/slow/?s=0.3&tx=1", THREE: "/shop/three/", PRODUCT: "/shop/product/1/"}
 
 
@@ -94,14 +95,15 @@ def test_views_ranked_by_connection_seconds_and_holders_listed(fleet):
 
     # --holders during a burst of slow requests: each is listed, with its view, its open
     # transaction and where it borrowed.
-    # (10 s requests: each poolstats run is a process of its own, over a second on a loaded machine)
-    burst = [threading.Thread(target=get, args=(fleet.base + "/shop/slow/?s=10&tx=1", 40)) for _ in range(6)]
+    # (10 s requests: each poolstats run is a process of its own, over a second on a loaded
+    # machine. 4: gunicorn may hand them all to one worker, whose max_size is 4.)
+    burst = [threading.Thread(target=get, args=(fleet.base + "/shop/slow/?s=10&tx=1", 40)) for _ in range(BURST)]
     for thread in burst:
         thread.start()
 
     def slow_holders() -> list[dict] | None:
         found = [h for h in fleet.poolstats()["aliases"]["default"]["holders"] if h["view"] == SLOW]
-        return found if len(found) >= 6 and all(h["held"] >= 0.5 for h in found) else None
+        return found if len(found) >= BURST and all(h["held"] >= 0.5 for h in found) else None
 
     try:
         holders = wait_for("the burst's connections published as held", slow_holders, timeout=8, every=0.1)
@@ -110,7 +112,7 @@ def test_views_ranked_by_connection_seconds_and_holders_listed(fleet):
         for thread in burst:
             thread.join()
     print(report)
-    assert len(holders) == 6, holders
+    assert len(holders) == BURST, holders
     assert all(h["state"] == "idle in transaction" for h in holders), holders
     assert all("views.py" in h["stack"] and "in slow" in h["stack"] for h in holders), holders[0]["stack"]
-    assert report.count(SLOW) >= 6 + 6, report  # a row and a stack heading each
+    assert report.count(SLOW) >= 2 * BURST, report  # a row and a stack heading each
