@@ -104,11 +104,20 @@ class PoolMiddleware:
         finally:
             current_view.reset(view_token)
         if getattr(response, "streaming", False):
-            # Given back when the server closes the response, after the last chunk.
+            # Given back when the server closes the response, after the last chunk; what the
+            # server's iteration borrows is the view's (see _streamed).
             response._resource_closers.append(lambda: release_connections(self.view_name(request), held))
+            self._streamed(request, response)
         else:
             release_connections(self.view_name(request), held)
         return response
+
+    def _streamed(self, request: HttpRequest, response: HttpResponseBase) -> None:
+        """A streaming response's content runs its queries as the server iterates it, after this
+        middleware returned, in this thread's (or task's) context: name the view there until the
+        response is closed, so that those borrows are counted under it."""
+        current_view.set(self.view_name(request))
+        response._resource_closers.append(lambda: current_view.set(None))
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         token = pool_error.set(None)
@@ -123,6 +132,7 @@ class PoolMiddleware:
         view = self.view_name(request)
         if getattr(response, "streaming", False):
             response._resource_closers.append(lambda: release_connections(view, held))
+            self._streamed(request, response)
         else:
             # The ORM ran on this request's thread-sensitive executor thread: give back there.
             await sync_to_async(release_connections, thread_sensitive=True)(view, held)

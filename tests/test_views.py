@@ -142,10 +142,18 @@ def test_borrows_before_the_view_are_not_counted_per_path(pool_options):
     assert "/some/path/42/" not in views()
 
 
-def test_the_published_row_and_prometheus_stay_bounded(pool_options):
+def forget_generated_views() -> None:
+    """(The process keeps MAX_VIEWS views apart: later tests' views must not become "other".)"""
+    stats = ledger.stats_for("default")
+    for name in [name for name in stats.views if name and name.startswith("generated-view-")]:
+        del stats.views[name]
+
+
+def test_the_published_row_and_prometheus_stay_bounded(pool_options, request):
     """500 distinct views: a process's row names at most 2 x PUBLISHED_VIEWS of them (the rest
     summed as "other"), and Prometheus exports TOP_VIEWS + 1 view labels."""
     pool_options(min_size=1, max_size=2, timeout=5)
+    request.addfinalizer(forget_generated_views)
     for i in range(500):
         with borrow(name=f"generated-view-{i:03d}"):
             Item.objects.count()
@@ -192,3 +200,19 @@ def test_the_readiness_view_is_not_in_the_view_statistics(pool_options):
     names = set(views())
     assert "tests.app.views.query" in names
     assert not [name for name in names if "ready" in name], names
+
+
+def test_streaming_and_async_views_are_counted_under_their_names(release):
+    """A streaming response queries as the server iterates it, after the middleware returned; an
+    async view's ORM calls run in a worker thread: both are still the view's."""
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient
+
+    before = held("tests.app.views.stream")[0], held("tests.app.views.async_view")[0]
+    response = Client().get("/stream/")
+    assert b"".join(response.streaming_content) == b"0,0\n1,0\n2,0\n"
+    response.close()
+    assert async_to_sync(AsyncClient().get)("/async/").status_code == 200
+    after = held("tests.app.views.stream")[0], held("tests.app.views.async_view")[0]
+    assert after[0] > before[0] and after[1] > before[1], (before, after, sorted(views()))
+    assert current_view.get() is None
