@@ -27,9 +27,6 @@ from .api import held_connections, release_connections
 from .errors import DatabaseUnavailable, PoolError, pool_error
 from .pooling.ledger import current_view, ledger
 
-#: view function -> its name for reports (``module.qualname``), made once per view.
-_view_names: dict[Any, str] = {}
-
 
 def service_unavailable(error: PoolError) -> HttpResponse:
     response = HttpResponse(
@@ -68,14 +65,10 @@ def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
 
 
 def _view_name(view_func: Any) -> str:
+    """``module.qualname`` of a view, for a ``process_view`` called without Django's handler
+    (which sets ``request.resolver_match`` first)."""
     name = getattr(view_func, "__qualname__", None) or type(view_func).__qualname__
-    view = f"{getattr(view_func, '__module__', '')}.{name}"
-    try:
-        if len(_view_names) < 10_000:  # (views made per request would grow it forever)
-            _view_names[view_func] = view
-    except TypeError:
-        pass
-    return view
+    return f"{getattr(view_func, '__module__', '')}.{name}"
 
 
 class PoolMiddleware:
@@ -146,11 +139,8 @@ class PoolMiddleware:
         match = getattr(request, "resolver_match", None)
         if match is not None:
             view = match.view_name
-        else:  # (a process_view called without Django's handler)
-            try:
-                view = _view_names[view_func]
-            except (KeyError, TypeError):  # (TypeError: an unhashable callable)
-                view = _view_name(view_func)
+        else:
+            view = _view_name(view_func)
         request._pooled_pg_view = view
         current_view.set(view)
         ledger.name_view(view)  # what middleware borrowed before (request mode) is the view's

@@ -130,8 +130,7 @@ class FleetCollector:
         }
         top = read_stats_settings().top_views
         for alias in self.fleet.aliases.values():
-            named = {v.name for v in alias.top_views(recent=False) if v.name != OTHER}
-            named = set([name for name in (v.name for v in alias.top_views(recent=False)) if name in named][:top])
+            named = set([v.name for v in alias.top_views(recent=False) if v.name != OTHER][:top])
             for process in alias.live:
                 sums: dict[str, list[float]] = {}
                 for name, data in process.snapshot.views.items():

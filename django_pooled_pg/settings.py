@@ -370,7 +370,6 @@ class StatsSettings:
     prune_after: float
     publish_timeout: float
     top_views: int = 10
-    opentelemetry: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -464,8 +463,9 @@ def default_stats_database(databases: Mapping[str, Any]) -> str:
     return "default" if "default" in ours or not ours else ours[0]
 
 
-def read_stats_settings() -> StatsSettings:
-    """``settings.POOLED_PG`` validated, or :class:`ImproperlyConfigured` listing every problem."""
+def _checked_pooled_pg() -> Mapping[str, Any]:
+    """``settings.POOLED_PG`` ({} when unset), or :class:`ImproperlyConfigured` listing every
+    problem (the same words as ``manage.py check``)."""
     from django.conf import settings
     from django.core.exceptions import ImproperlyConfigured
 
@@ -473,21 +473,26 @@ def read_stats_settings() -> StatsSettings:
     problems = find_stats_problems(raw, settings.DATABASES)
     if problems:
         raise ImproperlyConfigured("\n".join(str(p) for p in problems))
-    merged = {**STATS_DEFAULTS, **(raw or {})}
+    return raw or {}
+
+
+def read_stats_settings() -> StatsSettings:
+    """``settings.POOLED_PG`` validated, or :class:`ImproperlyConfigured` listing every problem."""
+    from django.conf import settings
+
+    raw = _checked_pooled_pg()
+    merged = {**STATS_DEFAULTS, **raw}
     interval = float(merged["STATS_INTERVAL"]) if merged["STATS_INTERVAL"] else None
     stale = merged["STALE_AFTER"]
     if stale is None:
         stale = 3 * (interval or STATS_DEFAULTS["STATS_INTERVAL"])
     return StatsSettings(
         interval=interval,
-        database=merged["STATS_DATABASE"]
-        if "STATS_DATABASE" in (raw or {})
-        else default_stats_database(settings.DATABASES),
+        database=merged["STATS_DATABASE"] if "STATS_DATABASE" in raw else default_stats_database(settings.DATABASES),
         stale_after=float(stale),
         prune_after=float(merged["PRUNE_AFTER"]),
         publish_timeout=float(merged["PUBLISH_TIMEOUT"]),
         top_views=int(merged["TOP_VIEWS"]),
-        opentelemetry=merged["OPENTELEMETRY"],
     )
 
 
@@ -502,15 +507,8 @@ def opentelemetry_wanted() -> bool:
 
 def read_health_settings() -> HealthSettings:
     """The readiness settings of ``settings.POOLED_PG``, or :class:`ImproperlyConfigured` listing
-    every problem of ``POOLED_PG`` (the same words as ``manage.py check``)."""
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-
-    raw = getattr(settings, "POOLED_PG", None)
-    problems = find_stats_problems(raw, settings.DATABASES)
-    if problems:
-        raise ImproperlyConfigured("\n".join(str(p) for p in problems))
-    merged = {**HEALTH_DEFAULTS, **(raw or {})}
+    every problem of ``POOLED_PG``."""
+    merged = {**HEALTH_DEFAULTS, **_checked_pooled_pg()}
     interval = merged["HEALTH_PROBE_INTERVAL"]
     return HealthSettings(
         saturated_after=float(merged["HEALTH_SATURATED_AFTER"]),

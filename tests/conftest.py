@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import psycopg
@@ -172,3 +173,15 @@ def pool_is_whole_after(request):
                 break
             time.sleep(0.05)
     assert stuck == 0, "a backend was left idle in transaction"
+
+
+def per_call(fn, n: int) -> float:
+    """Seconds per call of ``fn``: the median of 5 rounds of ``n`` calls (for the cost figures
+    some tests print; wall clock, so never asserted tightly)."""
+    rounds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - started) / n)
+    return statistics.median(rounds)

@@ -5,7 +5,6 @@ max_connections taken by others. Nothing reaches the user but fast 503s."""
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import threading
 import time
@@ -19,7 +18,7 @@ from django.test import Client
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
-from tests.conftest import pool_in_use
+from tests.conftest import per_call, pool_in_use
 from tests.tcpproxy import SilentProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -166,15 +165,6 @@ def test_liveness_check_costs_a_poll_not_a_round_trip(pool_options):
     pool = registry.get("default")
     conn = pool.getconn()
     try:
-
-        def per_call(fn, n: int) -> float:
-            rounds = []
-            for _ in range(5):
-                started = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                rounds.append((time.perf_counter() - started) / n)
-            return statistics.median(rounds)
 
         def just_returned():  # given back < RECENT (50 ms) ago: not even a poll
             conn._pooled_pg_returned_at = time.monotonic()

@@ -24,7 +24,7 @@ from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import HEALTH_DEFAULTS, find_stats_problems, read_health_settings
 from django_pooled_pg.telemetry import health
-from tests.conftest import plain_connection
+from tests.conftest import per_call, plain_connection
 from tests.servers import Fleet
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -358,16 +358,6 @@ def test_health_settings_are_validated():
     assert (defaults.saturated_after, defaults.probe_interval, defaults.probe_timeout) == tuple(
         HEALTH_DEFAULTS.values()
     )
-
-
-def per_call(fn: Callable[[], object], n: int) -> float:
-    rounds = []
-    for _ in range(5):
-        started = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - started) / n)
-    return statistics.median(rounds)
 
 
 def test_cost_per_call(pool_options):

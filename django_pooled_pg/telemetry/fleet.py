@@ -411,6 +411,8 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         entry.wait.merge(Histogram.from_dict(snap.wait))
         entry.hold.merge(Histogram.from_dict(snap.hold))
         _add_views(entry, process)
+    for entry in fleet.aliases.values():
+        entry.holders.sort(key=lambda h: h.held, reverse=True)  # longest held first, fleet-wide
 
     # Aliases configured here but not (yet) published still get a server view.
     for name, settings_dict in configured.items():
@@ -446,7 +448,7 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
 
 
 def _add_views(entry: AliasFleet, process: ProcessStats) -> None:
-    """A live process's views and holders into its alias's."""
+    """A live process's views and holders into its alias's (the holders are sorted after)."""
     snap = process.snapshot
     for name, data in snap.views.items():
         view = entry.views.get(name)
@@ -461,7 +463,6 @@ def _add_views(entry: AliasFleet, process: ProcessStats) -> None:
             snap.host, snap.pid, h.get("thread", ""), h.get("view", ""), h.get("held", 0.0) + process.age,
             h.get("state", ""), bool(h.get("leak")), h.get("stack", ""),
         ))  # fmt: skip
-    entry.holders.sort(key=lambda h: h.held, reverse=True)
 
 
 def _assign_activity(fleet: FleetStats, server: str, activity: list[tuple[Any, ...]]) -> None:
