@@ -237,7 +237,10 @@ def test_saturation_beyond_the_threshold_is_503_and_polling_takes_no_slot(pool_o
                 started = time.perf_counter()
                 assert ready()[0] == 503
                 times.append(time.perf_counter() - started)
-            assert max(times) < 0.1, max(times)
+            # A poll that waited for a slot would take the pool's timeout (20 s) and fail; a
+            # bound of 2 s tells the two apart on a shared machine, where a single poll has
+            # taken 110 ms when another process held the CPU (median 0.4 ms).
+            assert max(times) < 2.0, max(times)
             figure("readiness request while saturated (median)", statistics.median(times) * 1e6)
             measures = pool.get_stats()
             assert (measures["pool_size"], measures["pool_available"], measures["requests_waiting"]) == (2, 0, 2)
