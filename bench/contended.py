@@ -1,0 +1,244 @@
+"""In-process, contended: many threads share a small pool, as in a gunicorn gthread worker.
+
+``bench/micro.py`` and ``bench/instructions.py`` measure one thread, which always finds its own
+connection again: the pool's fastest path. Under ``make bench`` a worker's 16 threads share 4
+connections, and a borrower often finds its connection taken, waits in psycopg_pool's queue, or
+takes one another thread left. This runs that shape in one process (``--threads`` threads, a
+pool of ``--size``, each thread: borrow, ``--statements`` x ``SELECT 1``, the end of a request)
+and reports, per request, the CPU time of the whole process (user + system, every thread: what
+a worker pays, on 2 shared cores the figure throughput follows), the requests per second, and
+the context switches (the GIL and the pool's waits hand the CPU from thread to thread).
+
+Modes alternate within each round and each runs in its own process; the median of the rounds
+is reported with the range.
+
+``--callgrind`` counts CPU instructions per request instead (Debian's ``valgrind``): each mode
+runs under callgrind for ``--seconds`` and five times as long, and the difference in
+instructions is divided by the difference in requests, which cancels the start-up. Valgrind
+runs one thread at a time, so fewer borrowers find every connection taken than at full speed;
+the count still takes the paths a contended borrow takes (psycopg_pool's queue, a connection
+another thread gave back), which one thread alone never does.
+
+    python bench/contended.py [--modes pooled,django-pool] [--rounds 5] [--seconds 4]
+    python bench/contended.py --callgrind [--modes ...] [--seconds 5] [--tree DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = {
+    "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {}}},
+    "pooled-transaction": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"release": "transaction"}}},
+    "django-pool": {"ENGINE": "django.db.backends.postgresql", "OPTIONS": {"pool": {}}},
+    "persistent": {"ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": None},
+}
+
+CHILD = r"""
+import json, resource, sys, threading, time
+import django
+from django.conf import settings
+db, threads, statements, seconds, tweak = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
+django.setup()
+from django.db import connection
+if tweak:
+    exec(tweak)
+counts = [0] * threads
+totals = [0] * threads  # every request, warm-up included (bench/contended.py --callgrind)
+phase = {"measure": False, "stop": False}
+started = threading.Barrier(threads + 1)
+def work(i):
+    end = connection.close_if_unusable_or_obsolete
+    started.wait()
+    n = total = 0
+    while not phase["stop"]:
+        for _ in range(statements):
+            with connection.cursor() as c:
+                c.execute("SELECT 1"); c.fetchone()
+        end()
+        total += 1
+        if phase["measure"]:
+            n += 1
+    counts[i], totals[i] = n, total
+    connection.close()
+workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+for w in workers:
+    w.start()
+started.wait()
+time.sleep(1.0)  # warm-up: the pool full, every thread running
+usage0, cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+phase["measure"] = True
+time.sleep(seconds)
+phase["measure"] = False
+usage1, cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+phase["stop"] = True
+for w in workers:
+    w.join()
+n = sum(counts)
+print(json.dumps({
+    "cpu_us": (cpu1 - cpu0) / n * 1e6,
+    "rps": n / (wall1 - wall0),
+    "user_us": (usage1.ru_utime - usage0.ru_utime) / n * 1e6,
+    "sys_us": (usage1.ru_stime - usage0.ru_stime) / n * 1e6,
+    "requests": sum(totals),
+    "switches": ((usage1.ru_nvcsw - usage0.ru_nvcsw) + (usage1.ru_nivcsw - usage0.ru_nivcsw)) / n,
+}))
+"""
+
+#: Variants of ours, for experiments: Python run in the child after django.setup().
+TWEAKS = {
+    # No connection kept for the thread's next borrow: every return goes to psycopg_pool.
+    "pooled-nokeep": (
+        "pooled",
+        "import django_pooled_pg.pooling.pool as p\n"
+        "_init = p.Pool.__init__\n"
+        "def init(self, *a, **k):\n"
+        "    _init(self, *a, **k); self.can_keep = self._keeps = False\n"
+        "p.Pool.__init__ = init\n",
+    ),
+    # No session reset at all (unsafe; to measure what the reset costs under contention).
+    "pooled-noreset": (
+        "pooled",
+        "import django_pooled_pg.pooling.release as r\n"
+        "def mark(conn):\n"
+        "    conn._pooled_pg_used = conn._pooled_pg_changed = False\n"
+        "r.mark_reset_due = mark\n",
+    ),
+    # The reset sent when the connection goes back, its answer read by the next borrower.
+    "pooled-sendreset": (
+        "pooled",
+        "import django_pooled_pg.pooling.release as r\nr.can_pipeline = lambda conn: False\n",
+    ),
+}
+
+
+#: Under valgrind a loop runs about 50 times slower, so a connection taken back a moment after
+#: its return would be past RECENT and polled first, which at full speed it is not.
+UNDER_VALGRIND = (
+    "import django_pooled_pg.base, django_pooled_pg.pooling.pool\n"
+    "django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0\n"
+)
+
+
+def run(
+    base: dict, mode: str, threads: int, size: int, statements: int, seconds: float, tree: Path, valgrind: bool = False
+) -> dict:
+    """The child's figures; with ``valgrind``, plus ``instructions``: callgrind's count for the
+    whole process."""
+    name, tweak = TWEAKS.get(mode, (mode, ""))
+    db = json.loads(json.dumps({**base, **MODES[name]}))
+    pool = db.get("OPTIONS", {}).get("pool")
+    if pool is not None:
+        pool.update(min_size=size, max_size=size, timeout=300 if valgrind else 30)
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = []
+        if valgrind:
+            prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out"]
+            if db["ENGINE"] == "django_pooled_pg":
+                tweak += "\n" + UNDER_VALGRIND
+        out = subprocess.run(
+            [*prefix, sys.executable, "-c", CHILD, json.dumps(db), str(threads), str(statements), str(seconds), tweak],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tree,
+        )
+        if out.returncode:
+            sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout)
+        if valgrind:
+            summary = re.search(r"^summary:\s+(\d+)", Path(f"{tmp}/callgrind.out").read_text(), re.M)
+            assert summary, "callgrind wrote no summary"
+            result["instructions"] = int(summary.group(1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="persistent,django-pool,pooled,pooled-transaction")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--size", type=int, default=4, help="the pool's min_size = max_size")
+    parser.add_argument("--statements", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions per request instead")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    if args.callgrind:
+        return count_instructions(args, modes)
+
+    import django
+    import psycopg
+
+    from testsupport.pgcluster import PgCluster
+
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    with PgCluster() as cluster:
+        base = cluster.django_settings("postgres")
+        for _ in range(args.rounds):
+            for mode in modes:
+                results[mode].append(run(base, mode, args.threads, args.size, args.statements, args.seconds, args.tree))
+    print(
+        f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
+        f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; "
+        f"median (range) of {args.rounds} rounds of {args.seconds:g} s"
+    )
+    print(f"{'mode':<22}{'CPU us/request':>24}{'user':>22}{'system':>22}{'requests/s':>24}{'switches/request':>22}")
+    for mode, runs in results.items():
+        cells = []
+        keys = (
+            ("cpu_us", "{:.1f}"),
+            ("user_us", "{:.1f}"),
+            ("sys_us", "{:.1f}"),
+            ("rps", "{:.0f}"),
+            ("switches", "{:.2f}"),
+        )
+        for key, fmt in keys:
+            values = [r[key] for r in runs]
+            median = fmt.format(statistics.median(values))
+            cells.append(f"{median} ({fmt.format(min(values))}-{fmt.format(max(values))})")
+        print(f"{mode:<22}" + "".join(f"{cell:>22}" for cell in cells))
+
+
+def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:
+    import django
+    import psycopg
+
+    from testsupport.pgcluster import PgCluster
+
+    print(
+        f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
+        f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; callgrind, "
+        f"runs of {args.seconds:g} s and {5 * args.seconds:g} s"
+    )
+    with PgCluster() as cluster:
+        base = cluster.django_settings("postgres")
+        for _ in range(args.rounds):
+            for mode in modes:
+                short, long = (
+                    run(base, mode, args.threads, args.size, args.statements, s, args.tree, valgrind=True)
+                    for s in (args.seconds, 5 * args.seconds)
+                )
+                per = (long["instructions"] - short["instructions"]) / (long["requests"] - short["requests"])
+                print(
+                    f"{mode:<22}{per / 1000:>10.1f}k instructions per request ({short['requests']} and {long['requests']} requests)",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
