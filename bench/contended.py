@@ -166,9 +166,48 @@ def run(
     return result
 
 
+#: What each figure is, in the order the tables show them, and its format.
+FIGURES = (
+    ("cpu_us", "CPU µs/request", "{:.1f}"),
+    ("user_us", "user", "{:.1f}"),
+    ("sys_us", "system", "{:.1f}"),
+    ("rps", "requests/s", "{:.0f}"),
+    ("switches", "switches/request", "{:.2f}"),
+)
+DEFAULT_MODES = ("persistent", "django-pool", "pooled", "pooled-transaction")
+
+
+def measure(
+    base: dict,
+    modes: list[str] | tuple[str, ...],
+    rounds: int,
+    *,
+    threads: int = 16,
+    size: int = 4,
+    statements: int = 1,
+    seconds: float = 4.0,
+    tree: Path = ROOT,
+) -> dict[str, list[dict]]:
+    """{mode: [the child's figures, one per round]}, modes alternating within each round."""
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            results[mode].append(run(base, mode, threads, size, statements, seconds, tree))
+    return results
+
+
+def cells(runs: list[dict]) -> list[str]:
+    """Each figure's median and range over the rounds."""
+    out = []
+    for key, _, fmt in FIGURES:
+        values = [r[key] for r in runs]
+        out.append(f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="persistent,django-pool,pooled,pooled-transaction")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join([*MODES, *TWEAKS])}")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--size", type=int, default=4, help="the pool's min_size = max_size")
@@ -178,6 +217,9 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true", help="count instructions per request instead")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES and m not in TWEAKS]
+    if unknown:
+        parser.error(f"unknown mode {', '.join(unknown)}; choose from {', '.join([*MODES, *TWEAKS])}")
     if args.callgrind:
         return count_instructions(args, modes)
 
@@ -186,32 +228,25 @@ def main() -> None:
 
     from testsupport.pgcluster import PgCluster
 
-    results: dict[str, list[dict]] = {m: [] for m in modes}
     with PgCluster() as cluster:
-        base = cluster.django_settings("postgres")
-        for _ in range(args.rounds):
-            for mode in modes:
-                results[mode].append(run(base, mode, args.threads, args.size, args.statements, args.seconds, args.tree))
+        results = measure(
+            cluster.django_settings("postgres"),
+            modes,
+            args.rounds,
+            threads=args.threads,
+            size=args.size,
+            statements=args.statements,
+            seconds=args.seconds,
+            tree=args.tree,
+        )
     print(
         f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
         f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; "
         f"median (range) of {args.rounds} rounds of {args.seconds:g} s"
     )
-    print(f"{'mode':<22}{'CPU us/request':>24}{'user':>22}{'system':>22}{'requests/s':>24}{'switches/request':>22}")
+    print(f"{'mode':<22}" + "".join(f"{title:>24}" for _, title, _ in FIGURES))
     for mode, runs in results.items():
-        cells = []
-        keys = (
-            ("cpu_us", "{:.1f}"),
-            ("user_us", "{:.1f}"),
-            ("sys_us", "{:.1f}"),
-            ("rps", "{:.0f}"),
-            ("switches", "{:.2f}"),
-        )
-        for key, fmt in keys:
-            values = [r[key] for r in runs]
-            median = fmt.format(statistics.median(values))
-            cells.append(f"{median} ({fmt.format(min(values))}-{fmt.format(max(values))})")
-        print(f"{mode:<22}" + "".join(f"{cell:>22}" for cell in cells))
+        print(f"{mode:<22}" + "".join(f"{cell:>24}" for cell in cells(runs)))
 
 
 def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:

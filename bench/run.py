@@ -7,8 +7,8 @@ every 100 ms during the run); then an overload case (``max_connections=20``, 4 w
 threads, 128 clients); then an autoscaling spike (``max_connections=20``, 2 -> 8 workers with
 ``TTIN`` under load: Django's pool with a static ``max_size`` against ours with a
 ``fleet_max_size``; ``--autoscale-only`` runs just that and writes ``AUTOSCALE.md``); then
-``bench/micro.py`` (borrow + SELECT 1 + return, in-process). It
-writes ``bench/results/RESULTS.md``, ``bench/results/chart.png`` and the raw figures under
+``bench/micro.py`` (borrow + SELECT 1 + return, in-process) and ``bench/contended.py`` (16
+threads on a pool of 4 in one process: CPU per request). It writes ``bench/results/RESULTS.md``, ``bench/results/chart.png`` and the raw figures under
 ``bench/results/raw/``.
 
 Endpoints (``--endpoints``): ``product`` (one lookup by key), ``three`` (three small queries),
@@ -909,6 +909,20 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
                 '`release="request"` (the `three` column\'s difference, over three).',
             ]
         lines.append("")
+    if data.get("contended"):
+        c = data["contended"]
+        import contended
+
+        lines += [
+            f"## Contended, in-process (`bench/contended.py`: 16 threads on a pool of 4, `SELECT 1` per request; "
+            f"median and range of {c['rounds']} rounds of {c['seconds']:g} s)",
+            "",
+            "| mode | " + " | ".join(title for _, title, _ in contended.FIGURES) + " |",
+            "|---|" + "---:|" * len(contended.FIGURES),
+        ]
+        for mode, runs in c["results"].items():
+            lines.append(f"| {mode} | " + " | ".join(contended.cells(runs)) + " |")
+        lines.append("")
     lines += ["## Machine and versions", ""]
     lines += [f"* {k}: {v}" for k, v in data["machine"].items()]
     lines += [f"* {k} {v}" for k, v in data["versions"].items()]
@@ -934,6 +948,16 @@ def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
     med = {mode: {op: statistics.median(v) for op, v in ops.items()} for mode, ops in results.items()}
     print(micro.table(med), flush=True)
     return {"rounds": rounds, "n": n, "results": med, "all": results}
+
+
+def run_contended(cluster: PgCluster, rounds: int, seconds: float) -> dict[str, Any]:
+    """``bench/contended.py``: 16 threads on a pool of 4 in one process, each mode alternating."""
+    import contended
+
+    results = contended.measure(cluster.django_settings("postgres"), contended.DEFAULT_MODES, rounds, seconds=seconds)
+    for mode, runs in results.items():
+        print(f"{mode:<22}" + "".join(f"{cell:>24}" for cell in contended.cells(runs)), flush=True)
+    return {"rounds": rounds, "seconds": seconds, "results": results}
 
 
 def run_autoscale(args: argparse.Namespace, bench: Bench, cluster: PgCluster) -> tuple[dict, dict[str, dict]]:
@@ -1040,6 +1064,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--micro-rounds", type=int, default=3)
     parser.add_argument("--micro-n", type=int, default=10000)
+    parser.add_argument("--skip-contended", action="store_true", help="leave out bench/contended.py")
+    parser.add_argument("--contended-rounds", type=int, default=3)
+    parser.add_argument("--contended-seconds", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s runs, 1 s warm-up, small micro")
     parser.add_argument("--output", default=str(BENCH / "results"), help="where RESULTS.md, chart.png, raw/ go")
     parser.add_argument("--report", metavar="RAW_JSON", help="only write RESULTS.md again from a raw result file")
@@ -1052,6 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.warmup = min(args.duration, 2), min(args.warmup, 1)
         args.micro_rounds, args.micro_n = 1, 2000
+        args.contended_rounds, args.contended_seconds = 1, 1.0
         args.overload_endpoints = args.overload_endpoints[:1]
     connections = args.connections or args.workers * args.threads
     command = "python bench/run.py" + (
@@ -1120,6 +1148,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_micro:
             log(f"micro-benchmark: {args.micro_rounds} rounds x {args.micro_n}")
             data["micro"] = run_micro(cluster, args.micro_rounds, args.micro_n)
+        if not args.skip_contended:
+            log(f"contended, in-process: {args.contended_rounds} rounds x {args.contended_seconds:g} s")
+            data["contended"] = run_contended(cluster, args.contended_rounds, args.contended_seconds)
 
         rounds = []
         for i in range(args.rounds):
