@@ -363,8 +363,9 @@ class Pool(ConnectionPool[PooledConnection]):
         connection is never parked while someone waits for one.
 
         Under load someone nearly always waits (16 threads on 4 connections: every return), so
-        that is read first without the lock, which the borrowers queueing hold in turn; the
-        answer is only trusted under it.
+        that is read first without the lock, which the queueing borrowers hold in turn. Read
+        there, "someone waits" at worst gives back a connection that could have been parked;
+        "nobody waits" is trusted only when read again under the lock.
         """
         if self._waiting or self._shrink:
             return False
