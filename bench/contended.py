@@ -175,6 +175,8 @@ FIGURES = (
     ("switches", "switches/request", "{:.2f}"),
 )
 DEFAULT_MODES = ("persistent", "django-pool", "pooled", "pooled-transaction")
+#: The shape of a gunicorn gthread worker under ``make bench``: its threads, its pool's size.
+THREADS, SIZE = 16, 4
 
 
 def measure(
@@ -182,8 +184,8 @@ def measure(
     modes: list[str] | tuple[str, ...],
     rounds: int,
     *,
-    threads: int = 16,
-    size: int = 4,
+    threads: int = THREADS,
+    size: int = SIZE,
     statements: int = 1,
     seconds: float = 4.0,
     tree: Path = ROOT,
@@ -205,12 +207,19 @@ def cells(runs: list[dict]) -> list[str]:
     return out
 
 
+def table(results: dict[str, list[dict]]) -> str:
+    """The console table of :func:`measure`'s results (``make bench`` prints it too)."""
+    lines = [f"{'mode':<22}" + "".join(f"{title:>24}" for _, title, _ in FIGURES)]
+    lines += [f"{mode:<22}" + "".join(f"{cell:>24}" for cell in cells(runs)) for mode, runs in results.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join([*MODES, *TWEAKS])}")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--size", type=int, default=4, help="the pool's min_size = max_size")
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--size", type=int, default=SIZE, help="the pool's min_size = max_size")
     parser.add_argument("--statements", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
@@ -244,9 +253,7 @@ def main() -> None:
         f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; "
         f"median (range) of {args.rounds} rounds of {args.seconds:g} s"
     )
-    print(f"{'mode':<22}" + "".join(f"{title:>24}" for _, title, _ in FIGURES))
-    for mode, runs in results.items():
-        print(f"{mode:<22}" + "".join(f"{cell:>24}" for cell in cells(runs)))
+    print(table(results))
 
 
 def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:

@@ -914,7 +914,8 @@ def write_report(path: Path, data: dict[str, Any]) -> None:
         import contended
 
         lines += [
-            f"## Contended, in-process (`bench/contended.py`: 16 threads on a pool of 4, `SELECT 1` per request; "
+            f"## Contended, in-process (`bench/contended.py`: {contended.THREADS} threads on a pool of "
+            f"{contended.SIZE}, `SELECT 1` per request; "
             f"median and range of {c['rounds']} rounds of {c['seconds']:g} s)",
             "",
             "| mode | " + " | ".join(title for _, title, _ in contended.FIGURES) + " |",
@@ -951,12 +952,11 @@ def run_micro(cluster: PgCluster, rounds: int, n: int) -> dict[str, Any]:
 
 
 def run_contended(cluster: PgCluster, rounds: int, seconds: float) -> dict[str, Any]:
-    """``bench/contended.py``: 16 threads on a pool of 4 in one process, each mode alternating."""
+    """``bench/contended.py`` at its defaults (a gthread worker's shape), each mode alternating."""
     import contended
 
     results = contended.measure(cluster.django_settings("postgres"), contended.DEFAULT_MODES, rounds, seconds=seconds)
-    for mode, runs in results.items():
-        print(f"{mode:<22}" + "".join(f"{cell:>24}" for cell in contended.cells(runs)), flush=True)
+    print(contended.table(results), flush=True)
     return {"rounds": rounds, "seconds": seconds, "results": results}
 
 
