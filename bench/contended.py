@@ -10,7 +10,14 @@ a worker pays, on 2 shared cores the figure throughput follows), the requests pe
 the context switches (the GIL and the pool's waits hand the CPU from thread to thread).
 
 Modes alternate within each round and each runs in its own process; the median of the rounds
-is reported with the range.
+is reported with the range. ``queued/request`` is psycopg_pool's count of borrows that found no
+idle connection and waited in its queue (1.00: every borrow took the slow path).
+
+``--view product`` (or ``three-view``, ``listings``, ``admin``) makes each request a page of the
+demo shop through Django's ``WSGIHandler``, with the settings ``make bench`` serves it with
+(``bench/bench_settings.py``: ``PoolMiddleware`` for ours, the stock stack for the others)
+against a seeded ``shop`` database: the middleware, the handler's signals and the ORM, which
+``SELECT 1`` leaves out. That is ``make bench``'s worker without the HTTP server.
 
 ``--callgrind`` counts CPU instructions per request instead (Debian's ``valgrind``): each mode
 runs under callgrind for ``--seconds`` and five times as long, and the difference in
@@ -19,7 +26,7 @@ runs one thread at a time, so fewer borrowers find every connection taken than a
 the count still takes the paths a contended borrow takes (psycopg_pool's queue, a connection
 another thread gave back), which one thread alone never does.
 
-    python bench/contended.py [--modes pooled,django-pool] [--rounds 5] [--seconds 4]
+    python bench/contended.py [--modes pooled,django-pool] [--rounds 5] [--seconds 4] [--view product]
     python bench/contended.py --callgrind [--modes ...] [--seconds 5] [--tree DIR]
 """
 
@@ -34,9 +41,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.instructions import VIEW_OPS  # noqa: E402
 
 MODES = {
     "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {}}},
@@ -50,24 +60,43 @@ import json, resource, sys, threading, time
 import django
 from django.conf import settings
 db, threads, statements, seconds, tweak = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
-django.setup()
+path, cookie = sys.argv[6], sys.argv[7]
+if not path:
+    settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
+django.setup()  # (with a path: the settings make bench serves, from DJANGO_SETTINGS_MODULE)
 from django.db import connection
 if tweak:
     exec(tweak)
+if path:
+    import io
+    from django.core.handlers.wsgi import WSGIHandler
+    handler, statuses = WSGIHandler(), []
+    def start_response(status, headers, exc_info=None):
+        statuses.append(status)
+    def request():
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+                   "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
+                   "REMOTE_ADDR": "127.0.0.1", "HTTP_COOKIE": cookie, "wsgi.input": io.BytesIO(b""),
+                   "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
+        response = handler(environ, start_response)
+        for _ in response:
+            pass
+        response.close()  # (the server's close(): Django's request_finished)
 counts = [0] * threads
 totals = [0] * threads  # every request, warm-up included (bench/contended.py --callgrind)
 phase = {"measure": False, "stop": False}
 started = threading.Barrier(threads + 1)
+def statements_then_end():
+    for _ in range(statements):
+        with connection.cursor() as c:
+            c.execute("SELECT 1"); c.fetchone()
+    connection.close_if_unusable_or_obsolete()
 def work(i):
-    end = connection.close_if_unusable_or_obsolete
+    one = request if path else statements_then_end
     started.wait()
     n = total = 0
     while not phase["stop"]:
-        for _ in range(statements):
-            with connection.cursor() as c:
-                c.execute("SELECT 1"); c.fetchone()
-        end()
+        one()
         total += 1
         if phase["measure"]:
             n += 1
@@ -78,21 +107,27 @@ for w in workers:
     w.start()
 started.wait()
 time.sleep(1.0)  # warm-up: the pool full, every thread running
+pool = getattr(connection, "pool", None)  # (psycopg_pool's counters: how many borrows queued)
+queued0 = pool.get_stats().get("requests_queued", 0) if pool is not None else 0
 usage0, cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
 phase["measure"] = True
 time.sleep(seconds)
 phase["measure"] = False
 usage1, cpu1, wall1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
+queued1 = pool.get_stats().get("requests_queued", 0) if pool is not None else 0
 phase["stop"] = True
 for w in workers:
     w.join()
 n = sum(counts)
+if path and not all(s.startswith("200") for s in statuses):
+    sys.exit(f"{path} answered {sorted(set(statuses))}")
 print(json.dumps({
     "cpu_us": (cpu1 - cpu0) / n * 1e6,
     "rps": n / (wall1 - wall0),
     "user_us": (usage1.ru_utime - usage0.ru_utime) / n * 1e6,
     "sys_us": (usage1.ru_stime - usage0.ru_stime) / n * 1e6,
     "requests": sum(totals),
+    "queued": (queued1 - queued0) / n,
     "switches": ((usage1.ru_nvcsw - usage0.ru_nvcsw) + (usage1.ru_nivcsw - usage0.ru_nivcsw)) / n,
 }))
 """
@@ -116,6 +151,14 @@ TWEAKS = {
         "    conn._pooled_pg_used = conn._pooled_pg_changed = False\n"
         "r.mark_reset_due = mark\n",
     ),
+    # The pipeline with a trivial statement in the reset's place (what the protocol costs, not
+    # the server's DISCARD ALL).
+    "pooled-select1": (
+        "pooled",
+        "import django_pooled_pg.pooling.reset as r, django_pooled_pg.pooling.release as rel, django_pooled_pg.pooling.pool as p\n"
+        "r.PIPELINED_RESET = b'SELECT 1'\n"
+        "rel.can_pipeline = p.can_pipeline = lambda conn: True\n",
+    ),
     # The reset sent when the connection goes back, its answer read by the next borrower.
     "pooled-sendreset": (
         "pooled",
@@ -133,16 +176,29 @@ UNDER_VALGRIND = (
 
 
 def run(
-    base: dict, mode: str, threads: int, size: int, statements: int, seconds: float, tree: Path, valgrind: bool = False
+    base: dict,
+    mode: str,
+    threads: int,
+    size: int,
+    statements: int,
+    seconds: float,
+    tree: Path,
+    valgrind: bool = False,
+    view: tuple[Any, str] | None = None,
 ) -> dict:
     """The child's figures; with ``valgrind``, plus ``instructions``: callgrind's count for the
-    whole process."""
+    whole process. With ``view`` (a :class:`bench.instructions.Site` and one of its operations),
+    each request is that page of the demo shop through Django's ``WSGIHandler``."""
     name, tweak = TWEAKS.get(mode, (mode, ""))
     db = json.loads(json.dumps({**base, **MODES[name]}))
     pool = db.get("OPTIONS", {}).get("pool")
     if pool is not None:
         pool.update(min_size=size, max_size=size, timeout=300 if valgrind else 30)
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    path = cookie = ""
+    if view is not None:
+        site, op = view
+        env, path, cookie = {**site.env(db, tree), "PYTHONHASHSEED": "0"}, site.path(op), site.cookie
     with tempfile.TemporaryDirectory() as tmp:
         prefix = []
         if valgrind:
@@ -150,7 +206,17 @@ def run(
             if db["ENGINE"] == "django_pooled_pg":
                 tweak += "\n" + UNDER_VALGRIND
         out = subprocess.run(
-            [*prefix, sys.executable, "-c", CHILD, json.dumps(db), str(threads), str(statements), str(seconds), tweak],
+            [
+                *prefix,
+                sys.executable,
+                "-c",
+                CHILD,
+                json.dumps(db),
+                *map(str, (threads, statements, seconds)),
+                tweak,
+                path,
+                cookie,
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -173,6 +239,7 @@ FIGURES = (
     ("sys_us", "system", "{:.1f}"),
     ("rps", "requests/s", "{:.0f}"),
     ("switches", "switches/request", "{:.2f}"),
+    ("queued", "queued/request", "{:.2f}"),
 )
 DEFAULT_MODES = ("persistent", "django-pool", "pooled", "pooled-transaction")
 #: The shape of a gunicorn gthread worker under ``make bench``: its threads, its pool's size.
@@ -189,12 +256,13 @@ def measure(
     statements: int = 1,
     seconds: float = 4.0,
     tree: Path = ROOT,
+    view: tuple[Any, str] | None = None,
 ) -> dict[str, list[dict]]:
     """{mode: [the child's figures, one per round]}, modes alternating within each round."""
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(rounds):
         for mode in modes:
-            results[mode].append(run(base, mode, threads, size, statements, seconds, tree))
+            results[mode].append(run(base, mode, threads, size, statements, seconds, tree, view=view))
     return results
 
 
@@ -224,6 +292,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
     parser.add_argument("--callgrind", action="store_true", help="count instructions per request instead")
+    parser.add_argument(
+        "--view", choices=VIEW_OPS, help="each request is this page of the demo shop, through Django's WSGIHandler"
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES and m not in TWEAKS]
@@ -238,8 +309,9 @@ def main() -> None:
     from testsupport.pgcluster import PgCluster
 
     with PgCluster() as cluster:
+        view = site_view(cluster, args)
         results = measure(
-            cluster.django_settings("postgres"),
+            {} if view else cluster.django_settings("postgres"),
             modes,
             args.rounds,
             threads=args.threads,
@@ -247,13 +319,27 @@ def main() -> None:
             statements=args.statements,
             seconds=args.seconds,
             tree=args.tree,
+            view=view,
         )
     print(
         f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
-        f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; "
+        f"{args.threads} threads, pool of {args.size}, {what(args)} per request; "
         f"median (range) of {args.rounds} rounds of {args.seconds:g} s"
     )
     print(table(results))
+
+
+def what(args: argparse.Namespace) -> str:
+    return f"GET {args.view}" if args.view else f"{args.statements} x SELECT 1"
+
+
+def site_view(cluster: Any, args: argparse.Namespace) -> tuple[Any, str] | None:
+    """With ``--view``: the demo shop on the cluster, and the page."""
+    if not args.view:
+        return None
+    from bench.instructions import Site
+
+    return Site(cluster, args.tree), args.view
 
 
 def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:
@@ -264,20 +350,22 @@ def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:
 
     print(
         f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
-        f"{args.threads} threads, pool of {args.size}, {args.statements} x SELECT 1 per request; callgrind, "
+        f"{args.threads} threads, pool of {args.size}, {what(args)} per request; callgrind, "
         f"runs of {args.seconds:g} s and {5 * args.seconds:g} s"
     )
     with PgCluster() as cluster:
-        base = cluster.django_settings("postgres")
+        view = site_view(cluster, args)
+        base = {} if view else cluster.django_settings("postgres")
         for _ in range(args.rounds):
             for mode in modes:
                 short, long = (
-                    run(base, mode, args.threads, args.size, args.statements, s, args.tree, valgrind=True)
+                    run(base, mode, args.threads, args.size, args.statements, s, args.tree, valgrind=True, view=view)
                     for s in (args.seconds, 5 * args.seconds)
                 )
                 per = (long["instructions"] - short["instructions"]) / (long["requests"] - short["requests"])
                 print(
-                    f"{mode:<22}{per / 1000:>10.1f}k instructions per request ({short['requests']} and {long['requests']} requests)",
+                    f"{mode:<22}{per / 1000:>10.1f}k instructions per request ({short['requests']} and "
+                    f"{long['requests']} requests; {long['queued']:.2f} borrows queued per request)",
                     flush=True,
                 )
 
