@@ -19,6 +19,10 @@ demo shop through Django's ``WSGIHandler``, with the settings ``make bench`` ser
 against a seeded ``shop`` database: the middleware, the handler's signals and the ORM, which
 ``SELECT 1`` leaves out. That is ``make bench``'s worker without the HTTP server.
 
+``--perf`` adds the futex calls per request (``perf stat`` on the child, start-up included): each
+time a thread waits for the GIL or a lock another holds, or wakes one that waits, it makes one.
+The ``pooled-no...`` modes are experiments (see ``TWEAKS``), not settings anyone should run.
+
 ``--callgrind`` counts CPU instructions per request instead (Debian's ``valgrind``): each mode
 runs under callgrind for ``--seconds`` and five times as long, and the difference in
 instructions is divided by the difference in requests, which cancels the start-up. Valgrind
@@ -36,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,6 +164,20 @@ TWEAKS = {
         "r.PIPELINED_RESET = b'SELECT 1'\n"
         "rel.can_pipeline = p.can_pipeline = lambda conn: True\n",
     ),
+    # With --view: PoolMiddleware left out (requests give back at Django's request_finished),
+    # its process_view left out (borrows keep the path's name), and its give-back left to
+    # request_finished; experiments that say what the middleware's parts cost (the handler is
+    # made after the tweak runs, so it reads the changed settings and class).
+    "pooled-nomiddleware": (
+        "pooled",
+        "from django.conf import settings\n"
+        "settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if not m.endswith('.PoolMiddleware')]\n",
+    ),
+    "pooled-noprocessview": ("pooled", "import django_pooled_pg.middleware as m\ndel m.PoolMiddleware.process_view\n"),
+    "pooled-norelease": (
+        "pooled",
+        "import django_pooled_pg.middleware as m\nm.release_connections = lambda view=None, held=None: 0\n",
+    ),
     # The reset sent when the connection goes back, its answer read by the next borrower.
     "pooled-sendreset": (
         "pooled",
@@ -185,6 +204,7 @@ def run(
     tree: Path,
     valgrind: bool = False,
     view: tuple[Any, str] | None = None,
+    perf: bool = False,
 ) -> dict:
     """The child's figures; with ``valgrind``, plus ``instructions``: callgrind's count for the
     whole process. With ``view`` (a :class:`bench.instructions.Site` and one of its operations),
@@ -205,6 +225,8 @@ def run(
             prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out"]
             if db["ENGINE"] == "django_pooled_pg":
                 tweak += "\n" + UNDER_VALGRIND
+        elif perf:
+            prefix = ["perf", "stat", "-x,", "-e", "syscalls:sys_enter_futex", "-o", f"{tmp}/perf.csv", "--"]
         out = subprocess.run(
             [
                 *prefix,
@@ -229,6 +251,10 @@ def run(
             summary = re.search(r"^summary:\s+(\d+)", Path(f"{tmp}/callgrind.out").read_text(), re.M)
             assert summary, "callgrind wrote no summary"
             result["instructions"] = int(summary.group(1))
+        if perf and not valgrind:
+            # (the whole child, start-up included: a few hundred calls, under 1% of a 4 s run's)
+            futex = re.search(r"^(\d+),.*sys_enter_futex", Path(f"{tmp}/perf.csv").read_text(), re.M)
+            result["futex"] = int(futex.group(1)) / result["requests"] if futex else float("nan")
     return result
 
 
@@ -257,12 +283,13 @@ def measure(
     seconds: float = 4.0,
     tree: Path = ROOT,
     view: tuple[Any, str] | None = None,
+    perf: bool = False,
 ) -> dict[str, list[dict]]:
     """{mode: [the child's figures, one per round]}, modes alternating within each round."""
     results: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(rounds):
         for mode in modes:
-            results[mode].append(run(base, mode, threads, size, statements, seconds, tree, view=view))
+            results[mode].append(run(base, mode, threads, size, statements, seconds, tree, view=view, perf=perf))
     return results
 
 
@@ -279,6 +306,9 @@ def table(results: dict[str, list[dict]]) -> str:
     """The console table of :func:`measure`'s results (``make bench`` prints it too)."""
     lines = [f"{'mode':<22}" + "".join(f"{title:>24}" for _, title, _ in FIGURES)]
     lines += [f"{mode:<22}" + "".join(f"{cell:>24}" for cell in cells(runs)) for mode, runs in results.items()]
+    if any("futex" in r for runs in results.values() for r in runs):
+        lines += ["", "futex calls per request (perf stat), each round:"]
+        lines += [f"{mode:<22}" + ", ".join(f"{r['futex']:.2f}" for r in runs) for mode, runs in results.items()]
     return "\n".join(lines)
 
 
@@ -292,11 +322,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
     parser.add_argument("--callgrind", action="store_true", help="count instructions per request instead")
+    parser.add_argument("--perf", action="store_true", help="also count futex calls per request (perf stat)")
     parser.add_argument(
         "--view", choices=VIEW_OPS, help="each request is this page of the demo shop, through Django's WSGIHandler"
     )
     args = parser.parse_args()
     modes = args.modes.split(",")
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs perf: apt-get install -y linux-perf")
     unknown = [m for m in modes if m not in MODES and m not in TWEAKS]
     if unknown:
         parser.error(f"unknown mode {', '.join(unknown)}; choose from {', '.join([*MODES, *TWEAKS])}")
@@ -320,6 +353,7 @@ def main() -> None:
             seconds=args.seconds,
             tree=args.tree,
             view=view,
+            perf=args.perf,
         )
     print(
         f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
