@@ -45,13 +45,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.instructions import VIEW_OPS  # noqa: E402
+from bench.instructions import UNDER_VALGRIND, VIEW_OPS, WSGI_REQUEST  # noqa: E402
 
 MODES = {
     "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {}}},
@@ -60,7 +61,8 @@ MODES = {
     "persistent": {"ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": None},
 }
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, resource, sys, threading, time
 import django
 from django.conf import settings
@@ -72,21 +74,10 @@ django.setup()  # (with a path: the settings make bench serves, from DJANGO_SETT
 from django.db import connection
 if tweak:
     exec(tweak)
-if path:
-    import io
-    from django.core.handlers.wsgi import WSGIHandler
-    handler, statuses = WSGIHandler(), []
-    def start_response(status, headers, exc_info=None):
-        statuses.append(status)
-    def request():
-        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
-                   "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
-                   "REMOTE_ADDR": "127.0.0.1", "HTTP_COOKIE": cookie, "wsgi.input": io.BytesIO(b""),
-                   "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
-        response = handler(environ, start_response)
-        for _ in response:
-            pass
-        response.close()  # (the server's close(): Django's request_finished)
+if path:  # (bench/instructions.py's WSGI_REQUEST: defines request() and statuses)
+"""
+    + textwrap.indent(WSGI_REQUEST, "    ")
+    + r"""
 counts = [0] * threads
 totals = [0] * threads  # every request, warm-up included (bench/contended.py --callgrind)
 phase = {"measure": False, "stop": False}
@@ -136,6 +127,7 @@ print(json.dumps({
     "switches": ((usage1.ru_nvcsw - usage0.ru_nvcsw) + (usage1.ru_nivcsw - usage0.ru_nivcsw)) / n,
 }))
 """
+)
 
 #: Variants of ours, for experiments: Python run in the child after django.setup().
 TWEAKS = {
@@ -184,14 +176,6 @@ TWEAKS = {
         "import django_pooled_pg.pooling.release as r\nr.can_pipeline = lambda conn: False\n",
     ),
 }
-
-
-#: Under valgrind a loop runs about 50 times slower, so a connection taken back a moment after
-#: its return would be past RECENT and polled first, which at full speed it is not.
-UNDER_VALGRIND = (
-    "import django_pooled_pg.base, django_pooled_pg.pooling.pool\n"
-    "django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0\n"
-)
 
 
 def run(
@@ -336,9 +320,6 @@ def main() -> None:
     if args.callgrind:
         return count_instructions(args, modes)
 
-    import django
-    import psycopg
-
     from testsupport.pgcluster import PgCluster
 
     with PgCluster() as cluster:
@@ -355,16 +336,20 @@ def main() -> None:
             view=view,
             perf=args.perf,
         )
-    print(
-        f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
-        f"{args.threads} threads, pool of {args.size}, {what(args)} per request; "
-        f"median (range) of {args.rounds} rounds of {args.seconds:g} s"
-    )
+    print(header(args) + f"median (range) of {args.rounds} rounds of {args.seconds:g} s")
     print(table(results))
 
 
-def what(args: argparse.Namespace) -> str:
-    return f"GET {args.view}" if args.view else f"{args.statements} x SELECT 1"
+def header(args: argparse.Namespace) -> str:
+    """The versions and the run's shape, for the first line of the output."""
+    import django
+    import psycopg
+
+    what = f"GET {args.view}" if args.view else f"{args.statements} x SELECT 1"
+    return (
+        f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
+        f"{args.threads} threads, pool of {args.size}, {what} per request; "
+    )
 
 
 def site_view(cluster: Any, args: argparse.Namespace) -> tuple[Any, str] | None:
@@ -377,16 +362,9 @@ def site_view(cluster: Any, args: argparse.Namespace) -> tuple[Any, str] | None:
 
 
 def count_instructions(args: argparse.Namespace, modes: list[str]) -> None:
-    import django
-    import psycopg
-
     from testsupport.pgcluster import PgCluster
 
-    print(
-        f"Django {django.get_version()}, psycopg {psycopg.__version__}, Python {sys.version.split()[0]}; "
-        f"{args.threads} threads, pool of {args.size}, {what(args)} per request; callgrind, "
-        f"runs of {args.seconds:g} s and {5 * args.seconds:g} s"
-    )
+    print(header(args) + f"callgrind, runs of {args.seconds:g} s and {5 * args.seconds:g} s")
     with PgCluster() as cluster:
         view = site_view(cluster, args)
         base = {} if view else cluster.django_settings("postgres")

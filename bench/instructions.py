@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,37 @@ from bench.micro import MODES  # noqa: E402
 LONG_SQL = "SELECT " + ", ".join(f"{i} AS product_attribute_column_number_{i:02d}" for i in range(40))
 HUGE_SQL = LONG_SQL + " WHERE 1 IN (" + ", ".join(str(1000000 + i) for i in range(2050)) + ", 1)"
 
-CHILD = r"""
+#: Run in a measured process of ours: under valgrind the loop runs about 50 times slower, so a
+#: connection taken back a moment after its return would often be past RECENT (50 ms) and polled
+#: first, which at full speed it is not (and how often depends on the machine's load). Count the
+#: full-speed path. (``bench/contended.py`` runs it too.)
+UNDER_VALGRIND = (
+    "import django_pooled_pg.base, django_pooled_pg.pooling.pool\n"
+    "django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0\n"
+)
+
+#: One request through Django's ``WSGIHandler``, as a WSGI server makes it: child code that
+#: needs ``path`` and ``cookie`` and defines ``request()``, and ``statuses`` (every answer's
+#: status line). Used by ``VIEW_CHILD`` and ``bench/contended.py --view``.
+WSGI_REQUEST = r"""
+import io
+from django.core.handlers.wsgi import WSGIHandler
+handler, statuses = WSGIHandler(), []
+def start_response(status, headers, exc_info=None):
+    statuses.append(status)
+def request():
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
+               "REMOTE_ADDR": "127.0.0.1", "HTTP_COOKIE": cookie, "wsgi.input": io.BytesIO(b""),
+               "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
+    response = handler(environ, start_response)
+    for _ in response:
+        pass
+    response.close()  # (the server's close(): Django's request_finished)
+"""
+
+CHILD = (
+    r"""
 import json, sys
 import django
 from django.conf import settings
@@ -54,11 +85,9 @@ long_sql = sys.argv[4]; huge_sql = sys.argv[5]
 settings.configure(DATABASES={"default": db}, USE_TZ=True, POOLED_PG={"STATS_INTERVAL": None})
 django.setup()
 if db["ENGINE"].startswith("django_pooled_pg"):
-    # Under valgrind the loop runs about 50 times slower, so a connection taken back a moment
-    # after its return would often be past RECENT (50 ms) and polled first, which at full speed
-    # it is not (and how often depends on the machine's load). Count the full-speed path.
-    import django_pooled_pg.base, django_pooled_pg.pooling.pool
-    django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
+"""
+    + textwrap.indent(UNDER_VALGRIND, "    ")
+    + r"""
 from django.db import connection
 end = connection.close_if_unusable_or_obsolete
 def borrow():
@@ -93,33 +122,25 @@ for _ in range(200):
 for _ in range(n):
     fn()
 """
+)
 
 OPS = ("borrow", "select", "three", "long", "long3", "huge3")
 #: Whole requests (see the module docstring): the endpoints of bench/run.py.
 VIEW_OPS = ("product", "three-view", "listings", "admin")
 
-VIEW_CHILD = r"""
-import io, os, sys
+VIEW_CHILD = (
+    r"""
+import os, sys
 import django
 django.setup()
 if os.environ["BENCH_DATABASE"].find("django_pooled_pg") >= 0:
-    import django_pooled_pg.base, django_pooled_pg.pooling.pool  # (see CHILD: RECENT under valgrind)
-    django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0
-from django.core.handlers.wsgi import WSGIHandler
-handler = WSGIHandler()
+"""
+    + textwrap.indent(UNDER_VALGRIND, "    ")
+    + r"""
 path, n, cookie = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-statuses = []
-def start_response(status, headers, exc_info=None):
-    statuses.append(status)
-def request():
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "127.0.0.1",
-               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": "127.0.0.1",
-               "REMOTE_ADDR": "127.0.0.1", "HTTP_COOKIE": cookie, "wsgi.input": io.BytesIO(b""),
-               "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr}
-    response = handler(environ, start_response)
-    for _ in response:
-        pass
-    response.close()  # (the server's close(): Django's request_finished)
+"""
+    + WSGI_REQUEST
+    + r"""
 for _ in range(50):
     request()
 if not statuses[-1].startswith("200"):
@@ -127,6 +148,7 @@ if not statuses[-1].startswith("200"):
 for _ in range(n):
     request()
 """
+)
 
 
 def instructions(db: dict, op: str, n: int, tree: Path, site: Site | None = None) -> int:
