@@ -74,6 +74,13 @@ DB_NAME = "shop"
 # room for the harness's own (superuser) monitoring connections when max_connections is reached.
 DB_USER = "shop"
 ALL_MODES = ("direct", "persistent", "django-pool", "pooled-request", "pooled-transaction", "pgbouncer")
+#: Experiments, not settings anyone should run: ``pooled-request`` with a part of the package
+#: changed in every worker (``bench/contended.py``'s TWEAKS of the same names, applied by
+#: ``bench/gunicorn_tweak.py`` once the worker has loaded Django). ``--modes`` takes them too;
+#: ``make bench`` runs none. They say which part costs what under gunicorn, where the in-process
+#: runs do not show the whole gap (README, "Benchmarks").
+EXPERIMENTS = ("pooled-nokeep", "pooled-noreset", "pooled-select1", "pooled-sendreset", "pooled-nomiddleware",
+               "pooled-noprocessview", "pooled-norelease")  # fmt: skip
 OURS = ("pooled-request", "pooled-transaction")
 # name: (title, path; {pid} is the first product's id)
 ENDPOINTS = {
@@ -166,15 +173,30 @@ def database(mode: str, cluster: PgCluster, pool_size: int, pool_timeout: float,
     elif mode in OURS:
         db["ENGINE"] = "django_pooled_pg"
         db["OPTIONS"] = {"pool": {**pool, "release": mode.removeprefix("pooled-")}}
+    elif mode in EXPERIMENTS:
+        db["ENGINE"] = "django_pooled_pg"
+        db["OPTIONS"] = {"pool": {**pool, "release": "request"}}
     elif mode == "pgbouncer":
         db["PORT"] = str(bouncer_port)
         db["DISABLE_SERVER_SIDE_CURSORS"] = True
     return db
 
 
-def django_env(db: dict) -> dict[str, str]:
+def tweak_code(mode: str) -> str:
+    """The code an experiment mode runs in every worker (empty for the real modes)."""
+    if mode not in EXPERIMENTS:
+        return ""
+    from contended import TWEAKS
+
+    base, code = TWEAKS[mode]
+    assert base == "pooled"  # (release="request", as database() sets it)
+    return code
+
+
+def django_env(db: dict, mode: str = "") -> dict[str, str]:
     return {
         **os.environ,
+        "BENCH_TWEAK": tweak_code(mode),
         "PYTHONPATH": os.pathsep.join([str(BENCH), str(TESTPROJECT), str(ROOT)]),
         "DJANGO_SETTINGS_MODULE": "bench_settings",
         "BENCH_DATABASE": json.dumps(db),
@@ -212,6 +234,8 @@ class Gunicorn(ShopGunicorn):
 
     def __init__(self, env: dict[str, str], workers: int, threads: int, logfile: Path) -> None:
         options = ["--log-level", "warning", "--timeout", "60", "--graceful-timeout", "5"]
+        if env.get("BENCH_TWEAK"):  # an experiment mode: its tweak runs in every worker
+            options += ["--config", str(BENCH / "gunicorn_tweak.py")]
         super().__init__(env, workers=workers, threads=threads, options=options)
         self.logfile = logfile
 
@@ -435,7 +459,7 @@ class Bench:
                 )
                 bouncer.start(dbname=DB_NAME, user=DB_USER)
             db = database(mode, self.cluster, a.pool_size, a.pool_timeout, bouncer.port if bouncer else None)
-            env = django_env(db)
+            env = django_env(db, mode)
             if "OPTIONS" in db:  # the pool modes: settings validation may refuse them
                 if (reason := preflight(env)) is not None:
                     log(f"{scenario}/{mode}: not available: {reason.splitlines()[0]}")
@@ -1009,7 +1033,12 @@ def write_autoscale_only(outdir: Path, rawdir: Path, data: dict[str, Any], start
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", type=lambda v: csv_list(v, ALL_MODES), default=list(ALL_MODES))
+    parser.add_argument(
+        "--modes",
+        type=lambda v: csv_list(v, ALL_MODES + EXPERIMENTS),
+        default=list(ALL_MODES),
+        help=f"of {', '.join(ALL_MODES)}; experiments: {', '.join(EXPERIMENTS)}",
+    )
     parser.add_argument("--endpoints", type=lambda v: csv_list(v, list(ENDPOINTS)), default=list(ENDPOINTS))
     parser.add_argument("--duration", type=float, default=8, help="seconds of measured load per endpoint and mode")
     parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each measurement")

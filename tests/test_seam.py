@@ -48,6 +48,7 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_looking",
         "_shrink",
         "_keeps",
+        "_ready",  # (Waiter's)
     }
     used = {
         word

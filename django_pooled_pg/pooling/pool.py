@@ -17,6 +17,7 @@ probing, recovery). ``pyproject.toml`` pins the psycopg_pool releases that were 
 
 from __future__ import annotations
 
+import _thread
 import logging
 import operator
 import select
@@ -54,6 +55,11 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_connect": ("timeout",),  # probe(): one connection attempt, bounded
     "_add_to_pool": ("conn",),  # probe(): the connection joins the idle ones (waiters served)
     "_get_ready_connection": ("timeout",),  # a taker takes a parked connection before waiting
+    "_getconn_unchecked": ("timeout",),  # getconn()'s wait in the queue, with a lighter waiter
+    "_stats": None,  # ...counted in psycopg_pool's counters as psycopg_pool counts it
+    "_check_open_getconn": (),  # a borrow's getconn() without psycopg_pool's wrapper (_take)
+    "_reset": None,  # putconn(): a `reset` callback of the user's takes psycopg_pool's way
+    "_return_connection": ("conn", "from_getconn"),  # putconn() without psycopg_pool's wrapper
     "_get_measures": (),  # parked connections count as available in get_stats()
     "_shrink_pool": (),  # its periodic upkeep also takes back long-parked connections
     "_reset_connection": ("conn",),  # putconn(): the reset is marked due, not run
@@ -202,7 +208,7 @@ class Pool(ConnectionPool[PooledConnection]):
                 if self.health.failing and self.probe():
                     continue  # the server is back: the probe's connection is in the pool
                 try:
-                    conn = self.getconn(min(remaining, wait_slice))
+                    conn = self._take(min(remaining, wait_slice))
                 except PoolTimeout:
                     # A process without a share fails at once; one that timed out below its
                     # max_size was held back by the budget (it grows whenever borrowers wait).
@@ -234,6 +240,19 @@ class Pool(ConnectionPool[PooledConnection]):
             ) from exc
         except PoolTimeout as exc:
             raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
+
+    def _take(self, timeout: float) -> PooledConnection:
+        """``getconn()`` for a borrow: without a ``check`` callback, psycopg_pool's minus its
+        two log calls and its check loop, which has nothing to check (a borrow goes through
+        six Python frames fewer)."""
+        if self._check is not None:
+            return self.getconn(timeout)
+        self._stats[self._REQUESTS_NUM] += 1
+        self._check_open_getconn()
+        conn = self._getconn_unchecked(timeout)
+        if conn._pooled_pg_pending:
+            self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
+        return conn
 
     def _clean(self, conn: PooledConnection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
@@ -407,6 +426,35 @@ class Pool(ConnectionPool[PooledConnection]):
                 released += 1
         return released
 
+    def _getconn_unchecked(self, timeout: float) -> PooledConnection:
+        # psycopg_pool's, with a :class:`Waiter` in the queue instead of its WaitingClient: the
+        # same decisions under the same lock, without a threading.Condition per wait. Under
+        # load every borrow waits here (16 threads on 4 connections), and the Condition's
+        # Python (its RLock, its waiter list, notify_all) was about 200 of the ~560 bytecodes
+        # psycopg_pool ran per request (sys.monitoring, bench/contended.py --view product).
+        with self._lock:
+            conn = self._get_ready_connection(timeout)
+            if conn is None:
+                started = time.monotonic()
+                waiter = Waiter()
+                self._waiting.append(waiter)  # type: ignore[arg-type]  # (the same contract)
+                self._stats[self._REQUESTS_QUEUED] += 1
+                self._maybe_grow_pool()
+        if conn is None:
+            try:
+                conn = waiter.wait(timeout, self._lock)
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    self._stats[self._REQUESTS_ERRORS] += 1
+                if waiter.conn is not None:  # interrupted just after a hand-over: give it back
+                    waiter.conn._pool = self
+                    self.putconn(waiter.conn)
+                raise
+            finally:
+                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - started))
+        conn._pool = self  # (psycopg_pool's mark of a connection out of the pool)
+        return conn
+
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Called by getconn() under self._lock: with no idle connection, take a parked one
         # (the longest parked: its borrower is most likely busy elsewhere) rather than wait.
@@ -563,6 +611,11 @@ class Pool(ConnectionPool[PooledConnection]):
                 conn.close()
                 self._given_back(1)
                 return
+        if getattr(conn, "_pool", None) is self and self._reset is None and not self._closed:
+            # psycopg_pool's putconn() without its log call and the checks just made: the
+            # connection is this pool's, the pool is open, and no `reset` callback wants a task.
+            self._return_connection(conn, from_getconn=False)
+            return
         super().putconn(conn)
 
     def _given_back(self, n: int) -> None:
@@ -600,6 +653,56 @@ class Pool(ConnectionPool[PooledConnection]):
                 self._checking.release()
 
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
+
+
+class Waiter:
+    """A borrower's place in the pool's queue: psycopg_pool's ``WaitingClient`` contract
+    (``set()`` and ``fail()`` return whether the borrower took what they hand it), on one bare
+    lock that the borrower blocks on and the giver releases.
+
+    psycopg_pool hands a connection over (``set()``) under the pool's lock, so a borrower whose
+    wait timed out settles under that lock too: either a connection came first and it takes it,
+    or it marks itself gone and ``set()`` passes the connection to the next in the queue. Nothing
+    is lost in the race between a timeout and a hand-over."""
+
+    __slots__ = ("conn", "error", "_ready")
+
+    def __init__(self) -> None:
+        self.conn: PooledConnection | None = None
+        self.error: BaseException | None = None
+        self._ready = _thread.allocate_lock()
+        self._ready.acquire()
+
+    def wait(self, timeout: float, pool_lock: Any) -> PooledConnection:
+        """The connection handed over within ``timeout`` seconds; else PoolTimeout, or the
+        error ``fail()`` handed over. Interrupted (KeyboardInterrupt), the caller gives back
+        a connection handed over meanwhile (``conn``)."""
+        ready = False
+        try:
+            ready = self._ready.acquire(timeout=max(timeout, 0.0))
+        finally:
+            if not ready:
+                with pool_lock:  # (where set() hands over: one of the two wins)
+                    if self.conn is None and self.error is None:
+                        self.error = PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+        if self.conn is not None:
+            return self.conn
+        assert self.error is not None
+        raise self.error
+
+    def set(self, conn: PooledConnection) -> bool:
+        if self.conn is not None or self.error is not None:
+            return False  # its borrower timed out (or went): the next one gets it
+        self.conn = conn
+        self._ready.release()
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        if self.conn is not None or self.error is not None:
+            return False
+        self.error = error
+        self._ready.release()
+        return True
 
 
 def _read_results(pgconn: Any, deadline: float) -> list[ExecStatus]:

@@ -1,0 +1,132 @@
+"""The pool's queue (``Pool._getconn_unchecked`` with its :class:`Waiter`): borrowers that find
+every connection in use wait in order and each gets a returned connection; one whose wait times
+out never takes a connection with it, even when the hand-over races the timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+from psycopg_pool import PoolTimeout
+
+from django_pooled_pg.errors import PoolExhausted
+from django_pooled_pg.pooling.pool import Waiter
+from tests.conftest import backend_pid, held_borrows, one, pool_in_use
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_many_threads_on_few_connections_all_finish_and_nothing_is_lost(pool_options):
+    pool_options(min_size=2, max_size=2, timeout=20)
+    pool = connection.pool
+    pool.wait(timeout=5)
+    queued = pool.get_stats().get("requests_queued", 0)
+    errors, done = [], []
+
+    def work():
+        try:
+            for i in range(40):
+                assert one(f"SELECT {i}") == i
+                connection.close()
+            done.append(1)
+        except Exception as exc:  # (reported below, with the others)
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(done) == 8
+    assert pool.get_stats().get("requests_queued", 0) > queued, "borrowers waited in the queue"
+    assert pool.get_stats()["pool_size"] == 2 and not pool._waiting
+    assert pool_in_use() == 0 and not held_borrows()
+
+
+def test_a_borrower_that_times_out_leaves_the_queue_and_takes_nothing(pool_options):
+    pool_options(min_size=1, max_size=1, timeout=0.5)
+    pool = connection.pool
+    pool.wait(timeout=5)
+    pid = backend_pid()  # the only connection, held by this thread
+    failures = []
+
+    def borrow():
+        try:
+            backend_pid()
+        except PoolExhausted as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=borrow)
+    started = time.monotonic()
+    thread.start()
+    thread.join(10)
+    assert failures and time.monotonic() - started < 5
+    connection.close()  # the connection goes back: nobody waits for it any more
+    assert pool.get_stats()["pool_available"] == 1 and pool_in_use() == 0
+    got = []
+    other = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
+    other.start()
+    other.join(10)
+    assert got == [pid], "the next borrower gets it at once"
+
+
+def test_a_hand_over_after_the_timeout_is_refused_and_goes_to_the_next_waiter(pool_options):
+    """psycopg_pool hands a connection to the first waiter whose ``set()`` accepts it, under
+    the pool's lock; a waiter that timed out settled under that lock and refuses it."""
+    pool_options(min_size=1, max_size=1)
+    lock = connection.pool._lock
+    late, next_one = Waiter(), Waiter()
+    with pytest.raises(PoolTimeout):
+        late.wait(0.05, lock)
+    conn = object()
+    with lock:
+        assert late.set(conn) is False  # (it timed out: the connection is not its)
+        assert next_one.set(conn) is True
+    assert next_one.wait(0.05, lock) is conn
+    assert late.fail(RuntimeError("closed")) is False
+
+
+def test_a_hand_over_before_the_wait_returns_at_once(pool_options):
+    pool_options(min_size=1, max_size=1)
+    lock, waiter, conn = connection.pool._lock, Waiter(), object()
+    with lock:
+        assert waiter.set(conn) is True
+    started = time.monotonic()
+    assert waiter.wait(5, lock) is conn and time.monotonic() - started < 1
+    failed = Waiter()
+    assert failed.fail(RuntimeError("the pool is closed")) is True
+    with pytest.raises(RuntimeError, match="closed"):
+        failed.wait(5, lock)
+
+
+def test_closing_the_pool_fails_its_waiters_at_once(pool_options):
+    pool_options(min_size=1, max_size=1, timeout=20)
+    pool = connection.pool
+    pool.wait(timeout=5)
+    backend_pid()  # the only connection, held
+    outcome = []
+
+    def borrow():
+        try:
+            pool.borrow()
+            outcome.append("got one")
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+
+    thread = threading.Thread(target=borrow)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not pool._waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool._waiting, "the borrower waits in the queue"
+    started = time.monotonic()
+    pool.close(timeout=1)
+    thread.join(10)
+    assert outcome == ["PoolClosed"] and time.monotonic() - started < 5, outcome
+    connection.close()  # (into a closed pool: closed)
