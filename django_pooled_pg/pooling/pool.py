@@ -55,7 +55,7 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_connect": ("timeout",),  # probe(): one connection attempt, bounded
     "_add_to_pool": ("conn",),  # probe(): the connection joins the idle ones (waiters served)
     "_get_ready_connection": ("timeout",),  # a taker takes a parked connection before waiting
-    "_getconn_unchecked": ("timeout",),  # getconn()'s wait in the queue, with a lighter waiter
+    "_getconn_unchecked": ("timeout",),  # the queue, with a lighter waiter; a pending reset read
     "_stats": None,  # ...counted in psycopg_pool's counters as psycopg_pool counts it
     "_check_open_getconn": (),  # a borrow's getconn() without psycopg_pool's wrapper (_take)
     "_reset": None,  # putconn(): a `reset` callback of the user's takes psycopg_pool's way
@@ -63,7 +63,6 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_get_measures": (),  # parked connections count as available in get_stats()
     "_shrink_pool": (),  # its periodic upkeep also takes back long-parked connections
     "_reset_connection": ("conn",),  # putconn(): the reset is marked due, not run
-    "_check_connection": ("conn",),  # getconn() with a `check`: a pending reset first
     "_close_connection": ("conn",),  # a connection closed for max_lifetime/max_idle: recycled
     "_add_connection": ("attempt", "growing"),  # the budget's refusal gives an attempt up
     "_maybe_grow_pool": (),  # no new attempt right after the budget refused one
@@ -140,19 +139,6 @@ class Pool(ConnectionPool[PooledConnection]):
         super().__init__(**kwargs)
 
     # ----- Resets sent on return (release.send_reset) -------------------------------------------
-
-    def getconn(self, timeout: float | None = None) -> PooledConnection:
-        conn = super().getconn(timeout)
-        if conn._pooled_pg_pending:
-            self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
-        return conn
-
-    def _check_connection(self, conn: PooledConnection) -> None:
-        # psycopg_pool runs the `check` callback of OPTIONS["pool"] here, before getconn()
-        # returns: the answer of the reset on the wire must be read first.
-        if self._check is not None and conn._pooled_pg_pending and not self.finish_reset(conn):
-            raise OperationalError("the connection's session reset failed")
-        super()._check_connection(conn)
 
     def finish_reset(self, conn: PooledConnection) -> bool:
         """Read the answer of the reset sent when ``conn`` went back (normally there already:
@@ -249,10 +235,7 @@ class Pool(ConnectionPool[PooledConnection]):
             return self.getconn(timeout)
         self._stats[self._REQUESTS_NUM] += 1
         self._check_open_getconn()
-        conn = self._getconn_unchecked(timeout)
-        if conn._pooled_pg_pending:
-            self.finish_reset(conn)  # closed if it failed: the borrower's liveness check drops it
-        return conn
+        return self._getconn_unchecked(timeout)
 
     def _clean(self, conn: PooledConnection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
@@ -453,6 +436,11 @@ class Pool(ConnectionPool[PooledConnection]):
             finally:
                 self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - started))
         conn._pool = self  # (psycopg_pool's mark of a connection out of the pool)
+        if conn._pooled_pg_pending:
+            # The answer of the reset it went back with is read as it leaves the queue, before
+            # psycopg_pool runs a `check` callback on it: closed if the reset failed, which
+            # the check or the borrower's liveness test (usable()) then drops.
+            self.finish_reset(conn)
         return conn
 
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
