@@ -80,7 +80,8 @@ ALL_MODES = ("direct", "persistent", "django-pool", "pooled-request", "pooled-tr
 #: ``make bench`` runs none. They say which part costs what under gunicorn, where the in-process
 #: runs do not show the whole gap (README, "Benchmarks").
 EXPERIMENTS = ("pooled-nokeep", "pooled-noreset", "pooled-select1", "pooled-sendreset", "pooled-nomiddleware",
-               "pooled-noprocessview", "pooled-norelease")  # fmt: skip
+               "pooled-noprocessview", "pooled-norelease", "pooled-fetchmany",
+               "pooled-latereset")  # fmt: skip
 OURS = ("pooled-request", "pooled-transaction")
 # name: (title, path; {pid} is the first product's id)
 ENDPOINTS = {
