@@ -25,13 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FREQUENCY = 1999  # samples per second per CPU
 PARTS = ("workers-user", "workers-kernel", "postgres", "wrk", "idle")
+WARMUP = 2  # seconds of wrk's load before each measured run (bench/run.py --warmup)
 
 
 def sample(mode: str, endpoint: str, duration: int, out: Path) -> dict[str, float]:
     """One run of ``mode`` under ``perf record -a``: µs of CPU per request by part, and req/s."""
     data = out / f"{mode}.data"
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--modes", mode, "--endpoints", endpoint, "--rounds", "1",
-           "--duration", str(duration), "--skip-overload", "--skip-autoscale", "--skip-micro", "--skip-contended",
+           "--duration", str(duration), "--warmup", str(WARMUP), "--skip-overload", "--skip-autoscale", "--skip-micro", "--skip-contended",
            "--output", str(out / mode)]  # fmt: skip
     subprocess.run(["perf", "record", "-a", "-q", "-F", str(FREQUENCY), "-o", str(data), "--", *cmd],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
@@ -50,9 +51,8 @@ def sample(mode: str, endpoint: str, duration: int, out: Path) -> dict[str, floa
             counts[part] += n
     raw = max((out / mode / "raw").glob("bench-*.json"))  # (this run's: the newest)
     result = json.loads(raw.read_text())["main"][mode][endpoint]
-    # Requests over the whole sampled run: wrk's warm-up (2 s by default) ran at about the same rate.
-    seconds = duration + 2
-    requests = result["rps"] * seconds
+    # Requests over the whole sampled run: the warm-up ran at about the measured rate.
+    requests = result["rps"] * (duration + WARMUP)
     per_request = {part: n * 1e6 / FREQUENCY / requests for part, n in counts.items()}
     return {**per_request, "req/s": result["rps"]}
 

@@ -64,6 +64,7 @@ for p in (str(ROOT), str(BENCH)):
         sys.path.insert(0, p)
 
 import psycopg  # noqa: E402
+from contended import TWEAKS  # noqa: E402
 
 from testsupport.gunicorn import Gunicorn as ShopGunicorn  # noqa: E402
 from testsupport.pgbouncer import PgBouncer  # noqa: E402
@@ -79,9 +80,7 @@ ALL_MODES = ("direct", "persistent", "django-pool", "pooled-request", "pooled-tr
 #: ``bench/gunicorn_tweak.py`` once the worker has loaded Django). ``--modes`` takes them too;
 #: ``make bench`` runs none. They say which part costs what under gunicorn, where the in-process
 #: runs do not show the whole gap (README, "Benchmarks").
-EXPERIMENTS = ("pooled-nokeep", "pooled-noreset", "pooled-select1", "pooled-sendreset", "pooled-nomiddleware",
-               "pooled-noprocessview", "pooled-norelease", "pooled-fetchmany",
-               "pooled-latereset")  # fmt: skip
+EXPERIMENTS = tuple(TWEAKS)
 OURS = ("pooled-request", "pooled-transaction")
 # name: (title, path; {pid} is the first product's id)
 ENDPOINTS = {
@@ -187,8 +186,6 @@ def tweak_code(mode: str) -> str:
     """The code an experiment mode runs in every worker (empty for the real modes)."""
     if mode not in EXPERIMENTS:
         return ""
-    from contended import TWEAKS
-
     base, code = TWEAKS[mode]
     assert base == "pooled"  # (release="request", as database() sets it)
     return code
