@@ -294,6 +294,23 @@ class Capacity:
         return {**asdict(self), "available": self.available, "over": self.over, "message": self.describe()}
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What ``poolstats --check`` says of one :class:`FleetStats`: the same reading the table and
+    the JSON show, so a probe and the table beside it never disagree."""
+
+    status: str  # "OK", "CRITICAL" or "UNKNOWN"
+    exit_code: int  # 0, 1, 2: what monitoring plugins expect of those words
+    message: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.status}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.exit_code, "message": self.message}
+
+
 @dataclass
 class FleetStats:
     """What :func:`stats` returns."""
@@ -304,6 +321,37 @@ class FleetStats:
     capacity: list[Capacity] = field(default_factory=list)
     #: Why something could not be read (missing table, unreachable server), in words.
     errors: list[str] = field(default_factory=list)
+
+    def live_processes(self) -> set[tuple[str, int]]:
+        """(host, pid) of every process whose row of some alias is not stale."""
+        return {(p.host, p.pid) for a in self.aliases.values() for p in a.live}
+
+    def verdict(self, window: float = 60.0) -> Verdict:
+        """The health of the fleet in one line: CRITICAL on any of :meth:`problems`, UNKNOWN
+        when nothing could be read or no process is live, else OK."""
+        problems = self.problems(window)
+        if problems:
+            more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+            return Verdict("CRITICAL", 1, problems[0] + more)
+        if self.errors:
+            return Verdict("UNKNOWN", 2, self.errors[0])
+        live = self.live_processes()
+        if not live:
+            stale = {(p.host, p.pid) for a in self.aliases.values() for p in a.processes}
+            if stale:
+                why = f"{len(stale)} process(es) published, none within its STALE_AFTER: is the site running?"
+            else:
+                why = (
+                    "no process publishes statistics (is the site running, with django_pooled_pg in "
+                    "INSTALLED_APPS and POOLED_PG['STATS_INTERVAL'] not None?)"
+                )
+            return Verdict("UNKNOWN", 2, why)
+        return Verdict(
+            "OK",
+            0,
+            f"{len(live)} live process(es), {len(self.aliases)} alias(es); no pool saturated, "
+            "timing out or leaking; within capacity",
+        )
 
     def problems(self, window: float = 60.0) -> list[str]:
         """What ``poolstats --check`` fails on, one line each: a pool saturated now, borrowers
@@ -337,10 +385,12 @@ class FleetStats:
                 )
         return found
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, window: float = 60.0) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
             "stats_database": self.stats_database,
+            "live_processes": len(self.live_processes()),
+            "check": self.verdict(window).to_dict(),
             "aliases": {name: a.to_dict() for name, a in self.aliases.items()},
             "capacity": [c.to_dict() for c in self.capacity],
             "errors": list(self.errors),

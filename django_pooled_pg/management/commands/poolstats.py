@@ -35,7 +35,7 @@ from django_pooled_pg.pooling.stats import COUNTERS, Histogram
 from django_pooled_pg.settings import read_stats_settings
 from django_pooled_pg.telemetry.fleet import AliasFleet, FleetStats, ServerView, fleet_stats
 
-EXIT_OK, EXIT_PROBLEM, EXIT_UNKNOWN = 0, 1, 2
+EXIT_UNKNOWN = 2  # (--check's exit codes are FleetStats.verdict()'s)
 #: Frames of each holder's stack that ``--holders`` prints.
 STACK_FRAMES = 6
 #: The counters shown as columns, with their headers.
@@ -244,11 +244,11 @@ def render_holders(entry: AliasFleet) -> list[str]:
     return out
 
 
-def render(fleet: FleetStats, section: str = "pools", top: int = 10) -> str:
+def render(fleet: FleetStats, section: str = "pools", top: int = 10, window: float = 60.0) -> str:
     when = datetime.fromtimestamp(fleet.taken_at).strftime("%Y-%m-%d %H:%M:%S")
-    processes = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
     out = [
-        f"poolstats {when}: {len(processes)} live process(es), statistics in database alias {fleet.stats_database!r}"
+        f"poolstats {when}: {len(fleet.live_processes())} live process(es), "
+        f"statistics in database alias {fleet.stats_database!r}"
     ]
     for entry in fleet.aliases.values():
         out.append("")
@@ -266,6 +266,8 @@ def render(fleet: FleetStats, section: str = "pools", top: int = 10) -> str:
     if not any(entry.processes for entry in fleet.aliases.values()) and not fleet.errors:
         out.append("no process publishes statistics: is the site running, with django_pooled_pg in INSTALLED_APPS?")
     out.append("")
+    # What --check would say of this very reading (the probe and the table never disagree).
+    out.append(f"check: {fleet.verdict(window).line}")
     if section == "views":
         out.append(
             "views: route names (or module.function), tasks, borrow() blocks; borrows given back; "
@@ -324,7 +326,8 @@ class Command(BaseCommand):
             type=float,
             default=60.0,
             metavar="SECONDS",
-            help="with --check: how recent a timeout or leak report must be to count (default 60)",
+            help="how recent a timeout or leak report must be to fail the check (--check, and the check "
+            "line of the table and JSON; default 60)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -352,11 +355,11 @@ class Command(BaseCommand):
             while True:
                 fleet = fleet_stats(alias)
                 if options["json"]:
-                    self.stdout.write(json.dumps(fleet.to_dict(), indent=None if watch else 2))
+                    self.stdout.write(json.dumps(fleet.to_dict(options["window"]), indent=None if watch else 2))
                 else:
                     if watch and terminal:
                         self.stdout.write("\x1b[H\x1b[2J", ending="")  # clear the screen, cursor home
-                    self.stdout.write(render(fleet, section, top))
+                    self.stdout.write(render(fleet, section, top, options["window"]))
                     if watch and terminal:
                         self.stdout.write(f"\nrefreshing every {watch:g}s; Ctrl-C to stop")
                     elif watch:
@@ -374,24 +377,6 @@ class Command(BaseCommand):
             sys.exit(EXIT_UNKNOWN)
 
     def check_fleet(self, alias: str | None, window: float) -> int:
-        fleet = fleet_stats(alias)
-        problems = fleet.problems(window)
-        if problems:
-            more = f" (+{len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-            self.stdout.write(f"CRITICAL: {problems[0]}{more}")
-            return EXIT_PROBLEM
-        live = {(p.host, p.pid) for a in fleet.aliases.values() for p in a.live}
-        if fleet.errors:
-            self.stdout.write(f"UNKNOWN: {fleet.errors[0]}")
-            return EXIT_UNKNOWN
-        if not live:
-            self.stdout.write(
-                "UNKNOWN: no process publishes statistics (is the site running, with "
-                "django_pooled_pg in INSTALLED_APPS and POOLED_PG['STATS_INTERVAL'] not None?)"
-            )
-            return EXIT_UNKNOWN
-        self.stdout.write(
-            f"OK: {len(live)} live process(es), {len(fleet.aliases)} alias(es); no pool saturated, "
-            "timing out or leaking; within capacity"
-        )
-        return EXIT_OK
+        verdict = fleet_stats(alias).verdict(window)
+        self.stdout.write(verdict.line)
+        return verdict.exit_code
