@@ -8,7 +8,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "django_pooled_pg"
+import django_pooled_pg
+
+# The package under test: the checkout's, or the installed wheel's (scripts/test-wheel).
+PACKAGE = Path(django_pooled_pg.__file__).resolve().parent
 #: Modules every layer may use: they import nothing of the package.
 SHARED = {"errors", "signals", "settings", "eventlog"}
 
