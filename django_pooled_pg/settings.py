@@ -17,8 +17,14 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
-#: The ENGINE values that are this package.
-ENGINES = {"django_pooled_pg", "django_pooled_pg.base"}
+#: The ENGINE values that are this package (django-prometheus's subclass included: its aliases
+#: are pools like any other, checked and published the same way).
+ENGINES = {
+    "django_pooled_pg",
+    "django_pooled_pg.base",
+    "django_pooled_pg.contrib.django_prometheus",
+    "django_pooled_pg.contrib.django_prometheus.base",
+}
 
 
 def pooled_aliases() -> dict[str, dict[str, Any]]:
@@ -445,7 +451,7 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
                 f"use one of: {', '.join(map(repr, databases))}.",
             )
         )
-    elif databases[alias].get("ENGINE") not in ("django_pooled_pg", "django_pooled_pg.base"):
+    elif databases[alias].get("ENGINE") not in ENGINES:
         problems.append(
             Problem(
                 "django_pooled_pg.E014",
@@ -459,7 +465,7 @@ def find_stats_problems(raw: Any, databases: Mapping[str, Any]) -> list[Problem]
 
 def default_stats_database(databases: Mapping[str, Any]) -> str:
     """``"default"`` if it uses this ENGINE, else the first alias that does."""
-    ours = [a for a, d in databases.items() if d.get("ENGINE") in ("django_pooled_pg", "django_pooled_pg.base")]
+    ours = [a for a, d in databases.items() if d.get("ENGINE") in ENGINES]
     return "default" if "default" in ours or not ours else ours[0]
 
 

@@ -70,6 +70,14 @@ def test_bad_settings_fail_manage_py_check(case):
     assert any(words.split(": ")[-1] in f"{e.msg} {e.hint}" for e in errors)
 
 
+def test_the_django_prometheus_engine_is_checked_like_ours():
+    """``contrib.django_prometheus`` is this ENGINE too: its aliases' settings are checked."""
+    bad = {**settings_dict({"pool": {"max_sise": 5}}, {}), "ENGINE": "django_pooled_pg.contrib.django_prometheus"}
+    with ignore_warnings(), override_settings(DATABASES={"default": bad}):
+        errors = [e for e in run_checks() if e.id.startswith("django_pooled_pg.")]
+    assert errors and 'did you mean "max_size"' in errors[0].msg + (errors[0].hint or "")
+
+
 def test_good_settings_pass_check_and_fill_defaults():
     with ignore_warnings(), override_settings(DATABASES={"default": settings_dict({"pool": {"max_size": 3}}, {})}):
         assert not [e for e in run_checks() if e.id.startswith("django_pooled_pg.")]

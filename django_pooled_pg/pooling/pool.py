@@ -494,7 +494,7 @@ class Pool(ConnectionPool[PooledConnection]):
             cause = self.health.last_error
             hint = ""
             if "unsupported startup parameter" in str(cause):
-                hint = ' (behind PgBouncer? set OPTIONS["pool"]["behind_pgbouncer"] = True, see the README)'
+                hint = ' (behind PgBouncer? set OPTIONS["pool"]["behind_pgbouncer"] = True: see the docs, Deployment, PgBouncer)'
             error: PoolError = DatabaseUnavailable(
                 f"database {self.alias!r} is unavailable: {str(cause).strip()}{hint}",
                 alias=self.alias,

@@ -45,7 +45,7 @@ DISCARD_ALL_STEPS = (
 BASELINE_QUERY = "SELECT name, setting FROM pg_settings WHERE source = 'session' ORDER BY name"
 
 #: Command tags of statements that change the session and so pin the connection with
-#: release="transaction" (the README lists them; base.SessionTrackingMixin reads them). SET LOCAL
+#: release="transaction" (the docs list them; base.SessionTrackingMixin reads them). SET LOCAL
 #: has the tag SET too: it pins until the request ends, harmlessly. CREATE TABLE / VIEW / SEQUENCE may make a
 #: temporary one; the tag does not say, so they all pin, harmlessly.
 PINNING_TAGS = frozenset(

@@ -140,7 +140,7 @@ class Counter:
 
     #: The attribute of AliasStats, and the key under which snapshots publish it.
     name: str
-    #: What it counts (Prometheus's help text; the README's table says the same).
+    #: What it counts (Prometheus's help text; the docs' table says the same).
     help: str
     #: The Prometheus family, after the ``django_pooled_pg_`` prefix (the client adds ``_total``).
     metric: str
