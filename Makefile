@@ -2,8 +2,10 @@
 SHELL := /bin/bash
 VENV_DJ52 := .venv/py311-django52
 VENV_DJ6  := .venv/py312-django6
-# The oldest psycopg and psycopg_pool that pyproject.toml allows, on Django 5.2.
-VENV_OLDEST := .venv/py311-oldest
+# The oldest psycopg and psycopg_pool that pyproject.toml allows, on the oldest Django 6 (6.0):
+# with the Django 5.2 run and the wheel's (the newest Django 6), every version in the ranges of
+# pyproject.toml, at both ends, runs the whole suite.
+VENV_OLDEST := .venv/py312-oldest
 OLDEST_PINS := "psycopg[binary]==3.3.0" "psycopg-pool==3.3.0"
 PYTEST_ARGS ?=
 DEMO_DATA := .pgdata-demo
@@ -24,7 +26,7 @@ EDITABLE := -m "not wheel"
 .PHONY: lint test test-django52 test-django6 test-oldest test-wheel dist demo django-suite bench screenshot clean docs
 
 # Django 5.2 and the oldest psycopg on editable installs; Django 6 on the built wheel.
-test: lint test-django52 test-wheel test-oldest
+test: lint docs test-django52 test-wheel test-oldest
 
 # ruff's lint and format check, mypy and import-linter's layer contracts (settings in
 # pyproject.toml), in the Django 6 venv.
@@ -59,7 +61,7 @@ $(VENV_DJ6)/.done: pyproject.toml scripts/mkvenv
 	scripts/mkvenv $(VENV_DJ6) 3.12 "Django>=6.0,<7"
 
 $(VENV_OLDEST)/.done: pyproject.toml scripts/mkvenv Makefile
-	scripts/mkvenv $(VENV_OLDEST) 3.11 "Django>=5.2,<5.3" $(OLDEST_PINS)
+	scripts/mkvenv $(VENV_OLDEST) 3.12 "Django>=6.0,<6.1" $(OLDEST_PINS)
 
 # The demo's own venv: Django 6 plus the demo extra (gunicorn, uvicorn).
 $(DEMO_VENV)/.done: pyproject.toml scripts/mkvenv
@@ -89,7 +91,7 @@ $(DOCS_VENV)/.done: pyproject.toml
 	touch $@
 
 docs: $(DOCS_VENV)/.done
-	$(DOCS_VENV)/bin/sphinx-build -W --keep-going -n -b html -d build/docs-doctrees docs build/docs
+	$(DOCS_VENV)/bin/sphinx-build -E -W --keep-going -n -b html -d build/docs-doctrees docs build/docs
 
 django-suite: $(VENV_DJ52)/.done $(VENV_DJ6)/.done
 	scripts/django-suite $(DJANGO_SUITE_ARGS)

@@ -1,5 +1,6 @@
 """Database features: Django's, plus the tests of Django's own suite that assert stock behaviour
-this backend changes on purpose (see ``make django-suite`` and docs/django-suite.md)."""
+this backend changes on purpose (see ``make django-suite`` and "Django's own test suite" in
+docs/development.rst)."""
 
 from __future__ import annotations
 
