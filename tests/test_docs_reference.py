@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
+import django_pooled_pg
 from django_pooled_pg import settings as pool_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "django_pooled_pg"
+# The package under test: the checkout's, or the installed wheel's (scripts/test-wheel).
+PACKAGE = Path(django_pooled_pg.__file__).resolve().parent
 CONFIGURATION = ROOT / "docs" / "configuration.rst"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.rst"
 
