@@ -18,6 +18,7 @@ probing, recovery). ``pyproject.toml`` pins the psycopg_pool releases that were 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import operator
 import select
@@ -429,6 +430,12 @@ class Pool(ConnectionPool[PooledConnection]):
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     self._stats[self._REQUESTS_ERRORS] += 1
+                # Out of the queue at once: borrow() waits in slices and queues again, and a
+                # waiter left behind until the next return counted one thread as two, three...
+                # against requests_waiting and max_waiting. (Only a wait that failed gets here.)
+                with self._lock:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(waiter)  # type: ignore[arg-type]  # (the same contract)
                 if waiter.conn is not None:  # interrupted just after a hand-over: give it back
                     waiter.conn._pool = self
                     self.putconn(waiter.conn)
