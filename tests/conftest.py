@@ -12,6 +12,7 @@ from django_pooled_pg import eventlog
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from tests import dbserver
+from testsupport.waiting import wait_until
 
 
 def pytest_addoption(parser):
@@ -94,26 +95,54 @@ def default_settings():
     sd.update(saved)
 
 
-def pool_in_use(alias: str = "default") -> int:
+def pool_in_use(alias: str = "default", expect: int = 0, settle: float = 10.0) -> int:
     """Connections of ``alias``'s pool that are borrowed right now (0 if it has no pool).
 
-    psycopg_pool counts a connection being opened in the background as part of the pool, so a
-    short wait lets a growing pool settle before the count is taken.
+    psycopg_pool counts a connection being opened in the background as part of the pool, so the
+    count is taken again until it is ``expect`` (what the caller asserts) or ``settle`` seconds
+    pass (generous: on a loaded machine a background connect can take a while); the last count
+    is returned either way, for the caller to assert.
     """
     pool = registry.get(alias)
     if pool is None or pool.closed:
         return 0
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + settle
     while True:
         stats = pool.get_stats()
         in_use = stats["pool_size"] - stats["pool_available"]
-        if in_use == 0 or time.monotonic() > deadline:
+        if in_use == expect or time.monotonic() > deadline:
             return in_use
         time.sleep(0.02)
 
 
 #: A statement whose answer shows whether a borrower's session setting reached the next one.
 TIMEOUT = "SELECT current_setting('statement_timeout')"
+
+
+def wait_backends_gone(conn: psycopg.Connection, pids, timeout: float = 30.0) -> None:
+    """Wait until the server processes ``pids`` have left ``pg_stat_activity`` (``conn``: any
+    connection to the server, outside the pools). After ``pg_terminate_backend()``: a backend
+    sends its "terminating connection" message before it leaves the view, so then the client's
+    socket has it to read (the pool's check finds the session dead), whatever the machine's load."""
+    pids = [int(pid) for pid in pids]
+    wait_until(
+        lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]).fetchone()[0] == 0,
+        timeout=timeout,
+        message=f"backends {pids} to end",
+    )
+
+
+def wait_statement_running(conn: psycopg.Connection, text: str, timeout: float = 30.0) -> None:
+    """Wait until a backend other than ``conn``'s runs a statement containing ``text``."""
+    wait_until(
+        lambda: conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+            "AND strpos(query, %s) > 0",
+            [text],
+        ).fetchone()[0],
+        timeout=timeout,
+        message=f"a backend running {text!r}",
+    )
 
 
 def one(sql: str):
@@ -134,6 +163,13 @@ def warnings_from(caplog, words: str) -> list[str]:
         for r in caplog.records
         if r.name == "django_pooled_pg" and r.levelno == logging.WARNING and words in r.getMessage()
     ]
+
+
+def borrowed(alias: str = "default") -> int:
+    """Connections of ``alias`` borrowed right now, by the ledger: exact at once (psycopg_pool's
+    counts include connections it is still opening, see :func:`pool_in_use`). A connection
+    parked for its thread's next borrow (release="transaction") is not counted."""
+    return sum(1 for b in list(ledger.borrows.values()) if b.alias == alias and not b.parked)
 
 
 def held_borrows() -> list:
@@ -163,8 +199,9 @@ def pool_is_whole_after(request):
         dbname="postgres", user=params["USER"], host=params["HOST"], port=params["PORT"], autocommit=True
     ) as conn:
         # A backend whose client just closed its connection (a test's own plain connection)
-        # takes a moment to leave pg_stat_activity; one our pool left behind stays.
-        deadline = time.monotonic() + 2
+        # takes a moment to leave pg_stat_activity (longer on a loaded machine); one our pool
+        # left behind stays.
+        deadline = time.monotonic() + 10
         while True:
             stuck = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%%'"

@@ -21,6 +21,7 @@ from django.db import connections
 from psycopg import sql
 
 from testsupport.gunicorn import Gunicorn
+from testsupport.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "testproject"
@@ -136,7 +137,10 @@ def live(data: dict) -> dict[int, dict]:
     return {p["pid"]: p for p in data["aliases"]["default"]["processes"] if not p["stale"]}
 
 
-def traffic(base: str, paths: list[str], threads: int, stop: threading.Event) -> None:
+def traffic(base: str, paths: list[str], threads: int, stop: threading.Event) -> list[threading.Thread]:
+    """``threads`` client threads requesting ``paths`` in turn until ``stop`` is set; returned, so
+    that a test can wait for them to finish their last requests (:func:`join`)."""
+
     def run(n: int) -> None:
         i = n
         while not stop.is_set():
@@ -146,13 +150,17 @@ def traffic(base: str, paths: list[str], threads: int, stop: threading.Event) ->
     workers = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(threads)]
     for w in workers:
         w.start()
+    return workers
 
 
-def wait_for(what: str, test, timeout: float = 20.0, every: float = 0.2):
+def join(threads: list[threading.Thread], timeout: float = 60.0) -> None:
+    """Wait until ``threads`` have ended (the traffic's last requests answered)."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = test()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"client threads still running after {timeout:g} s"
+
+
+def wait_for(what: str, test, timeout: float = 30.0, every: float = 0.2):
+    """``test()``'s first truthy value, polled every ``every`` seconds; fails after ``timeout``."""
+    return wait_until(test, timeout=timeout, interval=every, message=what)

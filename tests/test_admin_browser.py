@@ -21,13 +21,12 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.servers import ROOT, WORKERS, get, live, running_fleet, traffic, wait_for
+from tests.servers import ROOT, WORKERS, get, join, live, running_fleet, traffic, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: Written under build/ (ignored by git), so `make test` changes no tracked file; `make screenshot`
@@ -44,11 +43,19 @@ ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gunicorn") is None,
-    reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
+#: Whether the demo's history has a point in a 30 s bucket (the chart's step) that has ended.
+COMPLETE_BUCKET = (
+    "SELECT count(*) > 0 FROM django_pooled_pg_poolhistory WHERE alias = 'default' "
+    "AND floor(extract(epoch FROM taken_at) / 30) < floor(extract(epoch FROM now()) / 30)"
 )
+
+pytestmark = [
+    pytest.mark.slow,  # (a fleet under gunicorn and Chromium)
+    pytest.mark.skipif(
+        importlib.util.find_spec("gunicorn") is None,
+        reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
+    ),
+]
 
 
 def ensure_chromium() -> None:
@@ -108,7 +115,7 @@ def test_status_page_in_chromium(fleet):
 
     # Every worker serves some traffic and publishes it before the page opens.
     stop = threading.Event()
-    traffic(fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/"], 8, stop)
+    clients = traffic(fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/"], 8, stop)
     try:
         wait_for(
             "every worker to publish borrows",
@@ -120,8 +127,7 @@ def test_status_page_in_chromium(fleet):
         )
     finally:
         stop.set()
-    time.sleep(1.0)
-    started = time.monotonic()
+    join(clients)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
@@ -162,7 +168,9 @@ def test_status_page_in_chromium(fleet):
             hostile = "dpp default <img src=x onerror=window.__xss=1>:4242"
             sneaky = psycopg.connect(dbname=fleet.dbname, application_name=hostile, autocommit=True, **fleet.server)
             stop = threading.Event()
-            traffic(fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/", "/shop/slow/?s=0.3"], 12, stop)
+            clients = traffic(
+                fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/", "/shop/slow/?s=0.3"], 12, stop
+            )
             try:
                 wait_for("the borrows total to change", lambda: borrows.inner_text() != before, timeout=30, every=0.5)
                 after = borrows.inner_text()
@@ -170,7 +178,7 @@ def test_status_page_in_chromium(fleet):
                 wait_for(
                     "the hostile connection in the server's view",
                     lambda: any("(not publishing)" in t for t in server_rows.all_inner_texts()),
-                    timeout=15,
+                    timeout=30,
                     every=0.5,
                 )
                 assert "<img src=x onerror=window.__xss=1>:4242 (not publishing)" in server_rows.all_inner_texts()
@@ -179,13 +187,18 @@ def test_status_page_in_chromium(fleet):
                 assert int(after.replace(",", "")) > int(before.replace(",", ""))
                 assert int(page.locator("#dpp-status").get_attribute("data-refreshed")) >= 1
 
-                # Let the chart get a complete 30 s bucket, then reload for the screenshot.
-                while time.monotonic() - started < 40:
-                    time.sleep(1)
+                # Under traffic until the chart has a complete 30 s bucket (then reload for the
+                # screenshot): a bucket of the fleet's history that has ended, by the server's clock.
+                wait_for(
+                    "a complete 30 s bucket in the fleet's history",
+                    lambda: fleet.admin(COMPLETE_BUCKET, dbname=fleet.dbname)[0][0],
+                    timeout=90,
+                    every=1,
+                )
             finally:
                 stop.set()
                 sneaky.close()
-            time.sleep(2)  # the slow requests finish
+            join(clients)  # the slow requests finish
             # Which views held the pool, by their route names; and, during three slow requests in
             # a transaction, the connections checked out now, with the view and where it borrowed.
             views = page.locator("section[data-alias=default] tbody[data-rows=views] tr td:first-child")
@@ -194,7 +207,8 @@ def test_status_page_in_chromium(fleet):
             ).all_inner_texts()
             assert {"shop:three", "shop:product", "shop:order", "shop:slow"} <= set(names), names
             assert not [name for name in names if name.startswith("/")], names
-            holding = [threading.Thread(target=get, args=(fleet.base + "/shop/slow/?s=12&tx=1", 40)) for _ in range(3)]
+            # (20 s: the checks below, each a browser round trip, can take a while on a busy machine)
+            holding = [threading.Thread(target=get, args=(fleet.base + "/shop/slow/?s=20&tx=1", 60)) for _ in range(3)]
             for thread in holding:
                 thread.start()
             holders = page.locator("section[data-alias=default] tbody[data-rows=holders] tr")
@@ -203,7 +217,7 @@ def test_status_page_in_chromium(fleet):
                 rows = [row.locator("td").all_inner_texts() for row in holders.all()]
                 return [cells for cells in rows if len(cells) > 5 and cells[2] == "shop:slow"]
 
-            wait_for("three holders on the page", lambda: len(slow_holders()) >= 3, timeout=15, every=0.5)
+            wait_for("three holders on the page", lambda: len(slow_holders()) >= 3, timeout=30, every=0.5)
             page.reload()
             page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
             # (A row of a request still running its first statement reads "active": CI once caught
@@ -211,7 +225,7 @@ def test_status_page_in_chromium(fleet):
             waiting = wait_for(
                 "a holder in its wait after the reload",
                 lambda: [cells for cells in slow_holders() if cells[4] == "idle in transaction"],
-                timeout=10,
+                timeout=30,
                 every=0.5,
             )
             cells = waiting[0]

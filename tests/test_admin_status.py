@@ -246,7 +246,23 @@ def test_publishing_appends_history_points_and_the_page_charts_them(superuser, m
     assert len(borrows) == 2 and borrows[1] == 2, "the second point counts the borrows since the first"
 
     read = history.read()
-    assert not read.errors and read.aliases["default"].current_borrows >= 2  # the bucket filling now
+    assert not read.errors
+    # The reader sums the borrows of the bucket still filling apart from the complete ones. Which
+    # one holds our points depends on the wall clock (a 30 s boundary may pass during the test,
+    # the more likely the busier the machine), so look where the server's clock puts them.
+    series = read.aliases["default"]
+    [(filling,)] = superuser.execute(
+        "SELECT bool_and(floor(extract(epoch FROM taken_at) / 30) = floor(%s / 30)) "
+        "FROM django_pooled_pg_poolhistory WHERE pid = %s AND alias = 'default'",
+        [series.end, os.getpid()],
+    ).fetchall()
+    if filling:
+        assert series.current_borrows >= 2 and not series.at, series  # the bucket filling now
+    else:
+        assert sum(series.borrows) + series.current_borrows >= 2 and series.at, series
+    # Our points have been checked: without them the complete buckets below are the inserted
+    # ones alone, whichever 30 s boundaries the clock crosses from here on.
+    superuser.execute("DELETE FROM django_pooled_pg_poolhistory WHERE pid = %s", [os.getpid()])
     # Complete buckets are time-weighted fleet averages: two processes of max_size 4, each point
     # standing for 10 s, three points each in a 30 s bucket -> 8.
     superuser.execute(
@@ -307,6 +323,7 @@ def test_a_missing_history_table_costs_the_chart_not_the_publication(superuser, 
 # ----- 200 processes x 5 aliases -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # (360,000 history rows: about 12 s)
 def test_a_big_fleet_renders_fast_with_a_bounded_number_of_queries(superuser):
     query()
     publish_now()
@@ -364,5 +381,8 @@ def test_a_big_fleet_renders_fast_with_a_bounded_number_of_queries(superuser):
         f"JSON with chart {chart_elapsed * 1000:.0f} ms"
     )
     assert few_queries <= 6
-    assert best < 3.0, f"the page took {best:.2f}s"
+    # Wall clock, so generous: about 1.6 s on an idle 2-core machine, 4.7 s with two CPU-bound
+    # processes beside it. Queries per row would show in the count above; a render that grows
+    # with the square of the rows would take far longer than this.
+    assert best < 10.0, f"the page took {best:.2f}s"
     json.dumps(model)

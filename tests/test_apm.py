@@ -26,15 +26,24 @@ def one_connection(pool_options):
     pool_options(min_size=1, max_size=1, timeout=5)
 
 
+class Calls(list):
+    """How long each wrapped connect() took; ``entered`` is set when one starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+
+
 @pytest.fixture
 def timed_connect():
     """Wrap BaseDatabaseWrapper.connect as an APM tool does, recording how long each call took."""
     original = BaseDatabaseWrapper.connect
-    calls: list[float] = []
+    calls = Calls()
 
     @functools.wraps(original)
     def connect(self):
         started = time.monotonic()
+        calls.entered.set()
         try:
             return original(self)
         finally:
@@ -56,19 +65,23 @@ def test_a_wrapped_connect_times_the_wait_for_a_pool_connection(one_connection, 
     def hold():
         with pinned() as wrapper, wrapper.cursor() as cursor:
             cursor.execute("SELECT 1")
+            timed_connect.entered.clear()  # (set by this thread's own connect)
             held.set()
+            # Hold the only connection until the main thread's connect() has begun, and 0.5 s
+            # more: that connect() waits at least that long, however late either thread runs.
+            timed_connect.entered.wait(30)
             time.sleep(0.5)
         wrapper.close()
 
     thread = threading.Thread(target=hold)
     thread.start()
-    assert held.wait(5)
+    assert held.wait(30)
     timed_connect.clear()
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     thread.join()
     assert apm.connect_is_wrapped()
-    assert len(timed_connect) == 1 and timed_connect[0] >= 0.4, timed_connect
+    assert len(timed_connect) == 1 and timed_connect[0] >= 0.5, timed_connect
     connection.close()
 
 

@@ -40,11 +40,15 @@ from django_pooled_pg.pooling.registry import registry
 from tests import dbserver
 from tests.servers import PROJECT, Fleet, children, get, live, wait_for
 from testsupport.gunicorn import Gunicorn
+from testsupport.waiting import wait_until
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gunicorn") is None,
-    reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
-)
+pytestmark = [
+    pytest.mark.slow,  # (gunicorn fleets and a burst of processes)
+    pytest.mark.skipif(
+        importlib.util.find_spec("gunicorn") is None,
+        reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
+    ),
+]
 
 #: The ordinary role the fleets connect as (superusers may take the reserved slots).
 ROLE = "dpp_budget"
@@ -389,7 +393,19 @@ def test_budget_holds_while_gunicorn_scales_up_and_down(tight_server, tmp_path, 
             gunicorn.scale_to(3)
             sampler.mark("3 workers")
             scaled_down = time.monotonic() - sampler.t0
-            time.sleep(8)
+
+            def budget_used_again() -> bool:
+                return sampler.per_phase()["3 workers"][0] >= budget - 2 and load.statuses(since=scaled_down)[200] > 0
+
+            # Under load until the 3 workers have used the budget again (a few seconds when the
+            # machine is idle), then 2 s more of it within the budget.
+            wait_until(
+                budget_used_again,
+                timeout=60,
+                interval=0.5,
+                message=lambda: f"the budget used again: {sampler.report()}",
+            )
+            time.sleep(2)
         finally:
             load.stop()
             sampler.finish()
@@ -423,16 +439,22 @@ def test_budget_is_shared_by_two_hosts(tight_server, tmp_path, release):
         for gunicorn in masters:
             load.add(gunicorn.base, HOLD, 12)
             load.add(gunicorn.base, QUICK[0], 2)
+        names: set[str] = set()
+
+        def both_serve() -> bool:
+            """Each master has served, and (with host names) each host's connections were seen."""
+            rows = fleet.admin("SELECT application_name FROM pg_stat_activity WHERE datname = %s", [fleet.dbname])
+            names.update(row[0] for row in rows)
+            seen = {host for host in hosts if host is not None and any(f" {host}:" in name for name in names)}
+            return seen == {host for host in hosts if host is not None} and all(
+                load.statuses(gunicorn.base)[200] > 0 for gunicorn in masters
+            )
+
         try:
             sampler.mark("both under load")
-            time.sleep(5)
-            names = {
-                row[0]
-                for row in fleet.admin(
-                    "SELECT application_name FROM pg_stat_activity WHERE datname = %s", [fleet.dbname]
-                )
-            }
-            time.sleep(7)
+            wait_until(both_serve, timeout=60, interval=0.5, message=lambda: f"both hosts serving: {sorted(names)}")
+            # The load goes on for 12 s in all: the budget must hold throughout.
+            time.sleep(max(0.0, 12 - (time.monotonic() - sampler.t0)))
         finally:
             load.stop()
             sampler.finish()

@@ -19,6 +19,7 @@ from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import find_problems
 from django_pooled_pg.telemetry.snapshot import application_name
 from tests.conftest import one, plain_connection
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,8 +35,15 @@ def fresh(conn) -> int:
     budget of the next one counts them all)."""
     connections["default"].close()
     registry.close("default")
+    # Sessions of the pool just closed, or of a test that just ended, may linger a moment (longer
+    # on a loaded machine): wait until none of the default alias's pools' sessions is left.
+    pooled = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'dpp default %%'"
+    )
+    wait_until(lambda: conn.execute(pooled).fetchone()[0] == 0, message="the earlier pools' sessions to end")
     seen = [backends(conn)]
-    while len(seen) < 3 or len(set(seen[-3:])) > 1:  # (sessions of a test that just ended may linger)
+    while len(seen) < 3 or len(set(seen[-3:])) > 1:  # (and any other session that is ending)
         time.sleep(0.1)
         seen.append(backends(conn))
     return seen[-1]
@@ -121,12 +129,14 @@ def test_a_process_without_a_share_gets_a_fast_503_and_the_budget_holds(pool_opt
     with pytest.raises(BudgetExhausted, match="fleet budget"):
         one("SELECT 1")
     waited = time.monotonic() - started
-    assert waited < budget_module.LOOK_EVERY + 1.0, waited  # (the pool's timeout is 10 s)
+    assert waited < 5.0, waited  # at once: well within the pool's timeout of 10 s, even on a busy machine
     pool = registry.get("default")
     assert pool.stats.budget_refused >= 1
     for conn in others:
         conn.close()
-    time.sleep(budget_module.BACK_OFF)
+    # The others' sessions gone from the server's count, and the back-off after the refusal over.
+    wait_until(lambda: backends(superuser) <= budget - 3, message="the other processes' sessions to end")
+    wait_until(lambda: not pool.budget.refused_recently(), message="the back-off after the refusal to end")
     assert one("SELECT 1") == 1
     connections["default"].close()
     assert sampler.close() <= budget
@@ -168,13 +178,12 @@ def test_a_newcomer_takes_the_reserve_and_idle_connections_above_the_fair_share_
     before = pool.stats.budget_given_back
     newcomer = plain(application_name("default", pid=1))  # (its pool's first connection)
     try:
-        deadline = time.monotonic() + 5
-        while pool.stats.budget_given_back == before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: pool.stats.budget_given_back != before, message="a connection given back")
         # fair share: (budget - 1) // 2 processes = 2
         assert pool.stats.budget_given_back == before + 1
         assert pool.get_stats()["pool_size"] == 2
-        assert backends(superuser) <= budget - 2  # the reserve and the door free again
+        # the reserve and the door free again (once the closed session has left the server)
+        wait_until(lambda: backends(superuser) <= budget - 2, message="the given-back session to end")
     finally:
         newcomer.close()
     assert one("SELECT 1") == 1
@@ -248,9 +257,7 @@ def test_connections_in_use_above_the_fair_share_go_back_when_returned(pool_opti
     # the usable budget (as if the second had come through the door at the same moment).
     newcomers = [plain(application_name("default", pid=pid)) for pid in (1, 2)]
     try:
-        deadline = time.monotonic() + 5
-        while pool.stats.budget_given_back == before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: pool.stats.budget_given_back != before, message="the idle connection given back")
         assert pool.stats.budget_given_back == before + 1  # the idle one, at once
         busy.set()
         for thread in holders:

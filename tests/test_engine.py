@@ -47,7 +47,7 @@ def test_queries_borrow_and_close_returns():
     assert connection.connection is None
     Item.objects.create(name="a")
     assert connection.connection is not None
-    assert pool_in_use() == 1
+    assert pool_in_use(expect=1) == 1
     connection.close()
     assert pool_in_use() == 0
     assert Item.objects.count() == 1

@@ -4,7 +4,6 @@ summary with the count; the counters stay exact."""
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 from django.test import Client
@@ -12,6 +11,7 @@ from django.test import Client
 from django_pooled_pg import eventlog
 from django_pooled_pg.pooling.ledger import ledger
 from tests.conftest import held_borrows, warnings_from
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,9 +26,7 @@ def test_threads_ending_with_a_connection_are_logged_once_then_summed_up(caplog,
     with caplog.at_level(logging.WARNING, logger="django_pooled_pg"):
         for _ in range(20):
             assert client.get("/executor/").json() == {"counts": [0, 0, 0]}  # 3 threads each
-        deadline = time.monotonic() + 5
-        while held_borrows() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not held_borrows(), message="the executor threads' connections given back")
         ended = stats.reclaimed - reclaimed  # (an executor thread may run two of a request's queries)
         assert not held_borrows() and ended >= 20, ended
         details = warnings_from(caplog, "ended holding a connection to database 'default'")

@@ -18,8 +18,9 @@ from django.test import Client
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
-from tests.conftest import per_call, pool_in_use
+from tests.conftest import borrowed, per_call, pool_in_use, wait_backends_gone
 from tests.tcpproxy import SilentProxy
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,7 +56,8 @@ def test_idle_connections_killed_by_the_server_are_replaced_unseen(pool_options,
         [pids],
     ).fetchone()[0]
     assert killed == 4
-    time.sleep(0.2)  # let the terminations reach the sockets
+    wait_backends_gone(superuser, pids)  # the terminations have reached the sockets
+    time.sleep(0.1)  # and the connections went back longer ago than the pool trusts them unchecked
     lost = ledger.stats_for("default").lost
     client = Client()
     for _ in range(8):
@@ -68,6 +70,7 @@ def test_idle_connections_killed_by_the_server_are_replaced_unseen(pool_options,
 BUDGETS = pytest.mark.parametrize("budget", [{}, {"fleet_max_size": 50}], ids=["", "budget"])
 
 
+@pytest.mark.slow  # (restarts the cluster)
 @BUDGETS
 def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, server, budget):
     """psycopg_pool's check backs off between dead connections: with 8 of them the first request
@@ -79,7 +82,8 @@ def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, ser
     response = Client().get("/query/")
     elapsed = time.monotonic() - started
     assert response.status_code == 200, response.content
-    assert elapsed < 2.0, f"first request after the restart took {elapsed:.2f}s"
+    # Not after psycopg_pool's back-off, nor the pool's timeout (10 s); generous for a busy machine.
+    assert elapsed < 5.0, f"first request after the restart took {elapsed:.2f}s"
     figure("first request after a restart, 16 idle connections", elapsed)
     registry.close_all()  # other pools of this process hold connections the restart killed
 
@@ -138,15 +142,17 @@ def concurrently(paths: list[str], join: float = 30.0) -> list[tuple[int, float]
     return results  # type: ignore[return-value]
 
 
+@pytest.mark.slow  # (restarts the cluster)
 def test_in_flight_requests_fail_with_503_during_a_restart(pool_options, server):
     """Requests holding a connection when the server restarts get 503 (not 500); the next
     request succeeds."""
     pool_options(min_size=4, max_size=4, timeout=5)
     fill_pool(4)
     results: list[tuple[int, float] | None] = []
-    worker = threading.Thread(target=lambda: results.extend(concurrently(["/query-wait-query/?s=0.6"] * 4)))
+    worker = threading.Thread(target=lambda: results.extend(concurrently(["/query-wait-query/?s=2"] * 4)))
     worker.start()
-    time.sleep(0.25)  # every request has run its first query and is "calling another service"
+    # Every request has borrowed for its first query and is "calling another service" (2 s).
+    wait_until(lambda: borrowed() == 4, message="every request holding a connection")
     server.restart()
     worker.join(30)
     assert not worker.is_alive()
@@ -191,6 +197,7 @@ def test_liveness_check_costs_a_poll_not_a_round_trip(pool_options):
     assert poll < ping / 3, (poll, ping)
 
 
+@pytest.mark.slow  # (stops the cluster for 10 s)
 @BUDGETS
 def test_server_down_when_the_app_starts(pool_options, server, budget):
     """A fresh pool while the server is down: fast 503s, and recovery by itself, without
@@ -209,7 +216,8 @@ def test_server_down_when_the_app_starts(pool_options, server, budget):
             latencies.append(time.monotonic() - down_since - sum(latencies))
             assert response.status_code == 503
             assert response["Retry-After"] == "5"
-        assert max(latencies) < 2.5, latencies
+        # Fast: not the pool's timeout (10 s); generous for a busy machine.
+        assert max(latencies) < 5.0, latencies
         figure("503 latency, server down (max)", max(latencies))
     finally:
         server.start()
@@ -219,6 +227,7 @@ def test_server_down_when_the_app_starts(pool_options, server, budget):
     registry.close_all()
 
 
+@pytest.mark.slow  # (waits out connect and pool timeouts: 6 s)
 def test_silent_network(default_settings, server):
     """A proxy that stops forwarding (sockets stay open): new borrowers get 503 within the
     configured timeouts, no request thread is left hanging once the network is back, and the
@@ -232,19 +241,21 @@ def test_silent_network(default_settings, server):
             pool={"min_size": 2, "max_size": 4, "timeout": 3, "ping_after": 0.3},
         )
         fill_pool(2)
-        # One request is between its two queries when the network goes silent.
+        # One request is between its two queries when the network goes silent (its second query
+        # comes 1.5 s after its first: after the pause below, while the borrowers below wait).
         in_flight: list[tuple[int, float]] = []
-        worker = threading.Thread(target=lambda: in_flight.extend(concurrently(["/query-wait-query/?s=0.5"])))
+        worker = threading.Thread(target=lambda: in_flight.extend(concurrently(["/query-wait-query/?s=1.5"])))
         worker.start()
-        time.sleep(0.2)
+        wait_until(lambda: borrowed() >= 1, message="the request's first borrow")
         proxy.pause()
         time.sleep(0.5)  # idle connections are now older than ping_after: a borrow pings them
         results = concurrently(["/query/"] * 4, join=20)
         statuses = [status for status, _ in results]
         slowest = max(elapsed for _, elapsed in results)
         assert statuses == [503] * 4, results
-        # timeout 3 s; a ping and a connect attempt bounded by connect_timeout (2 s) each.
-        assert slowest < 3 + 2 * 2 + 1, results
+        # timeout 3 s; a ping and a connect attempt bounded by connect_timeout (2 s) each; and
+        # slack for a busy machine.
+        assert slowest < 3 + 2 * 2 + 3, results
         figure("503 latency, silent network (slowest of 4)", slowest)
         # Its second query was sent into the silence: it waits for an answer. libpq has no read
         # timeout; on a real network tcp_user_timeout ends it (README: recommended settings).
@@ -289,13 +300,16 @@ def test_max_lifetime_and_max_idle_recycle_without_failures(pool_options):
     # Light load: the connections above min_size are closed after max_idle.
     pool = registry.get("default")
     client = Client()
-    deadline = time.monotonic() + 5
-    while pool.get_stats()["pool_size"] > 2 and time.monotonic() < deadline:
+
+    def shrunk() -> bool:
         assert client.get("/query/").status_code == 200
-        time.sleep(0.05)
+        return pool.get_stats()["pool_size"] <= 2
+
+    wait_until(shrunk, message=lambda: f"the pool to shrink to min_size: {pool.get_stats()}")
     assert pool.get_stats()["pool_size"] == 2, pool.get_stats()
 
 
+@pytest.mark.slow  # (restarts the cluster twice)
 def test_max_connections_taken_by_others(pool_options, server, caplog):
     """Every server slot taken by other clients: fast 503s with a log line naming the cause,
     never a hang; recovery when the slots free up."""
@@ -311,13 +325,13 @@ def test_max_connections_taken_by_others(pool_options, server, caplog):
                 break
         else:
             pytest.fail("max_connections was never reached")
-        pool_options(min_size=1, max_size=4, timeout=5)
+        pool_options(min_size=1, max_size=4, timeout=10)
         client = Client(raise_request_exception=False)
         with caplog.at_level(logging.WARNING, logger="django_pooled_pg"):
             for _ in range(3):
                 status, elapsed = timed_get(client, "/query/")
                 assert status == 503
-                assert elapsed < 2.5, elapsed
+                assert elapsed < 5.0, elapsed  # fast: not the pool's timeout (10 s)
         assert "too many clients" in caplog.text, caplog.text
         figure("503 latency, max_connections taken", elapsed)
         for conn in others:
@@ -335,26 +349,31 @@ def test_max_connections_taken_by_others(pool_options, server, caplog):
         registry.close_all()
 
 
+@pytest.mark.slow  # (restarts the cluster)
 def test_atomic_writes_during_a_restart_fail_with_503(pool_options, server):
     """Six threads creating orders in atomic blocks while the server restarts: each request
     commits (200) or gets 503, never 500. (Django's atomic closes a connection whose rollback
     failed and borrows a new one to restore autocommit, before the error reaches the middleware:
     that was a 500.)"""
     pool_options(min_size=4, max_size=4, timeout=5)
-    stop = time.monotonic() + 2.5
+    stop = threading.Event()
     statuses: list[int] = []
 
     def run():
         client = Client(raise_request_exception=False)
-        while time.monotonic() < stop:
+        while not stop.is_set():
             statuses.append(client.get(f"/order/?name=atomic-{threading.get_ident()}-{len(statuses)}").status_code)
         connection.close()
 
     threads = [threading.Thread(target=run) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(0.8)
-    server.restart()
+    try:
+        wait_until(lambda: statuses.count(200) > 10, message="orders committed before the restart")
+        server.restart()
+        time.sleep(1.0)  # writes go on after the restart
+    finally:
+        stop.set()
     for t in threads:
         t.join(20)
     registry.close_all()

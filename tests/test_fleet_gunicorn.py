@@ -7,16 +7,18 @@ import importlib.util
 import os
 import signal
 import threading
-import time
 
 import pytest
 
-from tests.servers import WORKERS, live, running_fleet, traffic, wait_for
+from tests.servers import WORKERS, join, live, running_fleet, traffic, wait_for
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gunicorn") is None,
-    reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
-)
+pytestmark = [
+    pytest.mark.slow,  # (a fleet under gunicorn)
+    pytest.mark.skipif(
+        importlib.util.find_spec("gunicorn") is None,
+        reason="gunicorn is not installed in this environment (pip install -e '.[test]')",
+    ),
+]
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
 
     # Traffic until every worker has served some and published it.
     stop = threading.Event()
-    traffic(fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/"], 8, stop)
+    clients = traffic(fleet.base, ["/shop/three/", "/shop/product/1/", "/shop/order/"], 8, stop)
     try:
         data = wait_for(
             "every worker to publish borrows",
@@ -43,7 +45,7 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
         )
     finally:
         stop.set()
-    time.sleep(1.0)  # traffic over, pools at rest, rows refreshed
+    join(clients)  # traffic over; the pools come to rest and the rows are refreshed (waited for below)
 
     # The server's view per worker is what pg_stat_activity says.
     def matches() -> dict | None:
@@ -62,7 +64,7 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
         )
         return data if ok else None
 
-    data = wait_for("server counts to match pg_stat_activity", matches, timeout=10, every=0.5)
+    data = wait_for("server counts to match pg_stat_activity", matches, timeout=30, every=0.5)
     alias = data["aliases"]["default"]
     assert alias["database"] == fleet.dbname
     assert alias["total"]["processes"] == WORKERS
@@ -78,16 +80,17 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
 
     # Saturation: slow requests hold every connection of the workers' pools for 2 s.
     stop = threading.Event()
-    traffic(fleet.base, ["/shop/slow/?s=2"], 8 * WORKERS, stop)
+    clients = traffic(fleet.base, ["/shop/slow/?s=2"], 8 * WORKERS, stop)
     try:
-        status, line = wait_for("--check to fail", lambda: (c := fleet.check())[0] != 0 and c, timeout=15, every=0)
+        status, line = wait_for("--check to fail", lambda: (c := fleet.check())[0] != 0 and c, timeout=30, every=0)
     finally:
         stop.set()
     assert status == 1 and line.startswith("CRITICAL: pool 'default' of ") and " is saturated: 4/4 in use" in line
     assert "\n" not in line
     # On a slow machine some of those borrowers may also have timed out, which --check reports
     # for --window seconds after; the saturation itself must clear at once.
-    wait_for("--check to pass again", lambda: fleet.check("--window", "0")[0] == 0, timeout=20, every=0.5)
+    wait_for("--check to pass again", lambda: fleet.check("--window", "0")[0] == 0, timeout=30, every=0.5)
+    join(clients)
 
     # A killed worker's row goes stale, then is pruned by the others.
     victim = min(workers)
@@ -99,4 +102,4 @@ def test_poolstats_sees_every_gunicorn_worker(fleet):
     stale = wait_for("the killed worker's row to go stale", lambda: (r := row(fleet.poolstats())) and r["stale"] and r)
     assert stale["age"] > 1.5
     # Keep the others publishing (a worker publishes while its pool exists) and wait for pruning.
-    wait_for("the killed worker's row to be pruned", lambda: row(fleet.poolstats()) is None, timeout=20, every=0.5)
+    wait_for("the killed worker's row to be pruned", lambda: row(fleet.poolstats()) is None, timeout=30, every=0.5)

@@ -10,7 +10,8 @@ import time
 import pytest
 from django.db import connection, connections
 
-from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use
+from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use, wait_backends_gone
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,7 +60,9 @@ def test_a_kept_connection_is_reset_before_its_own_thread_uses_it_again(one_conn
     assert backend_pid() == pid and one(TIMEOUT) == "0"
 
 
-def test_another_thread_takes_a_kept_connection_reset(one_connection):
+def test_another_thread_takes_a_kept_connection_reset(pool_options):
+    pool_options(min_size=1, max_size=1, timeout=30)  # (a long timeout: "at once" is far below it)
+    connection.pool.wait(timeout=5)
     stats = connection.pool.stats
     one("SELECT set_config('statement_timeout', '4321ms', false)")
     pid = backend_pid()
@@ -67,7 +70,7 @@ def test_another_thread_takes_a_kept_connection_reset(one_connection):
     taken = stats.parked_taken
     started = time.monotonic()
     assert in_thread(lambda: (backend_pid(), one(TIMEOUT))) == (pid, "0")
-    assert time.monotonic() - started < 2, "taken at once, not after the pool's timeout (5 s)"
+    assert time.monotonic() - started < 10, "taken at once, not after the pool's timeout (30 s)"
     assert stats.parked_taken == taken + 1
     assert backend_pid() == pid  # and back: this thread's own keep was taken, so it borrows
     connection.close()
@@ -80,9 +83,7 @@ def test_a_waiting_borrower_gets_the_returned_connection(one_connection):
     waiter = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
     waiter.start()
     pool = connection.pool
-    deadline = time.monotonic() + 5
-    while pool.get_stats().get("requests_waiting", 0) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: pool.get_stats().get("requests_waiting", 0) >= 1, interval=0.01, message="the waiter")
     connection.close()
     assert not connection._kept, "a connection someone waits for is not kept"
     waiter.join(5)
@@ -95,6 +96,7 @@ def test_a_kept_connection_killed_meanwhile_is_replaced(one_connection, superuse
     connection.close()
     lost = stats.lost
     superuser.execute("SELECT pg_terminate_backend(%s)", [pid])
+    wait_backends_gone(superuser, [pid])  # the termination has reached the socket
     time.sleep(0.1)  # longer than a connection given back just now is trusted unchecked
     assert backend_pid() != pid  # no error: the dead session was noticed and another borrowed
     assert stats.lost == lost + 1
@@ -108,19 +110,14 @@ def test_a_kept_connection_past_max_lifetime_is_recycled(pool_options, superuser
     time.sleep(0.6)
     assert backend_pid() != pid
     connection.close()
-    deadline = time.monotonic() + 5
-    while superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]:
-        assert time.monotonic() < deadline, "the expired session was not closed"
-        time.sleep(0.05)
+    wait_backends_gone(superuser, [pid])  # the expired session was closed
 
 
 def test_a_thread_that_ends_with_a_kept_connection_gives_it_back(one_connection):
     pool, stats = connection.pool, connection.pool.stats
     reclaimed = stats.reclaimed
     pid = in_thread(backend_pid)  # closes, keeps, ends
-    deadline = time.monotonic() + 5
-    while held_borrows() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not held_borrows(), interval=0.02, message="the ended thread's connection given back")
     assert not held_borrows() and not pool._parked and len(pool._pool) == 1
     assert stats.reclaimed == reclaimed, "it was given back: nothing to warn about"
     assert backend_pid() == pid
@@ -170,7 +167,7 @@ def test_a_copy_of_the_connection_object_never_gives_back_or_takes_what_the_orig
     pid = backend_pid()  # held by the original
     duplicate = copy.copy(connections["default"])
     duplicate.close()  # not the copy's to give back
-    assert pool_in_use() == 1 and backend_pid() == pid  # the original still has it, working
+    assert pool_in_use(expect=1) == 1 and backend_pid() == pid  # the original still has it, working
     connection.close()  # kept by the original
     duplicate, stats = copy.copy(connections["default"]), connection.pool.stats
     taken = stats.parked_taken

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-import time
 
 import pytest
 from django.core.checks import run_checks
@@ -23,6 +22,7 @@ from django_pooled_pg.settings import find_stats_problems, opentelemetry_wanted
 from django_pooled_pg.telemetry import snapshot
 from tests.app.models import Item
 from tests.test_fork import run_in_child
+from testsupport.waiting import wait_until
 
 pytest.importorskip("opentelemetry.sdk.metrics")
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
@@ -115,12 +115,9 @@ def hold(n: int, release: threading.Event) -> list[threading.Thread]:
     return threads
 
 
-def settle(predicate, seconds: float = 3.0) -> None:
+def settle(predicate, seconds: float = 30.0) -> None:
     """Wait until ``predicate()`` holds (the pool opens and closes connections in the background)."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "the pool did not settle"
-        time.sleep(0.02)
+    wait_until(predicate, timeout=seconds, interval=0.02, message="the pool to settle")
 
 
 def test_every_instrument_has_the_conventions_name_unit_kind_and_pool_name(reader, release):

@@ -27,6 +27,7 @@ from django_pooled_pg.telemetry import snapshot
 from django_pooled_pg.telemetry.fleet import fleet_stats
 from django_pooled_pg.telemetry.publisher import TABLE, publisher
 from tests.app.models import Item
+from tests.conftest import wait_backends_gone
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -211,7 +212,8 @@ def test_recording_recycled_and_lost(pool_options, superuser):
     assert ledger.stats_for("default").recycled >= 1
     before = snapshot.take("default")[0].counters
     kill = (
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()"
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s AND pid <> pg_backend_pid()"
     )
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
@@ -231,7 +233,8 @@ def test_recording_recycled_and_lost(pool_options, superuser):
     assert after["lost"] == before["lost"]
     pool_options(min_size=1, max_size=2)  # (no max_lifetime: the connection below must not expire)
     query()  # a connection goes back idle (kept for this thread's next borrow)
-    superuser.execute(kill, [snapshot.application_name("default")])
+    killed = [pid for pid, _ in superuser.execute(kill, [snapshot.application_name("default")]).fetchall()]
+    wait_backends_gone(superuser, killed)  # the terminations have reached the sockets
     time.sleep(0.1)  # (past RECENT: the borrower looks before it hands it out)
     query()  # found dead when borrowed: lost, and replaced at once
     assert snapshot.take("default")[0].counters["lost"] > after["lost"]
@@ -304,6 +307,7 @@ def test_check_fails_on_recent_timeouts(pool_options):
     assert poolstats("--check", "--window", "1")[0] == 0
 
 
+@pytest.mark.slow  # (max_connections: restarts the cluster twice)
 def test_capacity_warning_when_the_fleet_can_exceed_the_server(server):
     query()
     query("other")  # two pools of max_size 4 on this server: 8 connections at most

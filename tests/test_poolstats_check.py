@@ -101,7 +101,7 @@ def test_check_agrees_with_the_table_of_a_gunicorn_fleet():
             victim = min(fleet.workers())
             os.kill(victim, signal.SIGKILL)
             seen_stale = False
-            for _ in range(12):
+            for _ in range(4):
                 table = fleet.manage("poolstats").stdout
                 shown = int(LIVE.search(table).group(1))
                 check_line = next(x for x in table.splitlines() if x.startswith("check: "))

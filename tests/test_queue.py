@@ -14,6 +14,7 @@ from psycopg_pool import PoolTimeout
 from django_pooled_pg.errors import PoolExhausted
 from django_pooled_pg.pooling.pool import Waiter
 from tests.conftest import backend_pid, held_borrows, one, pool_in_use
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,9 +47,7 @@ def test_many_threads_on_few_connections_all_finish_and_nothing_is_lost(pool_opt
     assert pool.get_stats()["pool_size"] == 2 and not pool._waiting
     # A thread that ended keeping its connection has it given back by the reaper, at once but
     # on the reaper's thread (tests/test_keep.py).
-    deadline = time.monotonic() + 5
-    while held_borrows() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not held_borrows(), message="the ended threads' connections given back")
     assert pool_in_use() == 0 and not held_borrows()
 
 
@@ -126,10 +125,7 @@ def test_closing_the_pool_fails_its_waiters_at_once(pool_options):
 
     thread = threading.Thread(target=borrow)
     thread.start()
-    deadline = time.monotonic() + 5
-    while not pool._waiting and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pool._waiting, "the borrower waits in the queue"
+    wait_until(lambda: pool._waiting, interval=0.01, message="the borrower in the queue")
     started = time.monotonic()
     pool.close(timeout=1)
     thread.join(10)

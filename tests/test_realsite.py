@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "tests" / "projects" / "realsite"
 ALL_TOOLS = "toolbar,sentry,prometheus,otel"
 
+pytestmark = pytest.mark.slow  # (a sample project's suites in processes of their own, Celery workers)
+
 
 @pytest.fixture
 def site_env() -> dict[str, str]:

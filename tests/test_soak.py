@@ -23,8 +23,12 @@ import pytest
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Account
 from tests.test_servers import ROOT, free_port, get, server_env
+from testsupport.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+pytestmark = [
+    pytest.mark.slow,  # (two gunicorn servers under load, and a restart)
+    pytest.mark.django_db(transaction=True, databases=["default", "other"]),
+]
 
 ACCOUNTS, BALANCE = 10, 1000
 WORKERS, THREADS_PER_WORKER, CLIENT_THREADS = 2, 4, 6
@@ -130,6 +134,21 @@ def pools_of_every_worker(base: str) -> dict[int, dict]:
     return seen
 
 
+def whole_pools(base: str, timeout: float = 30.0) -> dict[int, dict]:
+    """:func:`pools_of_every_worker` once none has a connection in use (or at the deadline)."""
+    seen: list[dict[int, dict]] = []
+
+    def whole() -> bool:
+        seen.append(pools_of_every_worker(base))
+        return all(state["in_use"] == [] for state in seen[-1].values())
+
+    try:
+        wait_until(whole, timeout=timeout, interval=0.2)
+    except AssertionError:
+        pass  # (the caller's assertion says which pool)
+    return seen[-1]
+
+
 def test_soak_with_a_server_restart(server, superuser, request):
     seconds = request.config.getoption("--soak-seconds")
     Account.objects.bulk_create([Account(balance=BALANCE) for _ in range(ACCOUNTS)])
@@ -149,10 +168,9 @@ def test_soak_with_a_server_restart(server, superuser, request):
         time.sleep(seconds / 2)
         for load in loads.values():
             load.finish()
-        # Give back anything still settling (the reaper, background checks), then inspect.
-        time.sleep(0.5)
+        # Every worker's pool whole, once what is still settling has (the reaper, background checks).
         for release, (_, base) in servers.items():
-            for pid, state in pools_of_every_worker(base).items():
+            for pid, state in whole_pools(base).items():
                 assert state["in_use"] == [], (release, pid, state)
     finally:
         for load in loads.values():

@@ -14,10 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("gunicorn") is None,
-    reason="gunicorn is not installed in this environment (pip install -e '.[test]' or '.[demo]')",
-)
+pytestmark = [
+    pytest.mark.slow,  # (the demo: a cluster and gunicorn of its own)
+    pytest.mark.skipif(
+        importlib.util.find_spec("gunicorn") is None,
+        reason="gunicorn is not installed in this environment (pip install -e '.[test]' or '.[demo]')",
+    ),
+]
 
 
 def test_demo_check(tmp_path):

@@ -18,7 +18,8 @@ from django.test.utils import override_settings
 from django_pooled_pg import pinned
 from django_pooled_pg.pooling.ledger import ledger
 from tests.app.models import Account, Item
-from tests.conftest import held_borrows, pool_in_use
+from tests.conftest import held_borrows, pool_in_use, wait_backends_gone
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,7 +64,7 @@ def test_parked_connection_is_taken_back_by_the_next_statement():
 def test_parked_connection_serves_another_thread(pool_options):
     """A thread that is busy elsewhere between statements does not keep its connection from
     others: with every connection parked, a borrower takes one instead of waiting."""
-    pool_options(min_size=4, max_size=4, timeout=5, release="transaction")
+    pool_options(min_size=4, max_size=4, timeout=30, release="transaction")
     connection.pool.wait(timeout=5)
     pool_options_size = 4
     parked_by, ready, done = [], threading.Barrier(pool_options_size + 1), threading.Event()
@@ -83,7 +84,7 @@ def test_parked_connection_serves_another_thread(pool_options):
     taken = ledger.stats_for("default").parked_taken
     started = time.monotonic()
     pid = backend_pid()
-    assert time.monotonic() - started < 1  # no waiting for the pool's timeout (5 s)
+    assert time.monotonic() - started < 10  # no waiting for the pool's timeout (30 s)
     assert pid in parked_by and ledger.stats_for("default").parked_taken == taken + 1
     connection.close()
     done.set()
@@ -115,9 +116,7 @@ def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options)
         mine = backend_pid()  # both connections are in use now
         waiter = threading.Thread(target=wait_for_one)
         waiter.start()
-        deadline = time.monotonic() + 5
-        while pool.get_stats().get("requests_waiting", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: pool.get_stats().get("requests_waiting", 0) >= 1, interval=0.01, message="the waiter")
         assert pool.get_stats().get("requests_waiting", 0) == 1
     # the end of pinned(): not parked, handed to the waiter
     waiter.join(5)
@@ -131,6 +130,7 @@ def test_parked_connection_killed_meanwhile_is_replaced(superuser):
     pid = backend_pid()  # parked now
     lost = ledger.stats_for("default").lost
     superuser.execute("SELECT pg_terminate_backend(%s)", [pid])
+    wait_backends_gone(superuser, [pid])  # the termination has reached the socket
     time.sleep(0.1)  # longer than a connection given back just now is trusted unchecked
     assert backend_pid() != pid  # no error: the dead session was noticed and another borrowed
     assert ledger.stats_for("default").lost == lost + 1
@@ -142,10 +142,7 @@ def test_parked_connection_past_max_lifetime_is_replaced(pool_options, superuser
     pid = backend_pid()  # parked now
     time.sleep(0.6)
     assert backend_pid() != pid
-    deadline = time.monotonic() + 5
-    while superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]:
-        assert time.monotonic() < deadline, "the expired session was not closed"
-        time.sleep(0.05)
+    wait_backends_gone(superuser, [pid])  # the expired session was closed
 
 
 def test_request_end_resets_the_parked_connection_and_keeps_it_for_the_thread():
@@ -186,9 +183,7 @@ def test_thread_that_ends_with_a_parked_connection_gives_it_back():
     thread = threading.Thread(target=count_and_end)
     thread.start()
     thread.join()
-    deadline = time.monotonic() + 5
-    while held_borrows() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not held_borrows(), interval=0.02, message="the ended thread's connection given back")
     assert not held_borrows() and pool.parked_under(thread_conn) is None
     assert ledger.stats_for("default").reclaimed == reclaimed  # nothing was held: no warning
 
@@ -362,18 +357,24 @@ def test_autocommit_off_pins():
 
 def test_request_does_not_hold_a_connection_while_waiting():
     """A view that queries, waits, and queries holds no connection during the wait."""
-    in_use_during_wait = []
+    stats = ledger.stats_for("default")
+    borrows, returns = stats.borrows, stats.hold.count
+    during_wait: list[tuple[int, list, int]] = []
 
     def watch():
-        time.sleep(0.15)
-        in_use_during_wait.append(pool_in_use())
+        # Once the view's first statement has given its connection back, and before its second
+        # borrows: what the pool and the ledger say (the view waits 1 s in between).
+        wait_until(lambda: stats.hold.count > returns, interval=0.005, message="the first statement's return")
+        during_wait.append((pool_in_use(), active_borrows(), stats.borrows - borrows))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    response = Client().get("/query-wait-query/?s=0.3")
+    response = Client().get("/query-wait-query/?s=1")
     watcher.join()
     assert response.status_code == 200
-    assert in_use_during_wait == [0]
+    [(in_use, active, borrowed)] = during_wait
+    assert borrowed == 1, "looked during the wait, after one borrow"
+    assert in_use == 0 and active == []
 
 
 def test_concurrent_transfers_keep_the_total():

@@ -111,7 +111,13 @@ class PgBouncer:
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # PgBouncer's safe shutdown
+            # PgBouncer's safe shutdown, to its whole session: when root, the process started is
+            # runuser, which ignores SIGINT (and never passed it on: every stop waited out the
+            # 10 s below, then killed it).
+            try:
+                os.killpg(process.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

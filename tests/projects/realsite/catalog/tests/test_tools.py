@@ -97,6 +97,11 @@ def test_sentry_sees_the_wait_for_a_connection(client):
         with connection.cursor() as cursor, _pinned():
             cursor.execute("SELECT 1")
             held.set()
+            # Until the request waits for the connection, however late it runs on a busy
+            # machine, and 0.6 s more: its "connect" span covers that much at least.
+            deadline = time.monotonic() + 30
+            while connection.pool.get_stats().get("requests_waiting", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
             time.sleep(0.6)
         connection.close()
         done.set()
