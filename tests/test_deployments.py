@@ -336,10 +336,12 @@ def test_gunicorn_gevent_workers(site, tmp_path, start):
         assert max_overlap(slow_results) == 4
         assert span(slow_results) < 0.5 * serial
 
-        # Exhaustion: 503 after the pool's timeout, never 500.
+        # Exhaustion: 503 after the pool's timeout, never 500. The first four hold their
+        # connections 8 s, far past the 3 s timeout, so the pool stays full long enough for a
+        # poolstats run (a whole manage.py process) to see it on a loaded machine.
         holds: list[Any] = []
         clients = threading.Thread(
-            target=lambda: holds.extend(get_all([f"{server.base}/query/?hold=2.5"] * 16, clients=16)), daemon=True
+            target=lambda: holds.extend(get_all([f"{server.base}/query/?hold=8"] * 16, clients=16)), daemon=True
         )
         clients.start()
         saturated = wait_until(

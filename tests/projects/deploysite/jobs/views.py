@@ -11,4 +11,4 @@ def health(request):
 
 def query(request):
     """``?hold=SECONDS``: the connection is held that long in the server (``pg_sleep``)."""
-    return JsonResponse(probe(min(float(request.GET.get("hold", "0")), 5.0)))
+    return JsonResponse(probe(min(float(request.GET.get("hold", "0")), 10.0)))
