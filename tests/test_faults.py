@@ -5,6 +5,7 @@ max_connections taken by others. Nothing reaches the user but fast 503s."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from django.test import Client
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
-from tests.conftest import borrowed, per_call, pool_in_use, wait_backends_gone
+from tests.conftest import borrowed, per_call, plain_connection, pool_in_use, wait_backends_gone
 from tests.tcpproxy import SilentProxy
 from testsupport.waiting import wait_until
 
@@ -86,6 +87,55 @@ def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, ser
     assert elapsed < 5.0, f"first request after the restart took {elapsed:.2f}s"
     figure("first request after a restart, 16 idle connections", elapsed)
     registry.close_all()  # other pools of this process hold connections the restart killed
+
+
+@pytest.mark.slow  # (stops the cluster for 4 s)
+@BUDGETS
+def test_a_full_pool_serves_at_once_after_an_outage_with_traffic(pool_options, server, budget):
+    """min_size == max_size and requests during an outage: each slot's replacement attempt fails
+    and backs off (psycopg_pool: 1, 2, 4 s...), so every slot is an attempt waiting its turn when
+    the server comes back. The first request after it is back succeeds anyway (a borrower's own
+    connection attempt takes a waiting attempt's slot), and the pool never holds more than
+    max_size connections while the attempts catch up."""
+    pool_options(min_size=4, max_size=4, timeout=10, **budget)
+    fill_pool(4)
+    pool = registry.get("default")
+    client = Client(raise_request_exception=False)
+    down = time.monotonic()
+    server.stop()
+    try:
+        while time.monotonic() - down < 4:  # attempts at about 0, 1 and 3 s fail; the next ~7 s
+            assert client.get("/query/").status_code == 503
+            time.sleep(0.1)
+    finally:
+        server.start()
+    up = time.monotonic()
+    status, elapsed = timed_get(client, "/query/")
+    assert status == 200, f"the first request after the outage: {status} after {elapsed:.2f}s"
+    assert all(client.get("/query/").status_code == 200 for _ in range(5))
+    figure("first request after an outage with traffic, min_size == max_size", elapsed)
+    name = f"dpp default %:{os.getpid()}"
+    with plain_connection() as superuser:
+
+        def held() -> int:
+            return superuser.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", [name]
+            ).fetchone()[0]
+
+        def at_most_max_size() -> tuple[int, int]:
+            counts = pool.get_stats()["pool_size"], held()
+            assert max(counts) <= 4, f"pool_size, connections held: {counts}"
+            return counts
+
+        # psycopg_pool doubles an attempt's delay after each failure (1, 2, 4 s, +-10%): every
+        # attempt waiting when the server came back has its turn within about twice the outage.
+        # Each connects then, but the one whose slot the probe took: never more than 4.
+        settled = down + 2.2 * (up - down) + 1.0
+        while time.monotonic() < settled:
+            at_most_max_size()
+            time.sleep(0.1)
+        wait_until(lambda: at_most_max_size() == (4, 4), message="the pool whole again: 4 connections")
+    registry.close_all()  # other pools of this process hold connections the outage killed
 
 
 # ----- The reliability suite --------------------------------------------------------------------

@@ -43,6 +43,9 @@ logger = logging.getLogger("django_pooled_pg")
 
 #: A connection given back less than this many seconds ago is handed out unchecked.
 RECENT = 0.05
+#: While the server is failing, a process's borrowers try a connection of their own at most this
+#: often (:meth:`Pool.probe`).
+PROBE_EVERY = 0.5
 
 #: psycopg_pool's internals this module relies on, with the parameters it calls them with
 #: (methods) or None (attributes), and why.
@@ -118,6 +121,10 @@ class Pool(ConnectionPool[PooledConnection]):
         self.fail_fast_timeout = max(1.0, connect_timeout)
         self._checking = threading.Lock()
         self._probing = threading.Lock()
+        self._probed_at = 0.0
+        #: Slots whose connection a probe opened while every slot was one of psycopg_pool's
+        #: attempts: that many attempts open nothing when their turn comes (_add_connection).
+        self._claimed = 0
         #: Connections parked between statements or kept for their borrower's next borrow, by the
         #: borrow record they were parked under, oldest first. Keyed by the record, not the
         #: connection: a connection another borrower took and parked again is under that
@@ -315,34 +322,33 @@ class Pool(ConnectionPool[PooledConnection]):
             raise OperationalError("the connection did not answer a ping")
 
     def probe(self) -> bool:
-        """While the server is failing, a borrower tries one connection itself when the last
-        attempt is more than a second old, and adds it to the pool if it works.
+        """While the server is failing, a borrower tries one connection itself, at most one per
+        process every :data:`PROBE_EVERY` seconds, and adds it to the pool if it works.
 
         psycopg_pool retries a failing server with a growing back-off (1, 2, 4, 8... s), so a
-        server down for 10 s was noticed back up to 8 s late; with this, within a second of the
-        first request after it is back. At most one probe at a time, and only while the pool
-        has room below ``max_size`` (with ``min_size == max_size`` every slot is already a
-        backed-off attempt, and recovery follows psycopg_pool's schedule).
+        server down for 10 s was noticed back up to 8 s late; with this, by the first request
+        after it is back. When the pool is at ``max_size`` (with ``min_size == max_size`` and
+        traffic during an outage, every slot is an attempt in back-off), the probe's connection
+        takes the slot of the next attempt, which then opens nothing: the pool never holds more
+        than ``max_size`` connections.
         """
-        if (
-            self.closed
-            or self._nconns >= self.max_size
-            or time.monotonic() - self.health.failed_at < 1.0
-            or not self._probing.acquire(blocking=False)
-        ):
+        now = time.monotonic()
+        if self.closed or now - self._probed_at < PROBE_EVERY or not self._probing.acquire(blocking=False):
             return False
         try:
+            self._probed_at = now
             try:
                 conn = self._connect(timeout=self.fail_fast_timeout)
             except (Exception, BudgetRefused):
                 return False
             with self._lock:
-                room = self._nconns < self.max_size
-                if room:
+                if self._nconns < self.max_size:
                     self._nconns += 1
-            if not room:
-                # Every slot is taken by an attempt of psycopg_pool's (in flight or backed off):
-                # adding one more would exceed max_size. Those attempts bring the pool back.
+                    added = True
+                else:  # (one claim at a time: each claim stands for an attempt that failed)
+                    added = self._claimed == 0
+                    self._claimed += added
+            if not added:
                 conn.close()
                 return False
             self._add_to_pool(conn)
@@ -530,6 +536,15 @@ class Pool(ConnectionPool[PooledConnection]):
         # psycopg_pool's attempt to open a connection (a maintenance task): a refusal by the
         # budget gives the attempt up (no retry: the next borrower that finds no connection
         # tries again, after the budget's back-off) and frees its place in max_size.
+        if self._claimed:
+            with self._lock:
+                claimed = self._claimed > 0
+                if claimed:
+                    self._claimed -= 1  # a probe opened this slot's connection (probe())
+                    if growing:
+                        self._growing = False
+            if claimed:
+                return
         try:
             super()._add_connection(attempt, growing=growing)
         except BudgetRefused as refused:
