@@ -57,6 +57,7 @@ from bench.instructions import UNDER_VALGRIND, VIEW_OPS, WSGI_REQUEST  # noqa: E
 MODES = {
     "pooled": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {}}},
     "pooled-transaction": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"release": "transaction"}}},
+    "pooled-noreset": {"ENGINE": "django_pooled_pg", "OPTIONS": {"pool": {"session_reset": False}}},
     "django-pool": {"ENGINE": "django.db.backends.postgresql", "OPTIONS": {"pool": {}}},
     "persistent": {"ENGINE": "django.db.backends.postgresql", "CONN_MAX_AGE": None},
 }
@@ -140,22 +141,6 @@ TWEAKS = {
         "    _init(self, *a, **k); self.can_keep = self._keeps = False\n"
         "p.Pool.__init__ = init\n",
     ),
-    # No session reset at all (unsafe; to measure what the reset costs under contention).
-    "pooled-noreset": (
-        "pooled",
-        "import django_pooled_pg.pooling.release as r\n"
-        "def mark(conn):\n"
-        "    conn._pooled_pg_used = conn._pooled_pg_changed = False\n"
-        "r.mark_reset_due = mark\n",
-    ),
-    # The pipeline with a trivial statement in the reset's place (what the protocol costs, not
-    # the server's DISCARD ALL).
-    "pooled-select1": (
-        "pooled",
-        "import django_pooled_pg.pooling.reset as r, django_pooled_pg.pooling.release as rel, django_pooled_pg.pooling.pool as p\n"
-        "r.PIPELINED_RESET = b'SELECT 1'\n"
-        "rel.can_pipeline = p.can_pipeline = lambda conn: True\n",
-    ),
     # With --view: PoolMiddleware left out (requests give back at Django's request_finished),
     # its process_view left out (borrows keep the path's name), and its give-back left to
     # request_finished; experiments that say what the middleware's parts cost (the handler is
@@ -169,54 +154,6 @@ TWEAKS = {
     "pooled-norelease": (
         "pooled",
         "import django_pooled_pg.middleware as m\nm.release_connections = lambda view=None, held=None: 0\n",
-    ),
-    # The reset's pipeline read with psycopg's own fetch_many() (which lets go of the GIL around
-    # every libpq call) instead of reset.py's _answers().
-    "pooled-fetchmany": (
-        "pooled",
-        "import django_pooled_pg.pooling.reset as r, psycopg.generators as g\nr._answers = g.fetch_many\n",
-    ),
-    # The reset sent when the connection goes back, as pooled-sendreset, but its answer read by
-    # the next borrower's first statement in autocommit mode, not as the connection leaves the
-    # queue (where, under contention, it has not arrived yet). Only that path: a first
-    # statement of another kind would find the reset still on the wire (a single lookup has none).
-    "pooled-latereset": (
-        "pooled",
-        "import django_pooled_pg.pooling.release as rel, django_pooled_pg.pooling.reset as r, django_pooled_pg.pooling.pool as p\n"
-        "from psycopg import OperationalError\n"
-        "from psycopg.waiting import Wait\n"
-        "rel.can_pipeline = lambda conn: False\n"
-        "p.RECENT = 3600.0  # (a readable socket is the reset's answer, not a dead session)\n"
-        "def due(self, conn):\n"
-        "    conn._pooled_pg_reset_due = True\n"
-        "    return True\n"
-        "p.Pool.finish_reset = due\n"
-        "_send = r._reset_gen\n"
-        "def reset_gen(conn):\n"
-        "    if not conn._pooled_pg_pending:\n"
-        "        return (yield from _send(conn))\n"
-        "    conn._pooled_pg_pending = False\n"
-        "    pgconn = conn.pgconn\n"
-        "    pgconn.consume_input()\n"
-        "    while pgconn.is_busy():\n"
-        "        while not (yield Wait.R):\n"
-        "            continue\n"
-        "        pgconn.consume_input()\n"
-        "    while (res := pgconn.get_result()) is not None:\n"
-        "        if res.status not in r.RESET_OK:\n"
-        "            conn.close()\n"
-        "            raise OperationalError('reset failed')\n"
-        "    r.reset_done(conn)\n"
-        "r._reset_gen = reset_gen\n"
-        "def late(cur, query, params, binary):\n"
-        "    yield from reset_gen(cur._conn)\n"
-        "    return (yield from cur._execute_gen(query, params, binary=binary))\n"
-        "r._pipelined_gen = late\n",
-    ),
-    # The reset sent when the connection goes back, its answer read by the next borrower.
-    "pooled-sendreset": (
-        "pooled",
-        "import django_pooled_pg.pooling.release as r\nr.can_pipeline = lambda conn: False\n",
     ),
 }
 

@@ -37,6 +37,10 @@ MODES = {
         "ENGINE": "django_pooled_pg",
         "OPTIONS": {"pool": {"min_size": 1, "max_size": 2, "release": "transaction"}},
     },
+    "pooled-noreset": {
+        "ENGINE": "django_pooled_pg",
+        "OPTIONS": {"pool": {"min_size": 1, "max_size": 2, "session_reset": False}},
+    },
     "django-pool": {
         "ENGINE": "django.db.backends.postgresql",
         "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},

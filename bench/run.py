@@ -23,6 +23,8 @@ Modes:
 * ``persistent``: stock backend, ``CONN_MAX_AGE=None`` (one connection per thread);
 * ``django-pool``: stock backend, Django's ``OPTIONS["pool"]``;
 * ``pooled-request`` / ``pooled-transaction``: this ENGINE, ``release="request"`` / ``"transaction"``;
+* ``pooled-noreset``: this ENGINE, ``release="request"``, ``session_reset=False`` (the documented
+  opt-out: sessions handed on as they are);
 * ``pgbouncer``: stock backend, ``CONN_MAX_AGE=0``, through a local PgBouncer in transaction mode.
 
 Every pool (ours, Django's, PgBouncer's) gets the same size per worker: ``--pool-size``
@@ -74,7 +76,9 @@ DB_NAME = "shop"
 # The site connects as an ordinary role, so that PostgreSQL's superuser_reserved_connections keep
 # room for the harness's own (superuser) monitoring connections when max_connections is reached.
 DB_USER = "shop"
-ALL_MODES = ("direct", "persistent", "django-pool", "pooled-request", "pooled-transaction", "pgbouncer")
+ALL_MODES = (
+    "direct", "persistent", "django-pool", "pooled-request", "pooled-transaction", "pooled-noreset", "pgbouncer",
+)  # fmt: skip
 #: Experiments, not settings anyone should run: ``pooled-request`` with a part of the package
 #: changed in every worker (``bench/contended.py``'s TWEAKS of the same names, applied by
 #: ``bench/gunicorn_tweak.py`` once the worker has loaded Django). ``--modes`` takes them too;
@@ -93,7 +97,8 @@ ENDPOINTS = {
 }
 COLORS = {
     "direct": "#8c8c8c", "persistent": "#1f77b4", "django-pool": "#ff7f0e",
-    "pooled-request": "#2ca02c", "pooled-transaction": "#17becf", "pgbouncer": "#9467bd",
+    "pooled-request": "#2ca02c", "pooled-transaction": "#17becf", "pooled-noreset": "#bcbd22",
+    "pgbouncer": "#9467bd",
 }  # fmt: skip
 #: Why wrk reconnects now and then (``--reconnect-every``, default 10). With connections kept open
 #: for the whole run, they stay with the gunicorn worker that accepted them first, and which one
@@ -173,6 +178,9 @@ def database(mode: str, cluster: PgCluster, pool_size: int, pool_timeout: float,
     elif mode in OURS:
         db["ENGINE"] = "django_pooled_pg"
         db["OPTIONS"] = {"pool": {**pool, "release": mode.removeprefix("pooled-")}}
+    elif mode == "pooled-noreset":
+        db["ENGINE"] = "django_pooled_pg"
+        db["OPTIONS"] = {"pool": {**pool, "release": "request", "session_reset": False}}
     elif mode in EXPERIMENTS:
         db["ENGINE"] = "django_pooled_pg"
         db["OPTIONS"] = {"pool": {**pool, "release": "request"}}

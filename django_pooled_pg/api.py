@@ -24,6 +24,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.transaction import TransactionManagementError
+from psycopg.pq import TransactionStatus
 
 from . import eventlog
 from .base import reset_connect_state
@@ -180,11 +181,20 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
         if getattr(wrapper, "_parked", None) is not None:
             wrapper.close()  # parked between statements (release="transaction"): clean, goes back
         return
-    in_transaction = wrapper.in_atomic_block or not wrapper.get_autocommit()
-    if not in_transaction:
-        status = wrapper.connection.pgconn.transaction_status
-        in_transaction = status != 0  # not IDLE
-    if in_transaction:
+    status = wrapper.connection.pgconn.transaction_status
+    in_transaction = wrapper.in_atomic_block or not wrapper.get_autocommit() or status != TransactionStatus.IDLE
+    if status == TransactionStatus.UNKNOWN:  # the session is gone: nothing was left open on it
+        eventlog.warn(
+            "a lost connection",
+            wrapper.alias,
+            view,
+            "%s lost its connection to database %r (the server ended the session, or the network "
+            "failed)%s; it was discarded",
+            f"view {view}" if view else "code outside a request",
+            wrapper.alias,
+            ", inside a transaction, which the server rolled back" if in_transaction else "",
+        )
+    elif in_transaction:
         eventlog.warn(
             "a transaction left open",
             wrapper.alias,

@@ -57,7 +57,6 @@ from .pooling.ledger import capture_frames, current_view, ledger
 from .pooling.pool import RECENT, Pool, expire_at
 from .pooling.registry import registry
 from .pooling.release import prepare_return
-from .pooling.reset import ResetWithFirstDeclare, ResetWithFirstStatement, reset_now, with_mixins
 from .pooling.session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
 from .settings import read_pool_settings
 from .telemetry.publisher import publisher
@@ -83,16 +82,23 @@ class SessionTrackingMixin:
         return result
 
 
+#: Cursor classes with the tracking of pinning statements, by the class they extend.
+_tracking_classes: dict[type, type] = {}
+
+
 def pooled_cursor_class(factory: Any, tracking: bool) -> type:
     """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
-    subclass of this backend put in ``get_connection_params()``, as django-prometheus does) with
-    the session reset's hook in front (:class:`.reset.ResetWithFirstStatement`: the first
-    statement of a borrow carries the reset), and with ``release="transaction"`` the tracking of
-    pinning statements (:class:`SessionTrackingMixin`) in front of that."""
+    subclass of this backend put in ``get_connection_params()``, as django-prometheus does), with
+    ``release="transaction"`` with the tracking of pinning statements
+    (:class:`SessionTrackingMixin`) in front, made once per class."""
     checked_cursor_class(factory)
-    if tracking:
-        return with_mixins(factory, SessionTrackingMixin, ResetWithFirstStatement)
-    return with_mixins(factory, ResetWithFirstStatement)
+    if not tracking or issubclass(factory, SessionTrackingMixin):
+        return factory
+    mixed = _tracking_classes.get(factory)
+    if mixed is None:
+        mixed = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
+        _tracking_classes[factory] = mixed
+    return mixed
 
 
 def tracking_cursor_class(factory: Any) -> type:
@@ -167,7 +173,6 @@ class SessionSetup:
 
     def __call__(self, conn: PooledConnection) -> None:
         conn._pooled_pg_setup = self
-        conn.server_cursor_factory = with_mixins(conn.server_cursor_factory, ResetWithFirstDeclare)
         conn._pooled_pg_cursors = []
         baseline = False  # whether anything below may have set a session setting
         if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
@@ -427,7 +432,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
         Every borrowed connection is marked used, so that it is reset when it goes back: the
         reset cannot be fooled by what a borrower ran (see :mod:`.session`), and is sent
-        without waiting for its answer (:func:`.release.send_reset`)."""
+        without waiting for its answer (:mod:`.pooling.reset`)."""
         pool = self.pool
         assert pool is not None  # (connect() borrows only when pooled)
         if self._kept:
@@ -785,9 +790,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def chunked_cursor(self) -> Any:
         wrapper = super().chunked_cursor()
         if self._borrowed_from is not None:
-            # Django makes its named cursor itself, not through the connection's factory: a
-            # reset still due is made before it declares (see .reset).
-            reset_now(self.connection)
             # QuerySet.iterator() cursors (named: WITH HOLD in autocommit) are closed at release
             # if their iterator was abandoned. (Here rather than in create_cursor(), which every
             # statement goes through.)

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "ping_after": 1.0,
     "behind_pgbouncer": False,
     "fleet_max_size": None,
+    "session_reset": True,
 }
 
 #: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
@@ -126,6 +127,7 @@ OWN_OPTIONS: dict[str, OptionSpec] = {
         lambda v: v is None or v == "auto" or _integer(3).check(v),
         'None, "auto", or an integer >= 3 (the connections all processes together may hold)',
     ),
+    "session_reset": OptionSpec(lambda v: isinstance(v, bool), "True or False"),
 }
 
 #: Keys psycopg_pool takes that this package sets itself; naming them is a mistake.
@@ -166,6 +168,9 @@ class PoolSettings:
     behind_pgbouncer: bool = False
     #: The most connections all processes together hold (an int, "auto"); None: no budget.
     fleet_max_size: int | str | None = None
+    #: Whether every returned connection's session is reset (False: handed on as it is, as
+    #: Django's pool and persistent connections do).
+    session_reset: bool = True
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:

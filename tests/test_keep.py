@@ -56,7 +56,7 @@ def test_a_kept_connection_is_reset_before_its_own_thread_uses_it_again(one_conn
     pid = backend_pid()
     one("SELECT set_config('statement_timeout', '4321ms', false)")
     connection.close()
-    assert connection._parked._pooled_pg_reset_due, "kept with its reset due (sent with the next statement)"
+    assert connection._parked._pooled_pg_pending, "kept with its reset sent (its answer read when taken back)"
     assert backend_pid() == pid and one(TIMEOUT) == "0"
 
 

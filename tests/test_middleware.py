@@ -3,6 +3,7 @@ leaks are reported, exhaustion and a dead server answer 503 quickly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -255,6 +256,34 @@ def test_borrow_gives_back_a_left_transaction(caplog):
         Item.objects.create(name="x")
     assert Item.objects.count() == 0
     assert warnings_from(caplog, "code outside a request left a transaction open")
+
+
+@pytest.mark.parametrize("inside", ["autocommit", "atomic"])
+def test_a_lost_connection_is_logged_as_lost_not_as_a_transaction_left_open(caplog, superuser, inside):
+    """The server ends the session under a borrower (a restart, pg_terminate_backend): the log
+    says the connection was lost, and rolls nothing back (on the code before: "left a
+    transaction open ... it was rolled back" after a plain autocommit SELECT)."""
+    from django.db import transaction
+
+    from tests.conftest import backend_pid, wait_backends_gone
+
+    stats = ledger.stats_for("default")
+    rollbacks = stats.rollbacks
+    connection.close()  # (borrow() gives back only what it borrowed)
+    with borrow():
+        with transaction.atomic() if inside == "atomic" else contextlib.nullcontext():
+            pid = backend_pid()
+            superuser.execute("SELECT pg_terminate_backend(%s)", [pid])
+            wait_backends_gone(superuser, [pid])
+            with pytest.raises(OperationalError):
+                backend_pid()
+            if inside == "atomic":
+                transaction.set_rollback(True)
+    assert not warnings_from(caplog, "left a transaction open"), caplog.text
+    if inside == "autocommit":  # (in atomic, Django closes the connection when its rollback fails)
+        assert warnings_from(caplog, "code outside a request lost its connection to database 'default'")
+    assert stats.rollbacks == rollbacks
+    assert Item.objects.count() == 0  # (the next borrow works)
 
 
 def test_borrowed_and_returned_signals():

@@ -5,6 +5,7 @@ next borrower of that server session, in both release modes, and the baseline th
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from django.db import connection
@@ -12,6 +13,7 @@ from django.db.backends.signals import connection_created
 
 from django_pooled_pg import pinned
 from tests.conftest import TIMEOUT, backend_pid, one
+from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -169,43 +171,66 @@ def test_a_parked_connection_taken_by_another_borrower_is_reset_first(pool_optio
     connection.close()
 
 
-# ----- The reset travels with the next borrower's first statement (django_pooled_pg/pooling/reset.py) -----
+# ----- The reset is sent as the connection goes back (django_pooled_pg/pooling/reset.py) ----------
 
 DIRTY = "SELECT set_config('statement_timeout', '4321ms', false)"
 
 
 def dirty_and_given_back():
-    """A borrower leaves a setting and gives back: the thread keeps the connection, reset due."""
+    """A borrower leaves a setting and gives back: the thread keeps the connection, its reset
+    sent (its answer not read yet)."""
     assert one(DIRTY) == "4321ms"
     connection.close()
     kept = connection._parked
-    assert kept is not None and kept._pooled_pg_reset_due, "kept, its reset due"
+    assert kept is not None and kept._pooled_pg_pending, "kept, its reset sent"
     return kept
 
 
-def test_the_reset_goes_in_one_write_with_the_next_first_statement(one_connection, tmp_path):
-    """No round trip of its own: libpq's trace shows DISCARD ALL and the statement sent before
-    the server's first answer (on the code before, the reset went alone, when the connection
-    went back)."""
-    from psycopg import pq
+#: What a borrower leaves on the server that other sessions wait on or see, and how another
+#: session sees it (the borrower's backend pid as the parameter).
+SEEN_FROM_OUTSIDE = {
+    "advisory lock": (
+        "SELECT pg_advisory_lock(4242)",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND pid = %s",
+    ),
+    "temp table": (
+        "CREATE TEMP TABLE pooled_scratch (id int)",
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'pooled_scratch' AND n.nspname LIKE 'pg_temp%%' AND %s IS NOT NULL",
+    ),
+    "LISTEN": (
+        "LISTEN pooled_channel",
+        # (a session's LISTENs are its own to see; its last statement shows the reset ran)
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query <> 'DISCARD ALL'",
+    ),
+}
 
-    kept = dirty_and_given_back()
-    trace = tmp_path / "trace"
-    with open(trace, "w") as out:
-        kept.pgconn.trace(out.fileno())
-        kept.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-        try:
-            assert one(TIMEOUT) == "0"
-        finally:
-            kept.pgconn.untrace()
-    lines = trace.read_text().splitlines()
-    first_answer = next(i for i, line in enumerate(lines) if line.startswith("B\t"))
-    sent = "\n".join(lines[:first_answer])
-    assert "DISCARD ALL" in sent and "current_setting('statement_timeout')" in sent, lines
-    assert sent.count("\tSync") == 1, lines
-    assert not kept._pooled_pg_reset_due
-    assert not hasattr(type(kept), "_pooled_pg_plain_class"), "its own class again: no cost per statement"
-    assert not hasattr(kept.cursor_factory, "_pooled_pg_plain")
+
+@pytest.mark.parametrize("kind", sorted(SEEN_FROM_OUTSIDE))
+def test_what_a_borrower_left_is_gone_from_the_server_when_it_gives_back(one_connection, superuser, kind):
+    """Nothing a borrower left waits for the next borrower: another session sees the lock free
+    and the temporary table gone right after the return, with the connection idle in the pool
+    (on the code before, the reset went with the next borrower's first statement: the lock
+    stayed held while nobody borrowed)."""
+    statement, seen = SEEN_FROM_OUTSIDE[kind]
+    with pinned(), connection.cursor() as cursor:
+        cursor.execute(statement)
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    assert superuser.execute(seen, [pid]).fetchone()[0] == 1
+    connection.close()  # the end of the request
+    started = time.monotonic()
+    wait_until(
+        lambda: superuser.execute(seen, [pid]).fetchone()[0] == 0,
+        timeout=10,
+        message=f"the {kind} gone on the server with the connection idle in the pool",
+    )
+    print(f"\nFIGURE {kind} gone after the return: {(time.monotonic() - started) * 1000:.1f} ms")
+    assert superuser.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone() == (
+        "idle",
+        "DISCARD ALL",
+    )
+    assert backend_pid() == pid, "the next borrower: the same session"
 
 
 def first_through(path: str) -> str:
@@ -335,3 +360,49 @@ def test_an_error_at_the_implicit_commit_of_the_first_statement_is_its_own(one_c
     finally:
         connection.close()
         superuser.execute("DROP TABLE pooled_child, pooled_parent")
+
+
+def test_the_first_statement_of_a_borrow_is_a_transaction_of_its_own(one_connection):
+    """now() is the start of the statement's own transaction: on the code before, the reset and
+    the first statement shared one implicit transaction, and now() was the reset's time."""
+    one(DIRTY)
+    connection.close()
+    assert one("SELECT now() = statement_timestamp()") is True
+    connection.close()
+
+
+def test_statements_psycopg_prepared_still_run_after_the_reset(default_settings):
+    """With prepare_threshold set, psycopg prepares statements on the server: the reset
+    (DEALLOCATE ALL within DISCARD ALL) goes through psycopg's execute() at the return, so psycopg
+    forgets them too; sent behind its back, its next borrower's statement would name one the
+    server no longer has."""
+    default_settings(
+        pool={"min_size": 1, "max_size": 1, "timeout": 5},
+        options={"server_side_binding": True, "prepare_threshold": 0},
+    )
+    pids = set()
+    for n in range(3):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT %s::int + 1, pg_backend_pid()", [n])
+            value, pid = cursor.fetchone()
+            assert value == n + 1
+            pids.add(pid)
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+            assert cursor.fetchone()[0] >= 1, "psycopg prepared it"
+        connection.close()
+    assert len(pids) == 1, "the same session each time"
+
+
+@pytest.mark.parametrize("release", ["request", "transaction"])
+def test_session_reset_false_hands_sessions_on_as_they_are(pool_options, release):
+    """The documented opt-out: no reset, as Django's pool and persistent connections behave. What
+    a borrower set reaches the next borrower of the session, and no reset is counted."""
+    pool_options(min_size=1, max_size=1, timeout=5, release=release, session_reset=False)
+    resets = connection.pool.stats.resets if connection.pool else 0
+    with pinned():
+        assert one(DIRTY) == "4321ms"
+        pid = backend_pid()
+    connection.close()
+    assert backend_pid() == pid and one(TIMEOUT) == "4321ms", "the session as its last borrower left it"
+    connection.close()
+    assert connection.pool.stats.resets == resets

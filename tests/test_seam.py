@@ -42,6 +42,8 @@ def test_every_internal_used_in_pool_py_is_listed():
     ours = {n for n in vars(Pool) if n.startswith("_")} | {
         "_checking",
         "_probing",
+        "_probed_at",
+        "_claimed",
         "_parked",
         "_take_parked",
         "_clean",

@@ -33,6 +33,7 @@ BAD = {
     "not a dict": ({"pool": "yes"}, {}, "must be True, False or a dict"),
     "managed key": ({"pool": {"kwargs": {}}}, {}, "is set by django_pooled_pg itself"),
     "bad release": ({"pool": {"release": "statement"}}, {}, '["release"]: must be'),
+    "session_reset not a bool": ({"pool": {"session_reset": "off"}}, {}, '["session_reset"]: must be True or False'),
     "persistent connections": ({}, {"CONN_MAX_AGE": 60}, '["CONN_MAX_AGE"]: is 60'),
     "persistent forever": ({}, {"CONN_MAX_AGE": None}, '["CONN_MAX_AGE"]: is None'),
 }

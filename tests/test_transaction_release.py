@@ -151,7 +151,7 @@ def test_request_end_resets_the_parked_connection_and_keeps_it_for_the_thread():
     assert connection._kept and connection.connection is None and not active_borrows()
     kept = connection._parked
     assert connection.pool._parked == {connection._borrow: kept}
-    assert kept._pooled_pg_reset_due, "given back with its reset due (sent with the next statement)"
+    assert kept._pooled_pg_pending, "given back with its reset sent (its answer read when taken back)"
     assert Client().get("/query/").status_code == 200
     assert connection._parked is kept, "the thread's next request took it back"
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import Connection
 
-from .reset import ResetOnFirstCommand
 from .session import RESET_SQL
 
 if TYPE_CHECKING:
@@ -31,13 +30,13 @@ class PoolState:
     _pooled_pg_reset: bytes = RESET_SQL.encode()
     #: Named cursors of the current borrow (a list once set up), closed when it goes back.
     _pooled_pg_cursors: Any = ()
-    #: The reset can ride with the next statement (:func:`.reset.can_pipeline`): not with a
-    #: ``reset`` callback of the user's, which psycopg_pool runs on return.
-    _pooled_pg_pipelined: bool = True
-    #: A reset is on the wire, its answer not read yet (sent on return: release.send_reset).
+    #: The reset may be sent without waiting for its answer (:func:`.reset.can_send`): not with
+    #: a ``reset`` callback of the user's, which psycopg_pool runs on return.
+    _pooled_pg_sends_reset: bool = True
+    #: Whether its session is reset when it goes back (OPTIONS["pool"]["session_reset"]).
+    _pooled_pg_resets: bool = True
+    #: A reset is on the wire, its answer not read yet (:func:`.reset.send_reset`).
     _pooled_pg_pending: bool = False
-    #: A reset is due: the next statement sends it first (:mod:`.reset`).
-    _pooled_pg_reset_due: bool = False
     #: When it last went back (``time.monotonic()``); 0.0 before its first borrow.
     _pooled_pg_returned_at: float = 0.0
     #: The ``base.SessionSetup`` that set the session up.
@@ -57,7 +56,11 @@ else:
 
 
 def health_tracking(
-    base: type[Connection[Any]], health: ConnectionHealth, pipelined: bool = True, budget: FleetBudget | None = None
+    base: type[Connection[Any]],
+    health: ConnectionHealth,
+    sends_reset: bool = True,
+    budget: FleetBudget | None = None,
+    resets: bool = True,
 ) -> type[Any]:
     """A subclass of ``base`` with the pool's state, whose ``connect()`` reports to ``health``
     (with the time libpq took to open the connection: the server's TCP/TLS handshake,
@@ -66,8 +69,9 @@ def health_tracking(
     ``connection_created`` run on it). psycopg_pool opens every connection through
     ``connection_class.connect``."""
 
-    class HealthTrackingConnection(ResetOnFirstCommand, PoolState, base):  # type: ignore[valid-type, misc]
-        _pooled_pg_pipelined = pipelined
+    class HealthTrackingConnection(PoolState, base):  # type: ignore[valid-type, misc]
+        _pooled_pg_sends_reset = sends_reset
+        _pooled_pg_resets = resets
 
         @classmethod
         def connect(cls, *args: Any, **kwargs: Any) -> Any:

@@ -35,9 +35,11 @@ from ..settings import PoolSettings
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
-from .release import release_connection, reset_session
-from .reset import RESET_OK, can_pipeline, mark_reset_due, reset_done
+from .release import release_connection
+from .reset import can_send, reset_session, send_reset
+from .reset import finish_reset as read_reset
 from .stats import AliasStats
+from .wire import read_results, send
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -142,35 +144,20 @@ class Pool(ConnectionPool[PooledConnection]):
             self.budget.held = lambda: self._nconns
         self._looking: threading.Thread | None = None
         kwargs["connection_class"] = health_tracking(
-            kwargs.get("connection_class", Connection), self.health, pipelined=self.can_keep, budget=self.budget
+            kwargs.get("connection_class", Connection),
+            self.health,
+            sends_reset=self.can_keep,
+            budget=self.budget,
+            resets=settings.session_reset,
         )
         super().__init__(**kwargs)
 
-    # ----- Resets sent on return (release.send_reset) -------------------------------------------
+    # ----- Resets sent on return (.reset) --------------------------------------------------------
 
     def finish_reset(self, conn: PooledConnection) -> bool:
-        """Read the answer of the reset sent when ``conn`` went back (normally there already:
-        no wait). False, and the connection closed, if the reset failed or no answer came within
-        ``fail_fast_timeout``."""
-        conn._pooled_pg_pending = False
-        pgconn = conn.pgconn
-        ok = True
-        try:
-            with conn.lock:
-                pgconn.consume_input()
-                if pgconn.is_busy():
-                    _wait_answer(pgconn, time.monotonic() + self.fail_fast_timeout)
-                while (result := pgconn.get_result()) is not None:
-                    if result.status not in RESET_OK:
-                        ok = False
-            ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
-        except Exception:
-            ok = False
-        if not ok:
-            conn.close()
-        else:
-            reset_done(conn)  # (psycopg's prepared statements were deallocated behind its back)
-        return ok
+        """Read the answer of the reset ``conn`` went back with; False, and the connection
+        closed, if it failed or took longer than ``fail_fast_timeout``."""
+        return read_reset(conn, self.fail_fast_timeout)
 
     def user_check(self, conn: PooledConnection) -> bool:
         """Whether ``conn`` passes the ``check`` callback of OPTIONS["pool"], if there is one
@@ -247,19 +234,19 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def _clean(self, conn: PooledConnection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
-        borrower's session: reset it before anyone else uses it (with the taker's first
-        statement, :mod:`.reset`). Connections from the pool's queue had their reset made due
-        or sent when they went back, and pass at the cost of an attribute read."""
-        if not conn._pooled_pg_used:
-            return True
-        if can_pipeline(conn):
-            mark_reset_due(conn)
+        borrower's session: reset it before anyone else uses it (one round trip, bounded by
+        ``fail_fast_timeout``). Connections from the pool's queue had their reset sent when they
+        went back, and pass at the cost of an attribute read."""
+        if not conn._pooled_pg_used or not conn._pooled_pg_resets:
             return True
         try:
-            reset_session(conn)
-            return True
+            if not can_send(conn):
+                reset_session(conn)
+                return True
+            send_reset(conn)
         except Exception:
             return False  # dropped below, like a dead one
+        return self.finish_reset(conn)
 
     def usable(self, conn: PooledConnection) -> bool:
         """Whether an idle connection still works, without a round trip when possible.
@@ -303,11 +290,8 @@ class Pool(ConnectionPool[PooledConnection]):
             with conn.lock:
                 if pgconn.transaction_status != TransactionStatus.IDLE:
                     return False
-                pgconn.send_query(b"")
-                while pgconn.flush():
-                    if not _wait_socket(pgconn.socket, select.POLLOUT, deadline):
-                        raise TimeoutError
-                if all(status == ExecStatus.EMPTY_QUERY for status in _read_results(pgconn, deadline)):
+                send(pgconn, b"", deadline)
+                if all(status == ExecStatus.EMPTY_QUERY for status in read_results(pgconn, deadline)):
                     return True
         except Exception:
             pass
@@ -713,32 +697,3 @@ class Waiter:
         self.error = error
         self._ready.release()
         return True
-
-
-def _read_results(pgconn: Any, deadline: float) -> list[ExecStatus]:
-    """Wait until ``deadline`` for the answer to the command in flight and read it: the status of
-    each of its results. TimeoutError if it did not come in time (libpq has no read timeout)."""
-    _wait_answer(pgconn, deadline)
-    statuses = []
-    while (result := pgconn.get_result()) is not None:
-        statuses.append(result.status)
-    return statuses
-
-
-def _wait_answer(pgconn: Any, deadline: float) -> None:
-    """Read input until the answer to the command in flight is complete; TimeoutError at
-    ``deadline``."""
-    while True:
-        pgconn.consume_input()
-        if not pgconn.is_busy():
-            return
-        if not _wait_socket(pgconn.socket, select.POLLIN, deadline):
-            raise TimeoutError
-
-
-def _wait_socket(fd: int, events: int, deadline: float) -> bool:
-    """Wait until ``fd`` is ready for ``events``; False at ``deadline``."""
-    poller = select.poll()
-    poller.register(fd, events | select.POLLERR | select.POLLHUP)
-    remaining = deadline - time.monotonic()
-    return remaining > 0 and bool(poller.poll(remaining * 1000))

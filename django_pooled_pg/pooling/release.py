@@ -1,15 +1,14 @@
 """Giving a connection back: the one place a borrowed connection returns to its pool.
 
 The rule is that nothing is handed on dirty: a connection goes back rolled back, in autocommit,
-with no cursor left open and, if its borrower ran anything at all, its session reset (without
-reading what it ran: :mod:`.session`); anything that cannot be cleaned is closed, and the pool
-replaces it.
+with no cursor left open and its session reset, sent to the server as it goes back (without
+reading what its borrower ran: :mod:`.session`, :mod:`.reset`); anything that cannot be cleaned
+is closed, and the pool replaces it.
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import time
 from typing import Any, NamedTuple
 
@@ -17,7 +16,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from .connection import PooledConnection
-from .reset import can_pipeline, mark_reset_due
+from .reset import reset
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -45,13 +44,12 @@ def prepare_return(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome
     keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here).
 
     Roll back, close leftover cursors, autocommit back on, and the session reset for every
-    connection that was borrowed: due, and sent with the next borrower's first statement
-    (:mod:`.reset`); for a session with a baseline, sent now and its answer read by the next
-    borrower. One function, as it runs on every return."""
+    connection that was borrowed, sent now and its answer read by the next borrower
+    (:mod:`.reset`). One function, as it runs on every return."""
     if conn._pooled_pg_pending:
         return CLEAN  # already cleaned, its reset on the wire: nobody has used it since
     pgconn = conn.pgconn
-    rolled_back = reset = False
+    rolled_back = reset_sent = False
     try:
         status = pgconn.transaction_status
         if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
@@ -66,13 +64,11 @@ def prepare_return(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome
             if not conn.autocommit:
                 conn.autocommit = True
             if conn._pooled_pg_used:
-                reset = True
-                if can_pipeline(conn):
-                    mark_reset_due(conn)  # sent with the next borrower's first statement
-                elif conn._pooled_pg_pipelined:
-                    send_reset(conn)  # (a session with a baseline)
-                else:
-                    reset_session(conn)  # (a reset callback of the user's runs after it)
+                if conn._pooled_pg_resets:
+                    reset_sent = True
+                    reset(conn)
+                else:  # (OPTIONS["pool"]["session_reset"] False: handed on as it is)
+                    conn._pooled_pg_used = conn._pooled_pg_changed = False
     except Exception as exc:
         logger.warning("discarding a connection that could not be cleaned: %s", exc)
         conn.close()
@@ -81,8 +77,8 @@ def prepare_return(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome
         check_soon = getattr(pool, "check_soon", None)
         if check_soon is not None:
             check_soon()  # its idle siblings may be as dead as it was
-        return Outcome(rolled_back, discarded=True, reset=reset)
-    return _OUTCOMES[rolled_back, reset]
+        return Outcome(rolled_back, discarded=True, reset=reset_sent)
+    return _OUTCOMES[rolled_back, reset_sent]
 
 
 def close_cursors(cursors: list[Any]) -> None:
@@ -92,27 +88,3 @@ def close_cursors(cursors: list[Any]) -> None:
         if not cursor.closed:
             cursor.close()
     cursors.clear()
-
-
-def reset_session(conn: PooledConnection) -> None:
-    """Bring the session back to its defaults and baseline (:func:`.session.reset_statement`),
-    whatever its borrower did: one round trip, whose statement was made when the session was
-    set up. psycopg forgets its prepared statements when it sees DISCARD ALL / DEALLOCATE ALL."""
-    conn.execute(conn._pooled_pg_reset)
-    conn._pooled_pg_used = False
-    conn._pooled_pg_changed = False
-
-
-def send_reset(conn: PooledConnection) -> None:
-    """Send the reset without waiting for its answer: the connection goes back to the pool with
-    the reset on the wire, and whoever takes it next reads the answer first
-    (``Pool.finish_reset``), by when it has long arrived. The round trip costs no borrower a
-    wait; the server does the same work as for :func:`reset_session`."""
-    pgconn = conn.pgconn
-    with conn.lock:
-        pgconn.send_query(conn._pooled_pg_reset)
-        while pgconn.flush():  # (non-blocking libpq: a short statement is sent at once)
-            select.select([], [pgconn.socket], [], 1.0)
-    conn._pooled_pg_pending = True
-    conn._pooled_pg_used = False
-    conn._pooled_pg_changed = False

@@ -6,7 +6,7 @@ A pooled connection outlives the code that borrowed it, so anything that lives i
 ``PREPARE``, whether a statement says so or a function, a ``DO`` block or a comment hides it.
 
 So the reset does not read SQL. Every borrowed connection is reset (:func:`reset_statement`),
-with its next borrower's first statement (:mod:`.reset`: no round trip of its own):
+sent as it goes back (:mod:`.reset`: nobody waits for its answer):
 
 * The settings the pool applies to every connection (time zone, ``assume_role``) travel in the
   connection's startup packet (libpq ``options``), so they are the session's *defaults*:
