@@ -6,11 +6,14 @@ the rest of the suite: tests/test_transaction_release.py, test_faults.py, test_k
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import psycopg_pool
 import pytest
 from psycopg_pool import ConnectionPool
 
+import django_pooled_pg
 from django_pooled_pg.pooling.pool import CREATED_AT, EXPIRE_AT, PSYCOPG_POOL_INTERNALS, Pool, expire_at
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,6 +39,15 @@ def test_each_internal_is_there_with_its_parameters(name):
     ), (name, params)
 
 
+#: A private attribute read or set on anything (self, super(), a connection, a waiter), in any
+#: case: psycopg_pool's counters are upper-case class constants (_REQUESTS_NUM).
+PRIVATE_ACCESS = re.compile(r"(?:\w|\))\.(_[A-Za-z]\w*)")
+
+
+def private_names_used(source: str) -> set[str]:
+    return {n for n in PRIVATE_ACCESS.findall(source) if not n.startswith(("__", "_pooled_pg_"))}
+
+
 def test_every_internal_used_in_pool_py_is_listed():
     """pool.py touches no other private name of psycopg_pool than those listed."""
     source = inspect.getsource(inspect.getmodule(Pool))
@@ -51,13 +63,50 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_shrink",
         "_keeps",
         "_ready",  # (Waiter's)
+        "_keep",  # (DatabaseWrapper's, in a comment)
     }
-    used = {
-        word
-        for word in set(__import__("re").findall(r"(?:self|super\(\))\.(_[a-z_]+)", source))
-        if not word.startswith("__")
-    }
-    assert used - ours - set(PSYCOPG_POOL_INTERNALS) == set()
+    assert private_names_used(source) - ours - set(PSYCOPG_POOL_INTERNALS) == set()
+
+
+def names_defined_in(package: object) -> set[str]:
+    """The private names a package's modules define: functions, methods, attributes set on
+    ``self`` and class constants."""
+    found: set[str] = set()
+    for path in Path(package.__file__).parent.rglob("*.py"):  # type: ignore[attr-defined]
+        text = path.read_text()
+        found |= set(re.findall(r"def (_[A-Za-z]\w*)", text))
+        found |= set(re.findall(r"self\.(_[A-Za-z]\w*)\s*(?::[^=]*)?=", text))
+        found |= set(re.findall(r"^\s+(_[A-Z][A-Z_0-9]*)\s*=", text, re.M))
+    return {n for n in found if not n.startswith("__")}
+
+
+def test_no_module_but_pool_py_touches_a_private_name_of_psycopg_or_psycopg_pool():
+    """Outside the seam no module reads or sets a private name that psycopg or psycopg_pool
+    defines (a name on ``self`` is the module's own class's; ``Pool._x`` and
+    ``DatabaseWrapper._x`` in docstrings are ours)."""
+    import psycopg
+
+    theirs = names_defined_in(psycopg) | names_defined_in(psycopg_pool)
+    seam = Path(inspect.getsourcefile(Pool))
+    offenders = {}
+    for path in Path(django_pooled_pg.__file__).parent.rglob("*.py"):
+        if path == seam:
+            continue
+        source = path.read_text()
+        foreign = {
+            m
+            for m in re.findall(r"(?<!self)(?<!cls)(?<!super\(\))(?<!Pool)(?<!DatabaseWrapper)\.(_[A-Za-z]\w*)", source)
+        }
+        used = (foreign - {n for n in foreign if n.startswith("_pooled_pg_")}) & theirs
+        if used:
+            offenders[str(path.relative_to(seam.parents[2]))] = sorted(used)
+    assert offenders == {}
+
+
+def test_no_private_psycopg_module_is_imported():
+    for path in Path(django_pooled_pg.__file__).parent.rglob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import) psycopg(_pool)?\.(_|generators|waiting)", source, re.M), path
 
 
 def test_connections_carry_their_expiry_and_birth(pool_options):

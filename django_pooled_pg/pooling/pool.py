@@ -73,7 +73,17 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_add_connection": ("attempt", "growing"),  # the budget's refusal gives an attempt up
     "_maybe_grow_pool": (),  # no new attempt right after the budget refused one
     "_growing": None,  # ...and a refused growing attempt lets the next one start
+    # psycopg_pool's counter keys (class constants), for the counts its getconn() keeps, kept by
+    # the queue above as psycopg_pool keeps them:
+    "_REQUESTS_NUM": None,
+    "_REQUESTS_QUEUED": None,
+    "_REQUESTS_ERRORS": None,
+    "_REQUESTS_WAIT_MS": None,
+    "_POOL_AVAILABLE": None,  # ...and the one _get_measures() adds the parked connections to
 }
+#: Besides: the ``_pool`` attribute psycopg_pool sets on a connection it hands out (its mark of
+#: a connection out of the pool; set by the queue above as psycopg_pool sets it), and
+#: :data:`EXPIRE_AT` / :data:`CREATED_AT` below.
 #: The attributes psycopg_pool sets on each connection it opens: when max_lifetime ends, and
 #: when it was opened (``time.monotonic()``).
 EXPIRE_AT = "_expire_at"
