@@ -42,6 +42,7 @@ BAD_VALUES = {
     "connection_class": ["psycopg.Connection", int],
     "release": ["statement", None, 1],
     "behind_pgbouncer": ["yes", 1, None],
+    "session_reset": ["no", 0, None],
     "ping_after": [-1, "1", True],
     "leak_timeout": [0, -1, "30"],
     "fleet_max_size": [2, 0, "all", True, 7.5],

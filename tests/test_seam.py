@@ -64,6 +64,8 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_keeps",
         "_ready",  # (Waiter's)
         "_keep",  # (DatabaseWrapper's, in a comment)
+        "_user_check",
+        "_user_reset",
     }
     assert private_names_used(source) - ours - set(PSYCOPG_POOL_INTERNALS) == set()
 

@@ -56,15 +56,12 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_waiting": None,  # ...that is, whether a borrower waits (then no parking)
     "_pool": None,  # the idle connections: a taker prefers them to parked ones
     "_nconns": None,  # probe(): a connection added by hand counts against max_size
-    "_closed": None,  # park(): nothing is parked in a closed pool
-    "_check": None,  # the user's `check` callback: a pending reset is read before it runs
     "_connect": ("timeout",),  # probe(): one connection attempt, bounded
     "_add_to_pool": ("conn",),  # probe(): the connection joins the idle ones (waiters served)
     "_get_ready_connection": ("timeout",),  # a taker takes a parked connection before waiting
     "_getconn_unchecked": ("timeout",),  # the queue, with a lighter waiter; a pending reset read
     "_stats": None,  # ...counted in psycopg_pool's counters as psycopg_pool counts it
     "_check_open_getconn": (),  # a borrow's getconn() without psycopg_pool's wrapper (_take)
-    "_reset": None,  # putconn(): a `reset` callback of the user's takes psycopg_pool's way
     "_return_connection": ("conn", "from_getconn"),  # putconn() without psycopg_pool's wrapper
     "_get_measures": (),  # parked connections count as available in get_stats()
     "_shrink_pool": (),  # its periodic upkeep also takes back long-parked connections
@@ -73,14 +70,12 @@ PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
     "_add_connection": ("attempt", "growing"),  # the budget's refusal gives an attempt up
     "_maybe_grow_pool": (),  # no new attempt right after the budget refused one
     "_growing": None,  # ...and a refused growing attempt lets the next one start
-    # psycopg_pool's counter keys (class constants), for the counts its getconn() keeps, kept by
-    # the queue above as psycopg_pool keeps them:
-    "_REQUESTS_NUM": None,
-    "_REQUESTS_QUEUED": None,
-    "_REQUESTS_ERRORS": None,
-    "_REQUESTS_WAIT_MS": None,
-    "_POOL_AVAILABLE": None,  # ...and the one _get_measures() adds the parked connections to
 }
+#: The keys of psycopg_pool's counters and measures that the queue above keeps as its getconn()
+#: does, and that _get_measures() adds the parked connections to: the names get_stats() shows
+#: (psycopg_pool's documented statistics).
+REQUESTS_NUM, REQUESTS_QUEUED, REQUESTS_ERRORS = "requests_num", "requests_queued", "requests_errors"
+REQUESTS_WAIT_MS, POOL_AVAILABLE = "requests_wait_ms", "pool_available"
 #: Besides: the ``_pool`` attribute psycopg_pool sets on a connection it hands out (its mark of
 #: a connection out of the pool; set by the queue above as psycopg_pool sets it), and
 #: :data:`EXPIRE_AT` / :data:`CREATED_AT` below.
@@ -145,6 +140,10 @@ class Pool(ConnectionPool[PooledConnection]):
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
         self.can_keep = self._keeps = kwargs.get("reset") is None
+        #: The ``check`` and ``reset`` callbacks of OPTIONS["pool"] (psycopg_pool runs them in
+        #: getconn() and putconn()), or None.
+        self._user_check = kwargs.get("check")
+        self._user_reset = kwargs.get("reset")
         #: Connections a look at the fleet budget asked back, given back as they return.
         self._shrink = 0
         #: The fleet's connection budget (OPTIONS["pool"]["fleet_max_size"]), or None.
@@ -172,10 +171,10 @@ class Pool(ConnectionPool[PooledConnection]):
     def user_check(self, conn: PooledConnection) -> bool:
         """Whether ``conn`` passes the ``check`` callback of OPTIONS["pool"], if there is one
         (psycopg_pool runs it in ``getconn()``; a connection taken back without it, here)."""
-        if self._check is None:
+        if self._user_check is None:
             return True
         try:
-            self._check(conn)
+            self._user_check(conn)
         except Exception:
             return False
         return True
@@ -236,9 +235,9 @@ class Pool(ConnectionPool[PooledConnection]):
         """``getconn()`` for a borrow: without a ``check`` callback, psycopg_pool's minus its
         two log calls and its check loop, which has nothing to check (a borrow goes through
         six Python frames fewer)."""
-        if self._check is not None:
+        if self._user_check is not None:
             return self.getconn(timeout)
-        self._stats[self._REQUESTS_NUM] += 1
+        self._stats[REQUESTS_NUM] += 1
         self._check_open_getconn()
         return self._getconn_unchecked(timeout)
 
@@ -373,7 +372,7 @@ class Pool(ConnectionPool[PooledConnection]):
         if self._waiting or self._shrink:
             return False
         with self._lock:
-            if self._waiting or self._closed or self._shrink:
+            if self._waiting or self.closed or self._shrink:
                 return False
             self._parked[borrow] = conn
         return True
@@ -422,14 +421,14 @@ class Pool(ConnectionPool[PooledConnection]):
                 started = time.monotonic()
                 waiter = Waiter()
                 self._waiting.append(waiter)  # type: ignore[arg-type]  # (the same contract)
-                self._stats[self._REQUESTS_QUEUED] += 1
+                self._stats[REQUESTS_QUEUED] += 1
                 self._maybe_grow_pool()
         if conn is None:
             try:
                 conn = waiter.wait(timeout, self._lock)
             except BaseException as exc:
                 if isinstance(exc, Exception):
-                    self._stats[self._REQUESTS_ERRORS] += 1
+                    self._stats[REQUESTS_ERRORS] += 1
                 # Out of the queue at once: borrow() waits in slices and queues again, and a
                 # waiter left behind until the next return counted one thread as two, three...
                 # against requests_waiting and max_waiting. (Only a wait that failed gets here.)
@@ -441,7 +440,7 @@ class Pool(ConnectionPool[PooledConnection]):
                     self.putconn(waiter.conn)
                 raise
             finally:
-                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - started))
+                self._stats[REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - started))
         conn._pool = self  # (psycopg_pool's mark of a connection out of the pool)
         if conn._pooled_pg_pending:
             # The answer of the reset it went back with is read as it leaves the queue, before
@@ -465,7 +464,7 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def _get_measures(self) -> dict[str, int]:
         measures = super()._get_measures()
-        measures[self._POOL_AVAILABLE] += len(self._parked)  # free to take: idle, for every reader
+        measures[POOL_AVAILABLE] += len(self._parked)  # free to take: idle, for every reader
         return measures
 
     def _shrink_pool(self) -> None:
@@ -565,7 +564,7 @@ class Pool(ConnectionPool[PooledConnection]):
             self._looking.start()
 
     def _look_loop(self) -> None:
-        while not self._closed:
+        while not self.closed:
             time.sleep(LOOK_EVERY)
             try:
                 self.look()
@@ -615,7 +614,7 @@ class Pool(ConnectionPool[PooledConnection]):
                 conn.close()
                 self._given_back(1)
                 return
-        if getattr(conn, "_pool", None) is self and self._reset is None and not self._closed:
+        if getattr(conn, "_pool", None) is self and self._user_reset is None and not self.closed:
             # psycopg_pool's putconn() without its log call and the checks just made: the
             # connection is this pool's, the pool is open, and no `reset` callback wants a task.
             self._return_connection(conn, from_getconn=False)
@@ -630,7 +629,7 @@ class Pool(ConnectionPool[PooledConnection]):
     def _close_connection(self, conn: Any) -> None:
         # psycopg_pool closes connections here; a healthy one closed while the pool is open was
         # recycled (max_lifetime, max_idle, drain), which psycopg_pool does not count.
-        if not self._closed and not conn.closed and not conn.broken:
+        if not self.closed and not conn.closed and not conn.broken:
             self.stats.recycled += 1
         super()._close_connection(conn)
 
