@@ -27,8 +27,14 @@ def waiting() -> int:
     return registry.get("default").get_stats().get("requests_waiting", 0)
 
 
-def test_a_waiting_borrower_is_counted_once_across_its_wait_slices(pool_options):
-    pool_options(min_size=1, max_size=1, timeout=30, max_waiting=2)
+def user_check(conn) -> None:
+    conn.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("check", [None, user_check], ids=["", "user-check"])
+def test_a_waiting_borrower_is_counted_once_across_its_wait_slices(pool_options, check):
+    """(With a ``check`` callback of the user's, psycopg_pool's own getconn() runs the wait.)"""
+    pool_options(min_size=1, max_size=1, timeout=30, max_waiting=2, **({"check": check} if check else {}))
     release = threading.Event()
     outcomes: dict[str, str] = {}
 
