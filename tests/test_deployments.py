@@ -393,13 +393,17 @@ def test_gunicorn_gevent_controls(site, tmp_path, control):
     options: list[str] = []
     if control == "blocking-wait":
         env["PSYCOPG_WAIT_FUNC"] = "wait_c"
+        # The queries run one after another (8 s): a borrower must not give up at the pool's
+        # 3 s timeout meanwhile, or the control measures 503s instead of the serialisation.
+        env["DEPLOY_POOL"] = json.dumps({**GEVENT_POOL, "timeout": 60})
     elif control == "djangos-backend":
         env["DEPLOY_ENGINE"] = "stock"
     else:
         options = ["--preload", "--timeout", "10", "--graceful-timeout", "5"]
     with gevent_server(site, tmp_path, options, env) as server:
         if control == "blocking-wait":
-            slow = get_all([f"{server.base}/query/?hold=0.5"] * 16, clients=16)
+            slow = get_all([f"{server.base}/query/?hold=0.5"] * 16, clients=16, timeout=120)
+            assert [status for status, _, _ in slow] == [200] * 16, slow
             slow_results = [body for _, _, body in slow]
             print(f"blocking wait: {max_overlap(slow_results)} at once, {span(slow_results):.2f} s")
             assert max_overlap(slow_results) == 1
