@@ -13,8 +13,8 @@ from psycopg import Connection
 from .session import RESET_SQL
 
 if TYPE_CHECKING:
+    from .attempts import ConnectionHealth
     from .budget import FleetBudget
-    from .pool import ConnectionHealth
 
 
 class PoolState:

@@ -23,14 +23,27 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import eventlog, signals
+from .release import release_connection
 from .stats import AliasStats, ViewStats
 
 if TYPE_CHECKING:
+    from ..settings import PoolSettings
     from .connection import PooledConnection
-    from .pool import Pool
+
+
+class Pool(Protocol):
+    """What the ledger uses of a borrow's pool (:class:`.pool.Pool`, which imports the ledger)."""
+
+    settings: PoolSettings
+    stats: AliasStats
+
+    def unpark(self, conn: PooledConnection, borrow: Borrow) -> bool: ...
+
+    def putconn(self, conn: PooledConnection) -> None: ...
+
 
 logger = logging.getLogger("django_pooled_pg")
 
@@ -198,8 +211,6 @@ class BorrowLedger:
             count += self._reclaim(borrow)
 
     def _reclaim(self, borrow: Borrow) -> int:
-        from .release import release_connection
-
         if self.borrows.get(id(borrow.conn)) is not borrow:
             return 0
         if borrow.parked:

@@ -32,13 +32,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from ..errors import BudgetExhausted, DatabaseUnavailable, PoolError, PoolExhausted
 from ..settings import PoolSettings
+from .attempts import ConnectionHealth
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
 from .release import release_connection
 from .reset import can_send, reset_session, send_reset
 from .reset import finish_reset as read_reset
-from .stats import AliasStats
 from .wire import read_results, send
 
 logger = logging.getLogger("django_pooled_pg")
@@ -87,33 +87,6 @@ CREATED_AT = "_created_at"
 #: ``putconn()`` replaces it. (A C accessor: a borrow and, with release="transaction", every
 #: statement ask, and a method call cost 1.5k instructions more per request of three.)
 expire_at = operator.attrgetter(EXPIRE_AT)
-
-
-class ConnectionHealth:
-    """The outcome of the pool's most recent attempts to open a connection."""
-
-    def __init__(self, stats: AliasStats) -> None:
-        self.stats = stats
-        self.last_error: BaseException | None = None
-        self.failed_at = 0.0
-        self.succeeded_at = 0.0
-
-    @property
-    def failing(self) -> bool:
-        """True while the latest connection attempt failed."""
-        return self.failed_at > self.succeeded_at
-
-    def failed(self, error: BaseException) -> None:
-        self.last_error = error
-        self.failed_at = time.monotonic()
-        self.stats.failed += 1
-
-    def succeeded(self, seconds: float) -> None:
-        """A connection opened in ``seconds``: counted, and its time recorded (the one place of
-        both; a connection is opened by psycopg_pool's worker or a probe, never by a borrower)."""
-        self.succeeded_at = time.monotonic()
-        self.stats.opened += 1
-        self.stats.connect.record(seconds)
 
 
 class Pool(ConnectionPool[PooledConnection]):

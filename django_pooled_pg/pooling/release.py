@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from psycopg.pq import ConnStatus, TransactionStatus
-from psycopg_pool import ConnectionPool
 
 from .connection import PooledConnection
 from .reset import reset
 
 logger = logging.getLogger("django_pooled_pg")
+
+
+class Pool(Protocol):
+    """What a return needs of a pool: psycopg_pool's ``putconn()``."""
+
+    def putconn(self, conn: Any) -> None: ...
 
 
 class Outcome(NamedTuple):
@@ -31,14 +36,14 @@ CLEAN = Outcome()
 _OUTCOMES = {(r, s): Outcome(rolled_back=r, reset=s) for r in (False, True) for s in (False, True)}
 
 
-def release_connection(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome:
+def release_connection(pool: Pool, conn: PooledConnection) -> Outcome:
     """Return ``conn`` to ``pool`` clean, or closed if it cannot be cleaned."""
     outcome = prepare_return(pool, conn)
     pool.putconn(conn)
     return outcome
 
 
-def prepare_return(pool: ConnectionPool[Any], conn: PooledConnection) -> Outcome:
+def prepare_return(pool: Pool, conn: PooledConnection) -> Outcome:
     """Make ``conn`` fit for its next borrower, or close it: everything
     :func:`release_connection` does short of handing it to the pool's queue (a borrower that
     keeps its connection for its next borrow, ``DatabaseWrapper._keep``, stops here).
