@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import re
+import signal
 import threading
 
 import pytest
