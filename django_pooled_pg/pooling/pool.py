@@ -37,8 +37,8 @@ from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .ledger import Borrow, ledger
 from .release import release_connection
-from .reset import can_send, reset_session, send_reset
 from .reset import finish_reset as read_reset
+from .reset import reset
 from .wire import read_results, send
 
 logger = logging.getLogger("django_pooled_pg")
@@ -222,13 +222,10 @@ class Pool(ConnectionPool[PooledConnection]):
         if not conn._pooled_pg_used or not conn._pooled_pg_resets:
             return True
         try:
-            if not can_send(conn):
-                reset_session(conn)
-                return True
-            send_reset(conn)
+            reset(conn)  # (sent, or made at once: .reset.can_send)
         except Exception:
             return False  # dropped below, like a dead one
-        return self.finish_reset(conn)
+        return not conn._pooled_pg_pending or self.finish_reset(conn)
 
     def usable(self, conn: PooledConnection) -> bool:
         """Whether an idle connection still works, without a round trip when possible.

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from psycopg.pq import ExecStatus, TransactionStatus
 
-from .wire import send, wait_answer
+from .wire import read_results, send
 
 if TYPE_CHECKING:
     from .connection import PooledConnection
@@ -75,16 +75,10 @@ def finish_reset(conn: PooledConnection, timeout: float) -> bool:
     ``timeout`` seconds."""
     conn._pooled_pg_pending = False
     pgconn = conn.pgconn
-    ok = True
     try:
         with conn.lock:
-            pgconn.consume_input()
-            if pgconn.is_busy():
-                wait_answer(pgconn, time.monotonic() + timeout)
-            while (result := pgconn.get_result()) is not None:
-                if result.status not in RESET_OK:
-                    ok = False
-        ok = ok and pgconn.transaction_status == TransactionStatus.IDLE
+            statuses = read_results(pgconn, time.monotonic() + timeout)
+        ok = all(status in RESET_OK for status in statuses) and pgconn.transaction_status == TransactionStatus.IDLE
     except Exception:
         ok = False
     if not ok:
