@@ -28,6 +28,7 @@ from psycopg.pq import TransactionStatus
 
 from . import eventlog
 from .base import reset_connect_state
+from .pooling.borrow import KEPT, PARKED
 from .pooling.ledger import current_view
 
 
@@ -116,7 +117,7 @@ def held_connections() -> Held | None:
     """
     held = None
     for wrapper in thread_connections():
-        if wrapper.connection is not None and getattr(wrapper, "_borrowed_from", None) is not None:
+        if wrapper.connection is not None and getattr(wrapper, "_borrow", None) is not None:
             if held is None:
                 held = {}
             held[wrapper.alias] = (len(wrapper.atomic_blocks), wrapper.autocommit)
@@ -133,7 +134,8 @@ def release_connections(view: str | None = None, held: Held | None = None) -> in
     """
     released = 0
     for wrapper in thread_connections():
-        if getattr(wrapper, "_borrowed_from", None) is None or getattr(wrapper, "_kept", False):
+        borrow = getattr(wrapper, "_borrow", None)
+        if borrow is None or borrow.state is KEPT:
             continue  # nothing borrowed, or given back already (kept for the thread's next borrow)
         if held and wrapper.alias in held and wrapper.connection is not None:
             undo_request_transactions(wrapper, *held[wrapper.alias], view)
@@ -178,7 +180,8 @@ def release_connection_of(wrapper: BaseDatabaseWrapper, view: str | None = None)
     """Give back ``wrapper``'s connection and forget any transaction state, so the thread's next
     borrow starts clean even if an ``atomic`` block was never exited."""
     if wrapper.connection is None:
-        if getattr(wrapper, "_parked", None) is not None:
+        borrow = getattr(wrapper, "_borrow", None)
+        if borrow is not None and borrow.state is PARKED:
             wrapper.close()  # parked between statements (release="transaction"): clean, goes back
         return
     status = wrapper.connection.pgconn.transaction_status

@@ -3,14 +3,18 @@
 A small diff against ``django.db.backends.postgresql.base``:
 
 * :meth:`DatabaseWrapper.connect` borrows from the process-wide pool of the alias
-  (:mod:`django_pooled_pg.pooling.registry`) and does only the per-borrow bookkeeping Django needs; the
-  per-session work (time zone, role, ``connection_created``) was done once, when the pool opened
-  the connection (:class:`SessionSetup`).
+  (:mod:`django_pooled_pg.pooling.registry`) and does only the per-borrow bookkeeping Django
+  needs; the per-session work (time zone, role, ``connection_created``) was done once, when the
+  pool opened the connection (:class:`~django_pooled_pg.session_setup.SessionSetup`).
 * :meth:`DatabaseWrapper._close` gives the connection back clean
-  (:func:`django_pooled_pg.pooling.release.prepare_return`) and keeps it for the thread's next borrow
-  while nobody else needs it (:meth:`DatabaseWrapper._keep`).
-* With ``release="transaction"``, cursors note statements that change session state
-  (:class:`SessionTrackingMixin`), which keep the connection until the request ends.
+  (:func:`django_pooled_pg.pooling.release.prepare_return`) and keeps it for the thread's next
+  borrow while nobody else needs it.
+* With ``release="transaction"``, the connection is parked between statements
+  (:meth:`DatabaseWrapper.release_if_unpinned`, :mod:`django_pooled_pg.cursors`) and taken back
+  by the next one (:meth:`DatabaseWrapper._cursor`).
+
+What a borrow is, and its states (borrowed, parked, kept, returned), is
+:class:`django_pooled_pg.pooling.borrow.Borrow`: the wrapper holds one, as ``_borrow``.
 """
 
 from __future__ import annotations
@@ -20,15 +24,11 @@ import sys
 import threading
 import time
 from asyncio import _get_running_loop
-from collections.abc import Callable
 from typing import Any
 
-from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
-from django.db.backends.base.base import NO_DB_ALIAS, RAN_DB_VERSION_CHECK
-from django.db.backends.signals import connection_created
-from django.db.backends.utils import CursorWrapper
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
 try:
     from django.db.backends.postgresql import base as postgresql
@@ -45,174 +45,20 @@ if not is_psycopg3:
         "(psycopg2 can stay installed; psycopg 3 is preferred when both are present)."
     )
 
-import psycopg
-from psycopg import Connection
-
 from . import apm, signals
 from .creation import DatabaseCreation
+from .cursors import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
+from .engine_pool import build_pool, pool_fingerprint
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
+from .pooling.borrow import KEPT, PARKED, Borrow
 from .pooling.connection import PooledConnection
-from .pooling.ledger import capture_frames, current_view, ledger
+from .pooling.ledger import ledger
 from .pooling.pool import RECENT, Pool, expire_at
 from .pooling.registry import registry
 from .pooling.release import prepare_return
-from .pooling.session import BASELINE_QUERY, PINNING_TAGS, RESET_SQL, reset_statement, startup_options
-from .settings import read_pool_settings
+from .session_setup import sync_postgres_types
 from .telemetry.publisher import publisher
-from .telemetry.snapshot import application_name
-
-
-class SessionTrackingMixin:
-    """With ``release="transaction"``: marks the connection as pinned when a statement's command
-    tag says it changed the session (see :mod:`.session`). Constant time: the statement's text
-    is never read. (Whether to reset needs no cursor: every borrowed connection is reset when it
-    goes back, see ``DatabaseWrapper._borrowed``.)"""
-
-    connection: Any  # (psycopg's cursor attribute)
-
-    def execute(
-        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
-    ) -> Any:
-        # (psycopg's signature spelled out: a call through **kwargs costs more per statement)
-        result = super().execute(query, params, prepare=prepare, binary=binary)  # type: ignore[misc]
-        pgresult = self.pgresult  # type: ignore[attr-defined]
-        if pgresult is not None and pgresult.command_status in PINNING_TAGS:
-            self.connection._pooled_pg_changed = True
-        return result
-
-
-#: Cursor classes with the tracking of pinning statements, by the class they extend.
-_tracking_classes: dict[type, type] = {}
-
-
-def pooled_cursor_class(factory: Any, tracking: bool) -> type:
-    """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
-    subclass of this backend put in ``get_connection_params()``, as django-prometheus does), with
-    ``release="transaction"`` with the tracking of pinning statements
-    (:class:`SessionTrackingMixin`) in front, made once per class."""
-    checked_cursor_class(factory)
-    if not tracking or issubclass(factory, SessionTrackingMixin):
-        return factory
-    mixed = _tracking_classes.get(factory)
-    if mixed is None:
-        mixed = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
-        _tracking_classes[factory] = mixed
-    return mixed
-
-
-def tracking_cursor_class(factory: Any) -> type:
-    """The cursor class of the pool's connections with ``release="transaction"``."""
-    return pooled_cursor_class(factory, tracking=True)
-
-
-def checked_cursor_class(factory: Any) -> type:
-    if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
-        raise ImproperlyConfigured(
-            f"cursor_factory {factory!r} is not a psycopg.Cursor subclass; django_pooled_pg needs "
-            "one to track what a borrower leaves in the session. Subclass Django's "
-            "django.db.backends.postgresql.base.Cursor instead."
-        )
-    return factory
-
-
-class ReleaseOnCloseMixin:
-    """With ``release="transaction"``: closing the last cursor of a connection that nothing pins
-    gives the connection back (see :meth:`DatabaseWrapper.release_if_unpinned`).
-
-    The open cursors are counted by their psycopg cursor, not by this wrapper: tools that wrap
-    cursors (django-debug-toolbar) build a wrapper of their own around ``wrapper.cursor``, from a
-    subclass of this class and without calling our constructor, and drop ours unclosed. Closing
-    theirs closes the same psycopg cursor, and that is what counts.
-    """
-
-    db: DatabaseWrapper
-    cursor: Any
-
-    def close(self) -> None:
-        try:
-            self.cursor.close()
-        except Exception:
-            with self.db.wrap_database_errors:  # (entered only on an error: it runs per statement)
-                raise
-        finally:
-            self.db.release_if_unpinned(self.cursor)
-
-
-class ReleasingCursorWrapper(ReleaseOnCloseMixin, CursorWrapper):
-    pass
-
-
-class ReleasingCursorDebugWrapper(ReleaseOnCloseMixin, postgresql.CursorDebugWrapper):
-    pass
-
-
-class SessionSetup:
-    """Prepares a database session, once, when the pool opens a connection.
-
-    Time zone and role arrive with the startup packet, so what is left is what other code wants:
-    Django's ``connection_created`` signal (sent with a wrapper bound to the new connection, so
-    receivers that run ``SET ...`` keep working) and the pool's ``configure`` option. What they
-    set is the session's baseline, which every reset restores (:func:`.session.reset_statement`).
-    """
-
-    def __init__(
-        self,
-        wrapper_class: type[DatabaseWrapper],
-        settings_dict: dict[str, Any],
-        alias: str,
-        configure: Callable[[Connection], None] | None,
-        time_zone: str | None = None,
-    ) -> None:
-        self.wrapper_class = wrapper_class
-        self.settings_dict = settings_dict
-        self.alias = alias
-        self.configure = configure
-        #: Set with SET when it cannot travel in the startup packet (behind PgBouncer).
-        self.time_zone = time_zone
-
-    def __call__(self, conn: PooledConnection) -> None:
-        conn._pooled_pg_setup = self
-        conn._pooled_pg_cursors = []
-        baseline = False  # whether anything below may have set a session setting
-        if self.time_zone and conn.info.parameter_status("TimeZone") != self.time_zone:
-            conn.execute("SELECT set_config('TimeZone', %s, false)", [self.time_zone])
-            baseline = True
-        if connection_created.has_listeners(self.wrapper_class):
-            baseline = True
-            wrapper = self.wrapper_class(self.settings_dict, self.alias)
-            wrapper.connection = conn
-            # Receivers that query through connections[alias] (django.contrib.postgres reads the
-            # hstore/citext OIDs that way) must use this session: borrowing from the pool that is
-            # opening it would wait on itself (PoolTimeout) and keep a slot in this thread.
-            previous = getattr(connections._connections, self.alias, None)
-            connections[self.alias] = wrapper
-            try:
-                connection_created.send(sender=self.wrapper_class, connection=wrapper)
-            finally:
-                wrapper.connection = None
-                if previous is None:
-                    del connections[self.alias]
-                else:
-                    connections[self.alias] = previous
-            if not conn.autocommit:
-                conn.commit()
-                conn.autocommit = True
-        if self.configure is not None:
-            baseline = True
-            self.configure(conn)
-        if baseline:
-            rows = conn.execute(BASELINE_QUERY).fetchall()
-            conn._pooled_pg_reset = reset_statement(rows).encode()
-        else:
-            conn._pooled_pg_reset = RESET_SQL.encode()
-        # What ran here is the session's baseline, not a borrower's change.
-        conn._pooled_pg_changed = False
-        conn._pooled_pg_used = False
-
-
-#: (apps.app_configs, whether django.contrib.postgres is in it), see _sync_postgres_types.
-_contrib_postgres_installed: tuple[Any, bool] = (None, False)
 
 
 def _sync_allowed() -> bool:
@@ -261,26 +107,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     creation_class = DatabaseCreation
     features_class = DatabaseFeatures
 
-    #: The pool the current connection was borrowed from; None when not borrowed.
-    _borrowed_from: Pool | None = None
-    #: :attr:`registry.generation` at borrow time: differs in a forked child.
-    _borrow_generation: int = -1
+    #: The current borrow (borrowed, parked between statements or kept for this thread's next
+    #: borrow: its ``state``); None when nothing is borrowed.
+    _borrow: Borrow | None = None
     #: release="transaction": give back after each statement / outermost transaction.
     _per_statement: bool = False
     #: The psycopg cursors of the current borrow whose wrapper is not closed yet (a set made per
     #: borrow), and explicit pins (``pinned()``).
     _open_cursors: set[Any] = frozenset()  # type: ignore[assignment]
     _pins: int = 0
-    #: The connection parked after the last statement (release="transaction") or kept after the
-    #: last borrow (``Pool.park``); ``connection`` is None meanwhile, ``_borrowed_from`` its pool.
-    _parked: PooledConnection | None = None
-    #: ``_parked`` was kept at the end of a borrow (:meth:`_keep`), not parked between
-    #: statements: taking it back is a new borrow.
-    _kept: bool = False
-    #: The current borrow's wrapper lives in its thread's local storage (see get_new_connection).
-    _owned: bool = False
-    #: How long the current borrow waited for its connection.
-    _wait: float = 0.0
 
     # ----- The pool ---------------------------------------------------------------------------
 
@@ -290,8 +125,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @property
     def pool(self) -> Pool | None:
-        """This alias's pool in this process (Django's backend has the same property)."""
-        fingerprint = self.pool_fingerprint()
+        """This alias's pool in this process. (Not Django's property through ``super()``: its
+        pool is a psycopg_pool ``ConnectionPool`` per alias per class, kept when the settings
+        change and inherited, open, by a forked child; ours is the registry's.)"""
+        fingerprint = pool_fingerprint(self)
         pool = registry.current(self.alias, fingerprint)  # (an alias with a pool is pooled)
         if pool is not None:
             return pool
@@ -299,70 +136,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return None
         return registry.pool_for(self.alias, fingerprint, self._build_pool)
 
-    def pool_fingerprint(self) -> tuple[Any, ...]:
-        """What the pool's connections were made from; a change means a new pool. Compared by
-        value against a copy the registry keeps (so in-place edits of OPTIONS are seen)."""
-        sd = self.settings_dict
-        return (
-            sd["NAME"],
-            sd["USER"],
-            sd["PASSWORD"],
-            sd["HOST"],
-            sd["PORT"],
-            # (self.timezone is None without USE_TZ: Django's cached property, cheaper to read
-            # than settings.USE_TZ, dropped with timezone_name when either setting changes)
-            sd["OPTIONS"],
-            sd["CONN_HEALTH_CHECKS"],
-            self.timezone_name,
-            self.timezone is None,
-        )
-
     def _build_pool(self) -> Pool:
-        pool_settings = read_pool_settings(self.alias, self.settings_dict)
-        self.check_settings()
-        options = self.settings_dict["OPTIONS"]
-        if "isolation_level" in options:
+        if "isolation_level" in self.settings_dict["OPTIONS"]:
             self._isolation_level()  # raises ImproperlyConfigured now rather than per borrow
-        kwargs = self.get_connection_params()
-        kwargs["autocommit"] = True
-        if not options.get("application_name"):
-            # Lets poolstats tell this process's connections apart in pg_stat_activity.
-            kwargs["application_name"] = application_name(self.alias)
-        kwargs["cursor_factory"] = pooled_cursor_class(
-            kwargs["cursor_factory"], tracking=pool_settings.release == "transaction"
-        )
-        startup = {}
-        if self.timezone_name:
-            startup["TimeZone"] = self.timezone_name
-        if options.get("assume_role"):
-            startup["role"] = options["assume_role"]
-        set_time_zone = None
-        if pool_settings.behind_pgbouncer:
-            # PgBouncer refuses startup options; it tracks TimeZone set in the session instead
-            # and applies it to whichever server connection serves this client.
-            set_time_zone = self.timezone_name
-        elif startup:
-            kwargs["options"] = startup_options(kwargs.get("options"), startup)
-
-        pool_kwargs = dict(pool_settings.pool_kwargs)
-        configure = pool_kwargs.pop("configure", None)
-        pool_kwargs.setdefault("name", f"django_pooled_pg:{self.alias}:{os.getpid()}")
-        connect_timeout = float(options.get("connect_timeout") or 0)
-        return Pool(
-            self.alias,
-            pool_settings,
-            connect_timeout=connect_timeout,
-            kwargs=kwargs,
-            open=False,
-            configure=SessionSetup(
-                type(self),
-                dict(self.settings_dict),
-                self.alias,
-                configure,
-                set_time_zone,
-            ),
-            **pool_kwargs,
-        )
+        return build_pool(self)
 
     def close_pool(self) -> None:
         """Close this alias's pool in this process (Django's backend has the same method).
@@ -376,17 +153,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return
         registry.close(self.alias)
 
-    def _isolation_level(self) -> IsolationLevel:
-        value = self.settings_dict["OPTIONS"].get("isolation_level")
-        if value is None:
-            return IsolationLevel.READ_COMMITTED
-        try:
-            return IsolationLevel(value)
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"Invalid transaction isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
-            ) from None
-
     # ----- Borrow and return --------------------------------------------------------------------
 
     def _cursor(self, name: str | None = None) -> Any:
@@ -397,19 +163,25 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         patch ``BaseDatabaseWrapper.ensure_connection`` and call the instance's method from the
         patch, which an override would make recursive.
         (Its callers, ``cursor()`` and ``chunked_cursor()``, made Django's async_unsafe check.)"""
-        if self.connection is None and self._parked is not None and not self._kept:
-            self._take_back_parked()  # (if it was taken meanwhile, ensure_connection() borrows)
+        if self.connection is None:
+            borrow = self._borrow
+            if borrow is not None and borrow.state is PARKED:
+                self._take_back_parked(borrow)  # (if it was taken meanwhile, ensure_connection() borrows)
         return super()._cursor(name)
 
     def connect(self) -> None:
         """Borrow a connection: Django's ``connect()`` minus the per-session work.
 
-        The borrow itself is :meth:`get_new_connection` and the per-borrow state
-        :meth:`init_connection_state`, as in Django. When an APM tool has wrapped Django's
+        Not Django's ``connect()`` through ``super()``: that reads ``get_connection_params()`` and
+        sends ``connection_created`` on every connect, which a pooled session got once
+        (:class:`~django_pooled_pg.session_setup.SessionSetup`). What it resets, a borrow resets
+        too (:data:`CONNECT_STATE`). The borrow itself is :meth:`get_new_connection` and the
+        per-borrow state :meth:`init_connection_state`, as in Django. When an APM tool has wrapped Django's
         ``BaseDatabaseWrapper.connect`` to time it (sentry-sdk does), the borrow goes through
         that wrapper, so the tool sees the wait for a pool connection (:mod:`.apm`).
         """
-        if self._parked is not None and not self._kept and self._take_back_parked():
+        borrow = self._borrow
+        if borrow is not None and borrow.state is PARKED and self._take_back_parked(borrow):
             return  # mid-request (release="transaction"): Django's bookkeeping still holds
         if not self.pooled:
             return super().connect()
@@ -431,39 +203,61 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         (:meth:`_take_back_kept`), else one from the pool.
 
         Every borrowed connection is marked used, so that it is reset when it goes back: the
-        reset cannot be fooled by what a borrower ran (see :mod:`.session`), and is sent
+        reset cannot be fooled by what a borrower ran (see :mod:`.pooling.session`), and is sent
         without waiting for its answer (:mod:`.pooling.reset`)."""
         pool = self.pool
         assert pool is not None  # (connect() borrows only when pooled)
-        if self._kept:
-            conn = self._take_back_kept(pool)
-            if conn is not None:
-                return conn
-        if not ledger.orphans.empty():
-            ledger.reclaim_orphans()  # slots of threads that ended without closing
-        started = time.monotonic()
-        try:
-            conn = pool.borrow()
-        except PoolError as error:
-            self._pool_failed(error)
-            raise
-        # A connection object that lives in this thread's local storage is lost when the
-        # thread ends; one shared across threads (inc_thread_sharing) is not.
-        owned = self._owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
-        self._borrow = ledger.record(self.alias, pool, conn, owned_by_thread=owned, holder=id(self))
+        kept = self._borrow
+        conn = self._take_back_kept(pool, kept) if kept is not None and kept.state is KEPT else None
+        if conn is None:
+            if not ledger.orphans.empty():
+                ledger.reclaim_orphans()  # slots of threads that ended without closing
+            asked_at = time.monotonic()
+            try:
+                conn = pool.borrow()
+            except PoolError as error:
+                self._pool_failed(error)
+                raise
+            # A connection object that lives in this thread's local storage is lost when the
+            # thread ends; one shared across threads (inc_thread_sharing) is not.
+            owned = self._thread_ident == threading.get_ident() and not self.allow_thread_sharing
+            self._borrow = Borrow.start(self.alias, pool, conn, asked_at, id(self), owned)
         conn._pooled_pg_used = True
-        self._wait = self._borrow.started - started
-        pool.stats.borrowed(self._wait, self._borrow.stats)
-        self._borrowed_from = pool
-        self._borrow_generation = registry.generation
         self._per_statement = False  # set by init_connection_state: its own queries keep it
         self._open_cursors = set()
         return conn
 
+    def _take_back_kept(self, pool: Pool, borrow: Borrow) -> PooledConnection | None:
+        """The connection this thread kept at its last return, for a new borrow; None if another
+        borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
+        self._borrow = None  # (again borrow's if taken back)
+        conn = borrow.take_back(id(self))
+        if conn is None:
+            return None
+        if borrow.pool is not pool:  # the alias has a new pool (its settings changed): back to the old
+            borrow.give_back()
+            return None
+        if conn._pooled_pg_pending:
+            pool.finish_reset(conn)  # the reset it went back with; closed if that failed
+        now = time.monotonic()
+        if expire_at(conn) > now:  # (past max_lifetime, putconn() recycles it)
+            if (
+                not conn.closed
+                and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn))
+                and pool.user_check(conn)
+            ):
+                borrow.renew(now)
+                self._borrow = borrow
+                return conn
+            pool.lost(conn)  # dead after a pause, as an idle connection can be
+        borrow.give_back()
+        return None
+
     def init_connection_state(self) -> None:
         """Per-borrow state; the per-session work (time zone, role, ``connection_created``) was
-        done once, when the pool opened the connection (:class:`SessionSetup`)."""
-        if self._borrowed_from is None:
+        done once, when the pool opened the connection (see :meth:`connect`)."""
+        borrow = self._borrow
+        if borrow is None:
             return super().init_connection_state()
         conn = self.connection
         self.health_check_enabled = False  # the pool checks connections, not Django
@@ -479,14 +273,31 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.autocommit = True  # pooled connections are kept in autocommit
         else:
             self.set_autocommit(False)
-        if self.alias not in RAN_DB_VERSION_CHECK:
-            self.check_database_version_supported()
-            RAN_DB_VERSION_CHECK.add(self.alias)
+        # Django's version check (once per alias). Not PostgreSQL's init_connection_state():
+        # what it adds configures a session Django opened, which SessionSetup did for the pool's,
+        # and its test (`not self.pool`) would read the pool's fingerprint on every borrow.
+        BaseDatabaseWrapper.init_connection_state(self)
         self.run_on_commit: list[Any] = []
-        self._sync_postgres_types(conn)
-        self._per_statement = self._borrowed_from.settings.release == "transaction"
+        sync_postgres_types(self, conn)
+        # Whether this borrow gives its connection back after each statement or outermost
+        # transaction (parking it) rather than at the end of the request: decided here, and only
+        # here, for a new borrow and a kept connection taken back alike (both connect()).
+        self._per_statement = borrow.pool.settings.release == "transaction"
         if signals.connection_borrowed.receivers:
-            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=self._wait)
+            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=borrow.wait)
+
+    def _isolation_level(self) -> IsolationLevel:
+        """``OPTIONS["isolation_level"]`` (Django's backend reads it inline in its
+        ``get_new_connection()``, which a borrow does not run)."""
+        value = self.settings_dict["OPTIONS"].get("isolation_level")
+        if value is None:
+            return IsolationLevel.READ_COMMITTED
+        try:
+            return IsolationLevel(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"Invalid transaction isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
+            ) from None
 
     def _pool_failed(self, error: PoolError) -> None:
         stats = ledger.stats_for(self.alias)
@@ -497,52 +308,30 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         pool_error.set(error)
         signals.pool_exhausted.send(sender=type(self), alias=self.alias, error=error)
 
-    def _sync_postgres_types(self, conn: PooledConnection) -> None:
-        """Register django.contrib.postgres's hstore/citext adapters again when they are stale.
-
-        Its ``connection_created`` receiver registers them per connection with type OIDs it
-        caches per alias and forgets at CREATE EXTENSION (an in-process ``migrate``, as in a test
-        run); Django sends the signal on every connect, a pooled session got it once. So compare
-        the OIDs this session was set up with, which costs a dict lookup when nothing changed.
-        """
-        global _contrib_postgres_installed
-        signals = sys.modules.get("django.contrib.postgres.signals")
-        if signals is None or not apps.apps_ready or self.alias not in connections.settings:
-            return  # (its OID lookups go through connections[alias]: a copy's alias has none)
-        configs = apps.app_configs  # a new dict whenever INSTALLED_APPS changes (tests)
-        if _contrib_postgres_installed[0] is not configs:
-            _contrib_postgres_installed = (configs, apps.is_installed("django.contrib.postgres"))
-        if not _contrib_postgres_installed[1]:
-            return
-        oids = (signals.get_hstore_oids(self.alias), signals.get_citext_oids(self.alias))
-        if conn._pooled_pg_type_oids != oids:
-            signals.register_type_handlers(self)
-            conn._pooled_pg_type_oids = oids
-
-    def _close(self, keep: bool = True) -> None:
+    def _close(self, keep: bool = True, parked: bool = False) -> None:
         """Give the connection back to its pool, clean, or discard it.
 
         With ``keep`` a clean connection stays with this wrapper, free for any borrower to take,
-        and this thread's next borrow takes it back without psycopg_pool's queue (:meth:`_keep`).
+        and this thread's next borrow takes it back without psycopg_pool's queue
+        (:meth:`Borrow.keep <django_pooled_pg.pooling.borrow.Borrow.keep>`). ``parked``: its hold
+        ended when it was parked (it was taken back only to go back, or found unfit).
         """
-        pool = self._borrowed_from
-        if pool is None:
+        borrow = self._borrow
+        if borrow is None:
             return super()._close()
-        conn, self.connection, self._borrowed_from = self.connection, None, None
-        if conn is None or self._borrow_generation != registry.generation:
-            return  # borrowed by the parent process before a fork: not ours to return
-        borrow = ledger.borrows.get(id(conn))
-        if borrow is None or borrow.holder != id(self):
-            # Already given back for a thread that ended (never return twice), or this is a copy
-            # (copy.copy(), as Django's own tests make) of the wrapper that holds it.
-            self._parked = None
+        conn, self.connection, self._borrow = self.connection, None, None
+        if conn is None or not borrow.held_by(id(self)) or ledger.borrows.get(id(conn)) is not borrow:
+            # Borrowed by the parent process before a fork, already given back for a thread that
+            # ended (never return twice), or this is a copy (copy.copy(), as Django's own tests
+            # make) of the wrapper that holds it: not ours to return.
             return
-        was_parked = borrow.parked  # (a parked connection's hold was recorded when it was parked)
+        pool = borrow.pool
         with self.wrap_database_errors:
             outcome = prepare_return(pool, conn)
-            if not (keep and self._keep(pool, conn, borrow)):
-                ledger.forget(conn)
-                pool.putconn(conn)
+            if keep and borrow.keep():
+                self._borrow = borrow
+            else:
+                borrow.give_back()
         if conn.closed and pool_error.get() is None:
             # Lost mid-request: Django's atomic closes a connection whose rollback failed, and
             # may borrow another before the error reaches the middleware, which answers 503.
@@ -551,71 +340,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         borrow.stats.rollbacks += outcome.rolled_back
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
-        if not was_parked:
+        if not parked:
             self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back)
 
-    def _keep(self, pool: Pool, conn: PooledConnection, borrow: Any) -> bool:
-        """Keep a clean, returned connection for this thread's next borrow (HikariCP keeps a
-        thread's last connections the same way): parked in its pool, where any borrower that
-        finds no idle connection takes it (:meth:`Pool.park`), and taken back by
-        :meth:`_take_back_kept` with a lock and a dict pop instead of psycopg_pool's
-        ``getconn()`` + ``putconn()``. Only a wrapper of this thread's own, and never while
-        someone waits for a connection."""
-        if not (self._owned and pool.can_keep) or conn.closed or not pool.park(conn, borrow):
-            return False
-        borrow.parked = True
-        self._parked = conn
-        self._kept = True
-        self._borrowed_from = pool
-        return True
-
-    def _take_back_kept(self, pool: Pool) -> PooledConnection | None:
-        """The connection this thread kept at its last return, for a new borrow; None if another
-        borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
-        kept_in = self._borrowed_from
-        conn = self._unpark()
-        if conn is None:
-            return None
-        if kept_in is not pool:  # the alias has a new pool (its settings changed): back to the old
-            ledger.forget(conn)
-            assert kept_in is not None  # (_unpark() found the connection kept in it)
-            kept_in.putconn(conn)
-            return None
-        if conn._pooled_pg_pending:
-            pool.finish_reset(conn)  # the reset it went back with; closed if that failed
-        now = time.monotonic()
-        if expire_at(conn) > now:  # (past max_lifetime, putconn() below recycles it)
-            if (
-                not conn.closed
-                and (now - conn._pooled_pg_returned_at < RECENT or pool.usable(conn))
-                and pool.user_check(conn)
-            ):
-                return self._borrowed_again(pool, conn, now)
-            pool.lost(conn)  # dead after a pause, as an idle connection can be
-        ledger.forget(conn)
-        pool.putconn(conn)
-        return None
-
-    def _borrowed_again(self, pool: Pool, conn: PooledConnection, now: float) -> PooledConnection:
-        """The bookkeeping of get_new_connection for a connection taken back by its borrower."""
-        borrow = self._borrow
-        borrow.parked = False
-        borrow.started = now
-        borrow.reported = False
-        view = borrow.view = current_view.get()
-        stats = borrow.stats = pool.stats.views.get(view) or pool.stats.view(view)
-        if pool.settings.leak_timeout:
-            borrow.frames = capture_frames(4)
-        pool.stats.borrowed(None, stats)
-        conn._pooled_pg_used = True
-        self._wait = 0.0
-        self._per_statement = False
-        self._open_cursors = set()
-        return conn
-
-    def _returned(self, borrow: Any, now: float, rolled_back: bool) -> None:
+    def _returned(self, borrow: Borrow, now: float, rolled_back: bool) -> None:
         """The end of a hold: recorded in its view's histogram (and, for the give-back between
-        statements, in :meth:`release_if_unpinned` the same way)."""
+        statements, by :meth:`Borrow.park <django_pooled_pg.pooling.borrow.Borrow.park>`)."""
         held = now - borrow.started
         borrow.stats.hold.record(held)
         if signals.connection_returned.receivers:
@@ -630,81 +360,52 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # (Django's close() makes the async_unsafe check: ours would double it, so the parked
         # connection is returned only where Django's check will pass (_sync_allowed); where it
         # raises, the parked connection stays for the pool to take back.)
-        if self._parked is not None and not self._kept and _sync_allowed():
+        borrow = self._borrow
+        if borrow is not None and borrow.state is PARKED and _sync_allowed():
             self.validate_thread_sharing()
-            self._return_parked()  # parked between statements: reset, and kept for next time
+            self._return_parked(borrow)  # parked between statements: reset, and kept for next time
         super().close()
 
     def close_if_unusable_or_obsolete(self) -> None:
-        if self._parked is not None and not self._kept:
-            self._return_parked()  # the end of a request: the same
+        borrow = self._borrow
+        if borrow is not None and borrow.state is PARKED:
+            self._return_parked(borrow)  # the end of a request: the same
         super().close_if_unusable_or_obsolete()
 
     # ----- Parking between statements (release="transaction") -----------------------------------
 
-    def _unpark(self) -> PooledConnection | None:
-        """The parked connection, taken back from the pool; None if another borrower or the pool
-        took it meanwhile (or it is the parent's, inherited over fork)."""
-        conn, pool = self._parked, self._borrowed_from
-        self._parked = None
-        self._kept = False
-        if (
-            pool is None
-            or conn is None
-            or self._borrow_generation != registry.generation
-            or self._borrow.holder != id(self)
-        ):
-            self._borrowed_from = None  # not ours to touch: the parent's (fork), or a copy's original's
-            return None
-        if pool._parked.pop(self._borrow, None) is not conn:  # (Pool.unpark, without a call per statement)
-            ledger.discard(self._borrow)
-            self._borrowed_from = None
-            return None
-        return conn
-
-    def _take_back_parked(self) -> bool:
+    def _take_back_parked(self, borrow: Borrow) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and
         alive; False (and a normal borrow follows) if not."""
-        # _unpark(), written out: this runs before every statement, and a call is ~0.4k
-        # instructions of the ~8k a statement's give-back and take-back cost (callgrind).
-        conn, pool, borrow = self._parked, self._borrowed_from, self._borrow
-        self._parked = None  # (and _kept is False: the callers checked)
-        if pool is None or conn is None or self._borrow_generation != registry.generation or borrow.holder != id(self):
-            self._borrowed_from = None  # not ours to touch: the parent's (fork), or a copy's original's
-            return False
-        if pool._parked.pop(borrow, None) is not conn:  # (Pool.unpark) taken by someone meanwhile
-            ledger.discard(borrow)
-            self._borrowed_from = None
+        conn = borrow.take_back(id(self))
+        if conn is None:
+            self._borrow = None  # not ours (fork, copy), or taken meanwhile
             return False
         self.connection = conn
         now = time.monotonic()
         if expire_at(conn) <= now:
-            self._close(keep=False)  # past max_lifetime: the pool replaces it
+            self._close(keep=False, parked=True)  # past max_lifetime: the pool replaces it
             return False
-        if now - conn._pooled_pg_returned_at >= RECENT and not pool.usable(conn):
-            pool.lost(conn)  # dead after a pause, as an idle connection can be
-            self._close(keep=False)
+        if now - conn._pooled_pg_returned_at >= RECENT and not borrow.pool.usable(conn):
+            borrow.pool.lost(conn)  # dead after a pause, as an idle connection can be
+            self._close(keep=False, parked=True)
             return False
-        borrow.parked = False
-        borrow.started = now
-        view = current_view.get()
-        if view is not borrow.view:  # (the same string all through a request)
-            borrow.view = view
-            borrow.stats = pool.stats.views.get(view) or pool.stats.view(view)
-        pool.stats.borrowed(None, borrow.stats)
+        borrow.resume(now)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
         return True
 
-    def _return_parked(self) -> None:
+    def _return_parked(self, borrow: Borrow) -> None:
         """The request, or the thread's work, is over: give the connection parked between
         statements back (reset, and kept for this thread's next borrow: :meth:`_close`) unless
         another borrower took it."""
-        conn = self._unpark()
-        if conn is not None:
-            self.connection = conn
-            self._close()
+        conn = borrow.take_back(id(self))
+        if conn is None:
+            self._borrow = None
+            return
+        self.connection = conn
+        self._close(parked=True)
 
     # ----- release="transaction" ---------------------------------------------------------------
 
@@ -737,10 +438,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             if closed not in self._open_cursors:
                 return
             self._open_cursors.discard(closed)
-        conn = self.connection
+        conn, borrow = self.connection, self._borrow
         if (
             conn is None
-            or self._borrowed_from is None
+            or borrow is None
             or (self._open_cursors and self._cursors_open())
             or self._pins > 0
             or self.in_atomic_block
@@ -751,20 +452,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         ):
             return
         # Park it: free for any borrower to take, and taken back at the next statement if nobody
-        # has (Pool.park). If a borrower is waiting, it goes back to the pool for real instead.
-        pool, borrow = self._borrowed_from, self._borrow
-        if not pool.park(conn, borrow):
+        # has. If a borrower is waiting, it goes back to the pool for real instead.
+        if not borrow.park():
             return self._close(keep=False)
-        now = time.monotonic()
-        conn._pooled_pg_returned_at = now
-        conn._pooled_pg_cursors.clear()  # every one closed (checked above)
-        borrow.parked = True
         self.connection = None
-        self._parked = conn
-        # _returned(), written out for the same reason as _unpark() in _take_back_parked().
-        borrow.stats.hold.record(now - borrow.started)
         if signals.connection_returned.receivers:
-            self._send_returned(now - borrow.started, False)
+            self._send_returned(conn._pooled_pg_returned_at - borrow.started, False)
 
     def _cursors_open(self) -> bool:
         """Whether a cursor of this borrow is still open. One that something else closed (a
@@ -776,20 +469,19 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""
-        if self._borrowed_from is not None and self._borrow_generation != registry.generation:
+        borrow = self._borrow
+        if borrow is not None and borrow.generation != registry.generation:
             self.connection = None
-            self._parked = None
-            self._kept = False
-            self._borrowed_from = None
+            self._borrow = None
 
     def close_if_health_check_failed(self) -> None:
-        if self.connection is None or self._borrowed_from is not None:
+        if self.connection is None or self._borrow is not None:
             return  # nothing borrowed yet, or a pooled connection: the pool checks those
         super().close_if_health_check_failed()
 
     def chunked_cursor(self) -> Any:
         wrapper = super().chunked_cursor()
-        if self._borrowed_from is not None:
+        if self._borrow is not None:
             # QuerySet.iterator() cursors (named: WITH HOLD in autocommit) are closed at release
             # if their iterator was abandoned. (Here rather than in create_cursor(), which every
             # statement goes through.)
@@ -799,8 +491,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
 def _forget_inherited_connections() -> None:
     """In a forked child: Django's connection objects of the thread that forked may hold a
-    connection the parent borrowed; they drop it without closing it (after the registry's own
-    fork handler, registered first, which marks the parent's borrows as another generation)."""
+    connection the parent borrowed; they drop it without closing it (called by the registry's
+    fork handler once the generation is the child's)."""
     try:
         wrappers = connections.all(initialized_only=True)
     except Exception:  # Django not configured in this process: nothing borrowed
@@ -811,7 +503,7 @@ def _forget_inherited_connections() -> None:
             forget()
 
 
-os.register_at_fork(after_in_child=_forget_inherited_connections)
+registry.forked.append(_forget_inherited_connections)
 # The statistics publisher starts with this process's first pool (a no-op once running): the
 # pooling core knows nothing of the telemetry above it.
 registry.pool_created.append(lambda alias: publisher.ensure_started())

@@ -50,7 +50,7 @@ def lost_connection_error(exc: BaseException) -> DatabaseUnavailable | None:
         return None
     for wrapper in connections.all(initialized_only=True):
         conn = wrapper.connection
-        if getattr(wrapper, "_borrowed_from", None) is not None and conn is not None and conn.closed:
+        if getattr(wrapper, "_borrow", None) is not None and conn is not None and conn.closed:
             error = DatabaseUnavailable(
                 f"lost the connection to database {wrapper.alias!r}: {exc}", alias=wrapper.alias
             )

@@ -172,6 +172,21 @@ def borrowed(alias: str = "default") -> int:
     return sum(1 for b in list(ledger.borrows.values()) if b.alias == alias and not b.parked)
 
 
+def parked_conn(wrapper=None):
+    """The connection ``wrapper`` (default: ``connections["default"]``) parked between statements or kept
+    for its thread's next borrow, or None."""
+    borrow = (wrapper or connections["default"])._borrow
+    return borrow.conn if borrow is not None and borrow.parked else None
+
+
+def is_kept(wrapper=None) -> bool:
+    """Whether ``wrapper`` (default: ``connections["default"]``) kept its connection at its last return."""
+    from django_pooled_pg.pooling.borrow import KEPT
+
+    borrow = (wrapper or connections["default"])._borrow
+    return borrow is not None and borrow.state is KEPT
+
+
 def held_borrows() -> list:
     """Borrows in the ledger that still hold a connection: in use, or kept (parked) by a thread
     that has ended. A connection a living thread keeps for its next borrow is free to take."""

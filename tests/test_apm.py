@@ -16,7 +16,8 @@ from django.db.backends.postgresql.base import Cursor as DjangoCursor
 from django.db.backends.signals import connection_created
 
 from django_pooled_pg import apm, pinned
-from django_pooled_pg.base import DatabaseWrapper, tracking_cursor_class
+from django_pooled_pg.base import DatabaseWrapper
+from django_pooled_pg.cursors import tracking_cursor_class
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -11,6 +11,7 @@ import threading
 import pytest
 from django.db import connection
 
+from django_pooled_pg.base import _forget_inherited_connections
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 
@@ -43,6 +44,20 @@ def run_in_child(work) -> dict:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, report
     return report
+
+
+def test_the_registry_runs_the_fork_hooks_once_the_generation_is_the_childs():
+    """What drops the parent's borrows by their generation runs after the registry has moved
+    to the child's generation, whatever order the modules were imported in (no database: a
+    registry of its own, not the process's)."""
+    from django_pooled_pg.pooling.registry import PoolRegistry
+
+    own = PoolRegistry()
+    seen = []
+    own.forked.append(lambda: seen.append(own.generation))
+    own.after_fork_in_child()
+    assert seen == [1]
+    assert _forget_inherited_connections in registry.forked  # the ENGINE's connection objects
 
 
 def test_child_gets_its_own_pool_and_parent_keeps_working():

@@ -10,7 +10,16 @@ import time
 import pytest
 from django.db import connection, connections
 
-from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use, wait_backends_gone
+from tests.conftest import (
+    TIMEOUT,
+    backend_pid,
+    held_borrows,
+    is_kept,
+    one,
+    parked_conn,
+    pool_in_use,
+    wait_backends_gone,
+)
 from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,7 +52,7 @@ def test_the_next_borrow_takes_the_kept_connection_without_the_queue(one_connect
     pool, stats = connection.pool, connection.pool.stats
     pid = backend_pid()
     connection.close()
-    assert connection._kept and connection.connection is None and pool_in_use() == 0
+    assert is_kept() and connection.connection is None and pool_in_use() == 0
     requests, reused, borrows = pool.get_stats().get("requests_num", 0), stats.parked_reused, stats.borrows
     for _ in range(3):
         assert backend_pid() == pid
@@ -56,7 +65,7 @@ def test_a_kept_connection_is_reset_before_its_own_thread_uses_it_again(one_conn
     pid = backend_pid()
     one("SELECT set_config('statement_timeout', '4321ms', false)")
     connection.close()
-    assert connection._parked._pooled_pg_pending, "kept with its reset sent (its answer read when taken back)"
+    assert parked_conn()._pooled_pg_pending, "kept with its reset sent (its answer read when taken back)"
     assert backend_pid() == pid and one(TIMEOUT) == "0"
 
 
@@ -85,7 +94,7 @@ def test_a_waiting_borrower_gets_the_returned_connection(one_connection):
     pool = connection.pool
     wait_until(lambda: pool.get_stats().get("requests_waiting", 0) >= 1, interval=0.01, message="the waiter")
     connection.close()
-    assert not connection._kept, "a connection someone waits for is not kept"
+    assert not is_kept(), "a connection someone waits for is not kept"
     waiter.join(5)
     assert got == [pid]
 
@@ -128,7 +137,7 @@ def test_new_settings_drop_the_kept_connection(pool_options):
     old_pool = connection.pool
     backend_pid()
     connection.close()
-    kept = connection._parked
+    kept = parked_conn()
     pool_options(min_size=1, max_size=2, timeout=5)  # (closes the wrapper: it stays kept)
     assert backend_pid() and connection.pool is not old_pool
     assert kept.closed and old_pool.closed

@@ -131,6 +131,41 @@ def test_no_import_cycle_type_only_imports_included():
     assert cycles(graph(type_only=True)) == []
 
 
+#: base.py is the ENGINE's diff against Django's postgresql/base.py: what a borrow is lives in
+#: pooling/borrow.py, the cursors, the session set-up and the pool's making in modules of their own.
+BASE_MAX_LINES = 520
+
+
+def test_base_stays_a_small_diff_against_djangos_backend():
+    lines = len((PACKAGE / "base.py").read_text().splitlines())
+    assert lines <= BASE_MAX_LINES, f"base.py has {lines} lines: move what is not the ENGINE's own out"
+
+
+def fork_handlers() -> dict[str, int]:
+    """For each module, how many ``os.register_at_fork`` calls it makes."""
+    found = {}
+    for name, path in modules().items():
+        calls = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "register_at_fork"
+        ]
+        if calls:
+            found[name] = len(calls)
+    return found
+
+
+def test_one_fork_handler_per_module_and_none_that_needs_another_first():
+    """Each module that keeps per-process state forgets it in one fork handler of its own. What
+    needs the registry's new generation (the ENGINE's connection objects) hooks into the
+    registry's handler (``registry.forked``) instead of registering one whose turn would depend
+    on the order of the imports."""
+    handlers = fork_handlers()
+    assert all(count == 1 for count in handlers.values()), handlers
+    assert "django_pooled_pg.pooling.registry" in handlers
+    assert "django_pooled_pg.base" not in handlers and "django_pooled_pg.pooling.borrow" not in handlers
+
+
 def test_the_layers_import_only_downwards():
     allowed = {
         "shared": {"shared"},

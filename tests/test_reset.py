@@ -12,7 +12,7 @@ from django.db import connection
 from django.db.backends.signals import connection_created
 
 from django_pooled_pg import pinned
-from tests.conftest import TIMEOUT, backend_pid, one
+from tests.conftest import TIMEOUT, backend_pid, one, parked_conn
 from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -181,7 +181,7 @@ def dirty_and_given_back():
     sent (its answer not read yet)."""
     assert one(DIRTY) == "4321ms"
     connection.close()
-    kept = connection._parked
+    kept = parked_conn()
     assert kept is not None and kept._pooled_pg_pending, "kept, its reset sent"
     return kept
 

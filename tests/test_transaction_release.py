@@ -18,7 +18,7 @@ from django.test.utils import override_settings
 from django_pooled_pg import pinned
 from django_pooled_pg.pooling.ledger import ledger
 from tests.app.models import Account, Item
-from tests.conftest import held_borrows, pool_in_use, wait_backends_gone
+from tests.conftest import held_borrows, is_kept, parked_conn, pool_in_use, wait_backends_gone
 from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -59,6 +59,28 @@ def test_parked_connection_is_taken_back_by_the_next_statement():
         assert backend_pid() == first  # the same session, without a trip through the pool
     assert stats.parked_reused == reused + 5
     assert pool_in_use() == 0  # parked counts as idle: anyone may take it
+
+
+def test_a_borrow_goes_through_its_states_and_the_wrapper_holds_only_it():
+    """One borrow object per borrow (pooling/borrow.py): parked between statements, taken back
+    by the next one, kept at the end of the request, taken back by the next request as a new
+    hold; the wrapper has no flags of its own beside it."""
+    from django_pooled_pg.pooling.borrow import BORROWED, KEPT, PARKED
+
+    backend_pid()
+    borrow = connection._borrow
+    assert borrow.state is PARKED and connection.connection is None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        assert connection._borrow is borrow and borrow.state is BORROWED
+    assert borrow.state is PARKED
+    connection.close()
+    assert connection._borrow is borrow and borrow.state is KEPT
+    started = borrow.started
+    backend_pid()
+    assert connection._borrow is borrow and borrow.state is PARKED and borrow.started > started
+    for flag in ("_parked", "_kept", "_borrowed_from", "_borrow_generation", "_owned", "_wait"):
+        assert not hasattr(connection, flag), flag
 
 
 def test_parked_connection_serves_another_thread(pool_options):
@@ -120,7 +142,7 @@ def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options)
         assert pool.get_stats().get("requests_waiting", 0) == 1
     # the end of pinned(): not parked, handed to the waiter
     waiter.join(5)
-    assert connection._parked is None and not held()
+    assert parked_conn() is None and not held()
     assert got == [mine]
     release_other.set()
     holder.join()
@@ -148,25 +170,25 @@ def test_parked_connection_past_max_lifetime_is_replaced(pool_options, superuser
 def test_request_end_resets_the_parked_connection_and_keeps_it_for_the_thread():
     response = Client().get("/query/")
     assert response.status_code == 200
-    assert connection._kept and connection.connection is None and not active_borrows()
-    kept = connection._parked
+    assert is_kept() and connection.connection is None and not active_borrows()
+    kept = parked_conn()
     assert connection.pool._parked == {connection._borrow: kept}
     assert kept._pooled_pg_pending, "given back with its reset sent (its answer read when taken back)"
     assert Client().get("/query/").status_code == 200
-    assert connection._parked is kept, "the thread's next request took it back"
+    assert parked_conn() is kept, "the thread's next request took it back"
 
 
 def test_async_view_and_stream_give_back_their_parked_connection():
     # The ORM of both runs on this thread (thread-sensitive), so its connection object is ours.
     response = async_to_sync(AsyncClient().get)("/async/")
     assert response.status_code == 200
-    assert connection.connection is None and connection._kept and not active_borrows()
+    assert connection.connection is None and is_kept() and not active_borrows()
     response = Client().get("/stream/")
     chunks = iter(response.streaming_content)
     assert next(chunks) == b"0,1\n"
-    assert connection._parked is not None, "the stream parks between its statements"
+    assert parked_conn() is not None, "the stream parks between its statements"
     assert b"".join(chunks) == b"1,1\n2,1\n"  # the last chunk closes the response
-    assert connection._kept and not connection._parked._pooled_pg_used
+    assert is_kept() and not parked_conn()._pooled_pg_used
     assert not held_borrows() and pool_in_use() == 0
 
 
@@ -178,7 +200,7 @@ def test_thread_that_ends_with_a_parked_connection_gives_it_back():
     def count_and_end():
         nonlocal thread_conn
         Item.objects.count()  # queries, parks, ends without close()
-        thread_conn = connection._parked
+        thread_conn = parked_conn()
 
     thread = threading.Thread(target=count_and_end)
     thread.start()
@@ -192,7 +214,7 @@ def test_time_zone_override_between_statements_gets_a_new_pool():
     """Django closes the pool when the time zone changes; that takes back parked connections."""
     assert one_value("SELECT current_setting('TimeZone')") == "UTC"  # parked now
     old_pool = connection.pool
-    assert connection._parked is not None
+    assert parked_conn() is not None
     with override_settings(USE_TZ=False, TIME_ZONE="Asia/Tokyo"):
         connection.__dict__.pop("timezone_name", None)
         try:
@@ -212,7 +234,7 @@ def one_value(sql: str):
 
 def test_the_pool_takes_back_connections_parked_for_long():
     backend_pid()
-    pool, conn, borrow = connection.pool, connection._parked, connection._borrow
+    pool, conn, borrow = connection.pool, parked_conn(), connection._borrow
     assert pool.parked_under(conn) is borrow
     pool.release_parked(older_than=60)
     assert pool.parked_under(conn) is borrow
@@ -426,7 +448,7 @@ def test_in_an_event_loop_a_parked_connection_is_not_touched():
 
     backend_pid()
     wrapper = connections["default"]  # (in the loop's context, `connection` would be another)
-    parked, borrow = wrapper._parked, wrapper._borrow
+    parked, borrow = parked_conn(wrapper), wrapper._borrow
     assert parked is not None and wrapper.pool.parked_under(parked) is borrow
 
     async def calls() -> list[str]:
@@ -439,5 +461,5 @@ def test_in_an_event_loop_a_parked_connection_is_not_touched():
         return raised
 
     assert asyncio.run(calls()) == ["ensure_connection", "cursor", "close"]
-    assert connection._parked is parked and connection.pool.parked_under(parked) is borrow
+    assert parked_conn() is parked and connection.pool.parked_under(parked) is borrow
     assert backend_pid() == parked.info.backend_pid  # taken back as usual outside the loop

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 class PoolState:
     """The per-connection state of the pool: a base of its connection class. The per-session
-    values are set by ``base.SessionSetup`` when the pool opens the connection; these defaults
+    values are set by ``session_setup.SessionSetup`` when the pool opens the connection; these defaults
     hold until then (a connection that was never set up is reset if used)."""
 
     #: Borrowed since its last reset: it goes back with one.
@@ -39,9 +39,9 @@ class PoolState:
     _pooled_pg_pending: bool = False
     #: When it last went back (``time.monotonic()``); 0.0 before its first borrow.
     _pooled_pg_returned_at: float = 0.0
-    #: The ``base.SessionSetup`` that set the session up.
+    #: The ``session_setup.SessionSetup`` that set the session up.
     _pooled_pg_setup: Any = None
-    #: The type OIDs Django's backend registered on it (``base._sync_postgres_types``).
+    #: The type OIDs Django's backend registered on it (``session_setup.sync_postgres_types``).
     _pooled_pg_type_oids: Any = None
 
 

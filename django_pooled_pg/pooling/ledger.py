@@ -21,8 +21,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import eventlog, signals
@@ -52,35 +50,41 @@ logger = logging.getLogger("django_pooled_pg")
 #: culprit in leak and rollback reports, and the borrow is counted under it (:class:`ViewStats`).
 current_view: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_view", default=None)
 
+
 Frames = list[tuple[str, int, str]]
 
 
-@dataclass(eq=False, slots=True)
-class Borrow:
-    alias: str
-    pool: Pool
-    conn: PooledConnection
-    thread: threading.Thread
-    started: float
-    view: str | None
-    #: Where its waits and holds are counted: the ViewStats of ``view``.
-    stats: ViewStats
-    frames: Frames | None = None
-    reported: bool = False
-    #: The borrower parked the connection between statements or kept it for its next borrow
-    #: (see :meth:`Pool.park <django_pooled_pg.pooling.pool.Pool.park>`); it is not in use.
-    parked: bool = False
-    #: ``id()`` of the connection object (DatabaseWrapper) that borrowed: a ``copy.copy()`` of it
-    #: carries the same record and must not return or take back what the original holds.
-    holder: int = 0
+class Borrow(Protocol):
+    """What the ledger uses of a borrow (:class:`.borrow.Borrow`, which imports the ledger)."""
 
-    def stack(self) -> str:
-        if not self.frames:
-            return "(stack not captured: set OPTIONS['pool']['leak_timeout'])"
-        summary = traceback.StackSummary.from_list(
-            [traceback.FrameSummary(f, n, name) for f, n, name in reversed(self.frames)]
-        )
-        return "".join(summary.format())
+    view: str | None
+    stats: ViewStats
+    reported: bool
+
+    @property
+    def alias(self) -> str: ...
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def conn(self) -> PooledConnection: ...
+
+    @property
+    def thread(self) -> threading.Thread: ...
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def frames(self) -> Frames | None: ...
+
+    @property
+    def parked(self) -> bool: ...
+
+    def stack(self) -> str: ...
+
+    def taken(self) -> None: ...
 
 
 def capture_frames(skip: int) -> Frames:
@@ -129,26 +133,11 @@ class BorrowLedger:
             stats = self.stats.setdefault(alias, AliasStats())
         return stats
 
-    def record(
-        self, alias: str, pool: Pool, conn: PooledConnection, *, owned_by_thread: bool, holder: int = 0
-    ) -> Borrow:
-        """Note a borrow (the borrower counts it: :meth:`AliasStats.borrowed`).
-        ``owned_by_thread``: the borrowing wrapper lives in this thread's local storage, so the
-        connection is lost if the thread ends: return it then."""
-        leak_timeout = pool.settings.leak_timeout
-        view = current_view.get()
-        borrow = Borrow(
-            alias,
-            pool,
-            conn,
-            threading.current_thread(),
-            time.monotonic(),
-            view,
-            pool.stats.views.get(view) or pool.stats.view(view),
-            capture_frames(3) if leak_timeout else None,
-            holder=holder,
-        )
-        self.borrows[id(conn)] = borrow
+    def add(self, borrow: Borrow, *, owned_by_thread: bool, leak_timeout: float | None) -> None:
+        """Note a borrow (:meth:`.borrow.Borrow.start` makes and counts it). ``owned_by_thread``:
+        the borrowing wrapper lives in this thread's local storage, so the connection is lost if
+        the thread ends: return it then."""
+        self.borrows[id(borrow.conn)] = borrow
         if owned_by_thread:
             thread_holder = self._local.__dict__.get("holder")
             if thread_holder is None:
@@ -158,7 +147,6 @@ class BorrowLedger:
             thread_holder.borrows.append(borrow)
         if leak_timeout:
             self._ensure_watchdog(leak_timeout)
-        return borrow
 
     def forget(self, conn: PooledConnection) -> Borrow | None:
         """Cross out the borrow of ``conn`` (it is being returned)."""
@@ -217,7 +205,7 @@ class BorrowLedger:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
             taken = borrow.pool.unpark(borrow.conn, borrow)
-            self.discard(borrow)  # (first: once the pool has it, nobody holds it)
+            borrow.taken()  # (first: once the pool has it, nobody holds it)
             if taken:
                 release_connection(borrow.pool, borrow.conn)
             return 0

@@ -53,6 +53,11 @@ class PoolRegistry:
         #: Called with the alias after a pool is made. The layers above hook in here (the
         #: ENGINE starts the statistics publisher with the first pool); the core imports none.
         self.pool_created: list[Callable[[str], None]] = []
+        #: Called in a forked child once :attr:`generation` is the child's, in the order added:
+        #: what must drop the parent's borrows by their generation hooks in here (the ENGINE's
+        #: connection objects), not into a fork handler of its own whose turn would depend on
+        #: the order the modules were imported in.
+        self.forked: list[Callable[[], None]] = []
 
     def pool_for(self, alias: str, fingerprint: Any, build: Callable[[], Pool]) -> Pool:
         """The open pool of ``alias`` for settings ``fingerprint``, built by ``build()`` if needed."""
@@ -129,8 +134,10 @@ class PoolRegistry:
         self._entries = {}
         self._lock = threading.Lock()
         self.generation += 1
-        # The ledger, the statistics and Django's connection objects forget theirs in fork
-        # handlers of their own (base.py's, which reads the generation, is registered later).
+        for hook in self.forked:
+            hook()
+        # (The ledger, the statistics and the telemetry forget theirs in fork handlers of their
+        # own, which need no generation: any order does.)
 
 
 registry = PoolRegistry()

@@ -7,7 +7,7 @@ its ``DatabaseWrapperMixin`` over a backend's ``DatabaseWrapper``. Here the back
 
 * its cursor class counts statements; the session reset does not depend on the cursor class,
   and with ``release="transaction"`` the pool adds the tracking of pinning statements on top
-  of it, as for any cursor class (``base.tracking_cursor_class``);
+  of it, as for any cursor class (``cursors.tracking_cursor_class``);
 * ``django_db_new_connections_total`` counts borrows, as it does over Django's own pool: with a
   pool, ``get_new_connection()`` is where a connection is taken, not opened. The connections the
   pool opened are in ``poolstats`` and our Prometheus metrics.

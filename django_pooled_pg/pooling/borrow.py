@@ -1,0 +1,200 @@
+"""One borrow of a pooled connection, from the pool's hand-out to its return, and its states.
+
+A ``DatabaseWrapper`` holds at most one :class:`Borrow` (its ``_borrow``). The borrow's
+:attr:`~Borrow.state` is one of::
+
+                         park() (release="transaction": between statements)
+              +-----------------------------------------------+
+              |                                               v
+   start() -> BORROWED <------------- take_back() ---------- PARKED
+              |      ^                                        |
+              |      +--------------- take_back() ------ KEPT |
+              | keep() (the end of a borrow: kept for the  ^  | (another borrower or the
+              |  thread's next one)                        |  |  pool took the connection:
+              +--------------------------------------------+  |  taken())
+              | give_back()                                   v
+              +------------------------------------------> RETURNED
+
+PARKED and KEPT connections sit in their pool (:meth:`.pool.Pool.park`), free for any borrower
+that finds no idle connection; their borrower takes them back with a dict pop. A PARKED
+connection is taken back by the next statement (the same borrow goes on); a KEPT one by the
+thread's next borrow (a new hold, counted as one).
+
+Only the borrow's holder may take back or give back its connection: not the parent process
+after a fork (another :attr:`.registry.PoolRegistry.generation`), nor a ``copy.copy()`` of the
+wrapper that borrowed, which carries the same borrow (:meth:`Borrow.held_by`).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .ledger import Frames, capture_frames, current_view, ledger
+from .registry import registry
+
+if TYPE_CHECKING:
+    from .connection import PooledConnection
+    from .pool import Pool
+    from .stats import ViewStats
+
+
+class State(enum.Enum):
+    BORROWED = "borrowed"
+    PARKED = "parked"
+    KEPT = "kept"
+    RETURNED = "returned"
+
+
+# (module names: a comparison with ``borrow.state is PARKED`` runs before every statement)
+BORROWED, PARKED, KEPT, RETURNED = State.BORROWED, State.PARKED, State.KEPT, State.RETURNED
+
+
+@dataclass(eq=False, slots=True)
+class Borrow:
+    alias: str
+    pool: Pool
+    conn: PooledConnection
+    thread: threading.Thread
+    #: When the current hold began (``time.monotonic()``): the borrow, or its last take-back.
+    started: float
+    view: str | None
+    #: Where its waits and holds are counted: the ViewStats of ``view``.
+    stats: ViewStats
+    frames: Frames | None = None
+    reported: bool = False
+    state: State = BORROWED
+    #: ``id()`` of the connection object (DatabaseWrapper) that borrowed.
+    holder: int = 0
+    #: :attr:`registry.generation <.registry.PoolRegistry.generation>` at the borrow: another
+    #: one in a forked child, where the borrow is the parent's.
+    generation: int = 0
+    #: The holder lives in its thread's local storage, so the connection is lost when the thread
+    #: ends (then the ledger returns it); only such a holder keeps its connection (:meth:`keep`).
+    owned: bool = False
+    #: How long the borrow waited for its connection.
+    wait: float = 0.0
+
+    @classmethod
+    def start(cls, alias: str, pool: Pool, conn: PooledConnection, asked_at: float, holder: int, owned: bool) -> Borrow:
+        """BORROWED: ``conn``, asked for at ``asked_at``, was handed out to ``holder``; written in
+        the ledger and counted."""
+        view = current_view.get()
+        leak_timeout = pool.settings.leak_timeout
+        borrow = cls(
+            alias,
+            pool,
+            conn,
+            threading.current_thread(),
+            time.monotonic(),
+            view,
+            pool.stats.views.get(view) or pool.stats.view(view),
+            capture_frames(3) if leak_timeout else None,  # (from the holder's connect())
+            holder=holder,
+            generation=registry.generation,
+            owned=owned,
+        )
+        borrow.wait = borrow.started - asked_at
+        ledger.add(borrow, owned_by_thread=owned, leak_timeout=leak_timeout)
+        pool.stats.borrowed(borrow.wait, borrow.stats)
+        return borrow
+
+    @property
+    def parked(self) -> bool:
+        """Not in use: parked between statements or kept for the next borrow."""
+        return self.state is PARKED or self.state is KEPT
+
+    def held_by(self, holder: int) -> bool:
+        """Whether ``holder`` may take back or give back this borrow's connection: not in a forked
+        child (the parent's borrow), nor for a copy of the wrapper that borrowed."""
+        return self.generation == registry.generation and self.holder == holder
+
+    # ----- Transitions --------------------------------------------------------------------------
+
+    def park(self) -> bool:
+        """BORROWED -> PARKED, between statements; False (still BORROWED) when the connection
+        must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold ends here."""
+        conn = self.conn
+        if not self.pool.park(conn, self):
+            return False
+        now = conn._pooled_pg_returned_at = time.monotonic()
+        conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
+        self.state = PARKED
+        self.stats.hold.record(now - self.started)
+        return True
+
+    def keep(self) -> bool:
+        """BORROWED -> KEPT: a clean, returned connection stays parked for the holder's thread's
+        next borrow (HikariCP keeps a thread's last connections the same way); False (still
+        BORROWED) when it cannot: a holder shared across threads, a closed connection, a
+        ``reset`` callback of the user's or the fleet budget asking connections back
+        (``can_keep``), or someone waiting."""
+        conn = self.conn
+        if not (self.owned and self.pool.can_keep) or conn.closed or not self.pool.park(conn, self):
+            return False
+        self.state = KEPT
+        return True
+
+    def take_back(self, holder: int) -> PooledConnection | None:
+        """PARKED or KEPT -> BORROWED, by ``holder``: its connection, out of the pool; None if it
+        is not ``holder``'s (:meth:`held_by`) or another borrower or the pool took it meanwhile
+        (then RETURNED: :meth:`taken`). The caller checks that the connection is still fit, and
+        starts the new hold (:meth:`resume`, :meth:`renew`) or gives it back."""
+        # held_by(), written out: this runs before every statement with release="transaction",
+        # and a call is ~0.4k instructions of the ~8k a statement's give-back and take-back cost.
+        if self.generation != registry.generation or self.holder != holder:
+            return None
+        conn = self.conn
+        if self.pool._parked.pop(self, None) is not conn:  # (Pool.unpark, without a call per statement)
+            self.taken()
+            return None
+        self.state = BORROWED
+        return conn
+
+    def resume(self, now: float) -> None:
+        """The hold of a PARKED connection taken back goes on (the same borrow), from ``now``."""
+        self.started = now
+        view = current_view.get()
+        if view is not self.view:  # (the same string all through a request)
+            self.view = view
+            self.stats = self.pool.stats.views.get(view) or self.pool.stats.view(view)
+        self.pool.stats.borrowed(None, self.stats)
+
+    def renew(self, now: float) -> None:
+        """A KEPT connection taken back is a new hold (a borrow that did not wait), from ``now``."""
+        pool = self.pool
+        self.started = now
+        self.reported = False
+        self.wait = 0.0
+        view = self.view = current_view.get()
+        stats = self.stats = pool.stats.views.get(view) or pool.stats.view(view)
+        if pool.settings.leak_timeout:
+            self.frames = capture_frames(4)  # (from the holder's connect())
+        pool.stats.borrowed(None, stats)
+
+    def taken(self) -> None:
+        """PARKED or KEPT -> RETURNED: another borrower or the pool took the connection; nobody
+        returns it under this borrow any more."""
+        self.state = RETURNED
+        ledger.discard(self)
+
+    def give_back(self) -> None:
+        """BORROWED -> RETURNED: the connection goes back to its pool (prepared for it by
+        :func:`.release.prepare_return`)."""
+        self.state = RETURNED
+        ledger.forget(self.conn)
+        self.pool.putconn(self.conn)
+
+    # ----- Reports ------------------------------------------------------------------------------
+
+    def stack(self) -> str:
+        if not self.frames:
+            return "(stack not captured: set OPTIONS['pool']['leak_timeout'])"
+        summary = traceback.StackSummary.from_list(
+            [traceback.FrameSummary(f, n, name) for f, n, name in reversed(self.frames)]
+        )
+        return "".join(summary.format())
