@@ -53,7 +53,7 @@ from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
 from .pooling.borrow import KEPT, PARKED, Borrow
 from .pooling.connection import PooledConnection
-from .pooling.ledger import ledger
+from .pooling.ledger import current_view, ledger
 from .pooling.pool import RECENT, Pool, expire_at
 from .pooling.registry import registry
 from .pooling.release import prepare_return
@@ -390,7 +390,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             borrow.pool.lost(conn)  # dead after a pause, as an idle connection can be
             self._close(keep=False, parked=True)
             return False
-        borrow.resume(now)
+        # The hold goes on (the same borrow) from now: Borrow's bookkeeping written out, as the
+        # call would run before every statement.
+        borrow.started = now
+        view = current_view.get()
+        if view is not borrow.view:  # (the same string all through a request)
+            borrow.view = view
+            borrow.stats = borrow.pool.stats.views.get(view) or borrow.pool.stats.view(view)
+        borrow.pool.stats.borrowed(None, borrow.stats)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)

@@ -143,7 +143,8 @@ class Borrow:
         """PARKED or KEPT -> BORROWED, by ``holder``: its connection, out of the pool; None if it
         is not ``holder``'s (:meth:`held_by`) or another borrower or the pool took it meanwhile
         (then RETURNED: :meth:`taken`). The caller checks that the connection is still fit, and
-        starts the new hold (:meth:`resume`, :meth:`renew`) or gives it back."""
+        starts the new hold (:meth:`renew`; for a PARKED one, the wrapper's ``_take_back_parked``) or
+        gives it back."""
         # held_by(), written out: this runs before every statement with release="transaction",
         # and a call is ~0.4k instructions of the ~8k a statement's give-back and take-back cost.
         if self.generation != registry.generation or self.holder != holder:
@@ -154,15 +155,6 @@ class Borrow:
             return None
         self.state = BORROWED
         return conn
-
-    def resume(self, now: float) -> None:
-        """The hold of a PARKED connection taken back goes on (the same borrow), from ``now``."""
-        self.started = now
-        view = current_view.get()
-        if view is not self.view:  # (the same string all through a request)
-            self.view = view
-            self.stats = self.pool.stats.views.get(view) or self.pool.stats.view(view)
-        self.pool.stats.borrowed(None, self.stats)
 
     def renew(self, now: float) -> None:
         """A KEPT connection taken back is a new hold (a borrow that did not wait), from ``now``."""
