@@ -1,19 +1,17 @@
 """One borrow of a pooled connection, from the pool's hand-out to its return, and its states.
 
 A ``DatabaseWrapper`` holds at most one :class:`Borrow` (its ``_borrow``). The borrow's
-:attr:`~Borrow.state` is one of::
+:attr:`~Borrow.state` is one of BORROWED, PARKED, KEPT and RETURNED, and it changes only by
+these transitions::
 
-                         park() (release="transaction": between statements)
-              +-----------------------------------------------+
-              |                                               v
-   start() -> BORROWED <------------- take_back() ---------- PARKED
-              |      ^                                        |
-              |      +--------------- take_back() ------ KEPT |
-              | keep() (the end of a borrow: kept for the  ^  | (another borrower or the
-              |  thread's next one)                        |  |  pool took the connection:
-              +--------------------------------------------+  |  taken())
-              | give_back()                                   v
-              +------------------------------------------> RETURNED
+   from           method        to         when
+   (none)         start()       BORROWED   the pool handed a connection out
+   BORROWED       park()        PARKED     between statements (release="transaction")
+   BORROWED       keep()        KEPT       the end of a borrow: kept for the thread's next one
+   BORROWED       give_back()   RETURNED   the end of a borrow: back in the pool
+   PARKED         take_back()   BORROWED   the next statement (the same hold goes on)
+   KEPT           take_back()   BORROWED   the thread's next borrow (a new hold: renew())
+   PARKED, KEPT   taken()       RETURNED   another borrower or the pool took the connection
 
 PARKED and KEPT connections sit in their pool (:meth:`.pool.Pool.park`), free for any borrower
 that finds no idle connection; their borrower takes them back with a dict pop. A PARKED
