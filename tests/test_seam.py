@@ -63,6 +63,7 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_upkeeping",
         "_closing",
         "_timed_out",
+        "_released_at",
         "_shrink",
         "_keeps",
         "_keep",  # (DatabaseWrapper's, in a comment)

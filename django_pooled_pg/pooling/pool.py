@@ -19,12 +19,12 @@ suite exercises). ``pyproject.toml`` pins the psycopg_pool releases that were te
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 import select
 import threading
 import time
+import weakref
 from typing import Any
 
 from psycopg import Connection, OperationalError
@@ -136,6 +136,7 @@ class Pool(ConnectionPool[PooledConnection]):
         #: A getconn() timed out since the queue was last cleared of such waiters (_leave_queue).
         self._timed_out = False
         self._closing = threading.Event()
+        self._released_at = time.monotonic()
         kwargs["connection_class"] = health_tracking(
             kwargs.get("connection_class", Connection),
             self.health,
@@ -550,27 +551,38 @@ class Pool(ConnectionPool[PooledConnection]):
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         super().open(wait, timeout)
         if self._upkeeping is None and not self.closed:
-            self._upkeeping = threading.Thread(target=self._upkeep, name=f"pool-upkeep-{self.alias}", daemon=True)
+            # (A weak reference, as psycopg_pool's workers hold: a pool dropped unclosed is
+            # collected, and its thread ends.)
+            self._upkeeping = threading.Thread(
+                target=_upkeep_loop,
+                args=(weakref.ref(self), self._closing),
+                name=f"pool-upkeep-{self.alias}",
+                daemon=True,
+            )
             self._upkeeping.start()
 
-    def _upkeep(self) -> None:
+    @property
+    def upkeep_every(self) -> float:
+        """How often :meth:`upkeep` runs (seconds)."""
+        return self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
+
+    def upkeep(self) -> None:
         """Every ``max_idle`` seconds (when psycopg_pool's own upkeep shrinks the pool), take
         back the connections parked for a second or more: their borrower stopped querying
         without giving back (a long-lived thread between jobs), and psycopg_pool's upkeep
         (``max_idle``, ``max_lifetime``, checks) reaches them again. With a fleet budget, look
-        at it every :data:`LOOK_EVERY` seconds too (:meth:`look`)."""
-        every = self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
-        released_at = time.monotonic()
-        while not self._closing.wait(every):
-            if self.budget is None or time.monotonic() - released_at >= self.max_idle:
-                released_at = time.monotonic()
-                self.release_parked(older_than=1.0)
-            if self.budget is None:
-                continue
-            try:
-                self.look()
-            except Exception as exc:  # (the server is failing: the pool's own checks report it)
-                logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
+        at it every :data:`LOOK_EVERY` seconds too (:meth:`look`). Run by the pool's upkeep
+        thread."""
+        now = time.monotonic()
+        if self.budget is None or now - self._released_at >= self.max_idle:
+            self._released_at = now
+            self.release_parked(older_than=1.0)
+        if self.budget is None:
+            return
+        try:
+            self.look()
+        except Exception as exc:  # (the server is failing: the pool's own checks report it)
+            logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
 
     def look(self) -> int:
         """Look at the fleet budget through one of this process's connections, and give back
@@ -607,9 +619,10 @@ class Pool(ConnectionPool[PooledConnection]):
         """Up to ``n`` idle connections out of psycopg_pool's queue (under ``self._lock``): what
         its getconn() takes without waiting (no timeout check; none when borrowers wait)."""
         idle: list[PooledConnection] = []
-        with contextlib.suppress(TooManyRequests):
-            while len(idle) < n and (conn := super()._get_ready_connection(None)) is not None:
-                idle.append(conn)
+        if self._waiting:
+            return idle  # (a returned connection goes to a waiter: none is idle)
+        while len(idle) < n and (conn := super()._get_ready_connection(None)) is not None:
+            idle.append(conn)
         return idle
 
     def putconn(self, conn: PooledConnection) -> None:
@@ -661,3 +674,19 @@ class Pool(ConnectionPool[PooledConnection]):
                 self._checking.release()
 
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
+
+
+def _upkeep_loop(pool_ref: weakref.ref[Pool], closing: threading.Event) -> None:
+    """The pool's upkeep thread: :meth:`Pool.upkeep` every :attr:`Pool.upkeep_every` seconds,
+    until the pool closes or is collected."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    every = pool.upkeep_every
+    del pool
+    while not closing.wait(every):
+        pool = pool_ref()
+        if pool is None:
+            return
+        pool.upkeep()
+        del pool
