@@ -6,7 +6,7 @@ VENV_DJ6  := .venv/py312-django6
 # with the Django 5.2 run and the wheel's (the newest Django 6), every version in the ranges of
 # pyproject.toml, at both ends, runs the whole suite.
 VENV_OLDEST := .venv/py312-oldest
-OLDEST_PINS := "psycopg[binary]==3.3.6" "psycopg-pool==3.3.0"
+OLDEST_PINS := "psycopg[binary]==3.3.6" "psycopg-pool==3.2.8"
 PYTEST_ARGS ?=
 DEMO_DATA := .pgdata-demo
 DEMO_VENV := .venv/demo

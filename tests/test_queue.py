@@ -1,6 +1,6 @@
-"""The pool's queue (``Pool._getconn_unchecked`` with its :class:`Waiter`): borrowers that find
-every connection in use wait in order and each gets a returned connection; one whose wait times
-out never takes a connection with it, even when the hand-over races the timeout."""
+"""The pool's queue (psycopg_pool's own, through its public ``getconn()``/``putconn()``):
+borrowers that find every connection in use wait in order and each gets a returned connection;
+one whose wait times out leaves the queue and takes nothing with it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import time
 
 import pytest
 from django.db import connection
-from psycopg_pool import PoolTimeout
 
 from django_pooled_pg.errors import PoolExhausted
-from django_pooled_pg.pooling.pool import Waiter
 from tests.conftest import backend_pid, held_borrows, one, pool_in_use
 from testsupport.waiting import wait_until
 
@@ -73,40 +71,12 @@ def test_a_borrower_that_times_out_leaves_the_queue_and_takes_nothing(pool_optio
     assert failures and time.monotonic() - started < 5
     connection.close()  # the connection goes back: nobody waits for it any more
     assert pool.get_stats()["pool_available"] == 1 and pool_in_use() == 0
+    assert pool.get_stats()["requests_waiting"] == 0
     got = []
     other = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
     other.start()
     other.join(10)
     assert got == [pid], "the next borrower gets it at once"
-
-
-def test_a_hand_over_after_the_timeout_is_refused_and_goes_to_the_next_waiter(pool_options):
-    """psycopg_pool hands a connection to the first waiter whose ``set()`` accepts it, under
-    the pool's lock; a waiter that timed out settled under that lock and refuses it."""
-    pool_options(min_size=1, max_size=1)
-    lock = connection.pool._lock
-    late, next_one = Waiter(), Waiter()
-    with pytest.raises(PoolTimeout):
-        late.wait(0.05, lock)
-    conn = object()
-    with lock:
-        assert late.set(conn) is False  # (it timed out: the connection is not its)
-        assert next_one.set(conn) is True
-    assert next_one.wait(0.05, lock) is conn
-    assert late.fail(RuntimeError("closed")) is False
-
-
-def test_a_hand_over_before_the_wait_returns_at_once(pool_options):
-    pool_options(min_size=1, max_size=1)
-    lock, waiter, conn = connection.pool._lock, Waiter(), object()
-    with lock:
-        assert waiter.set(conn) is True
-    started = time.monotonic()
-    assert waiter.wait(5, lock) is conn and time.monotonic() - started < 1
-    failed = Waiter()
-    assert failed.fail(RuntimeError("the pool is closed")) is True
-    with pytest.raises(RuntimeError, match="closed"):
-        failed.wait(5, lock)
 
 
 def test_closing_the_pool_fails_its_waiters_at_once(pool_options):

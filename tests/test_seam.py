@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 from pathlib import Path
 
 import psycopg_pool
@@ -14,7 +15,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 import django_pooled_pg
-from django_pooled_pg.pooling.pool import CREATED_AT, EXPIRE_AT, PSYCOPG_POOL_INTERNALS, Pool, expire_at
+from django_pooled_pg.pooling.pool import EXPIRE_AT, PSYCOPG_POOL_INTERNALS, Pool, expire_at
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,10 +60,12 @@ def test_every_internal_used_in_pool_py_is_listed():
         "_parked",
         "_take_parked",
         "_clean",
-        "_looking",
+        "_upkeeping",
+        "_closing",
+        "_timed_out",
+        "_released_at",
         "_shrink",
         "_keeps",
-        "_ready",  # (Waiter's)
         "_keep",  # (DatabaseWrapper's, in a comment)
         "_user_check",
         "_user_reset",
@@ -118,6 +121,26 @@ def test_connections_carry_their_expiry_and_birth(pool_options):
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
     conn = connection.connection
-    assert isinstance(getattr(conn, EXPIRE_AT), float) and isinstance(getattr(conn, CREATED_AT), float)
+    assert isinstance(getattr(conn, EXPIRE_AT), float)
     assert 0.0 < expire_at(conn) < float("inf")
+    assert 0.0 < conn._pooled_pg_created_at <= time.monotonic()  # (ours)
     connection.close()
+
+
+def test_a_timed_out_waiter_is_told_by_its_error():
+    """Pool._leave_queue() takes the waiters of psycopg_pool's queue whose wait timed out: those
+    with their ``error`` set (not a private name, but psycopg_pool's waiter's contract)."""
+    from psycopg_pool.pool import WaitingClient
+
+    waiter = WaitingClient()
+    assert waiter.error is None
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        waiter.wait(0.01)
+    assert isinstance(waiter.error, psycopg_pool.PoolTimeout)
+    assert waiter.set(object()) is False  # (never handed anything again)
+
+
+def test_the_seam_stays_narrow():
+    """Issue 31: fewer than 12 private names of psycopg_pool (the connection attribute
+    :data:`EXPIRE_AT` counts)."""
+    assert len(set(PSYCOPG_POOL_INTERNALS) | {EXPIRE_AT}) <= 11

@@ -243,6 +243,17 @@ def test_the_pool_takes_back_connections_parked_for_long():
     assert backend_pid()  # the next statement borrows normally
 
 
+def test_the_upkeep_thread_takes_back_a_connection_parked_past_max_idle(pool_options):
+    """A borrower that stopped querying without giving back (a long-lived thread between jobs):
+    every max_idle, the pool's upkeep thread gives its connection back to the pool."""
+    pool_options(min_size=2, max_size=4, timeout=5, release="transaction", max_idle=0.5)
+    backend_pid()
+    pool, conn = connection.pool, connection._parked
+    assert pool.parked_under(conn) is not None
+    wait_until(lambda: pool.parked_under(conn) is None, timeout=10, message="the parked connection given back")
+    assert backend_pid()  # the next statement borrows normally
+
+
 def test_atomic_holds_until_the_outermost_block_ends():
     with transaction.atomic():
         Item.objects.create(name="a")

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from django_pooled_pg import borrow
+from django_pooled_pg.errors import PoolExhausted
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import borrowed
@@ -79,3 +80,36 @@ def test_a_waiting_borrower_is_counted_once_across_its_wait_slices(pool_options,
             t.join(60)
     assert outcomes == {"first": "served", "second": "served"}
     assert waiting() == 0
+
+
+def test_borrowers_one_after_another_each_wait_out_the_timeout(pool_options):
+    """Both connections held; three borrowers, one after another, each wait the whole timeout
+    (three wait slices) and get "no connection within 3s", never "already waiting
+    (max_waiting)": ``max_waiting`` counts borrowers, not the slices they waited."""
+    pool_options(min_size=2, max_size=2, timeout=3, max_waiting=2)
+    release = threading.Event()
+
+    def holder() -> None:
+        with borrow():
+            Item.objects.count()
+            release.wait(60)
+
+    holders = [threading.Thread(target=holder) for _ in range(2)]
+    for t in holders:
+        t.start()
+    try:
+        wait_until(lambda: borrowed() == 2, message="the two holders' borrows")
+        pool = registry.get("default")
+        assert 3 >= 2 * pool.fail_fast_timeout, "the timeout spans several wait slices"
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(PoolExhausted) as refused:
+                with borrow():
+                    Item.objects.count()
+            assert "max_waiting" not in str(refused.value), str(refused.value)
+            assert time.monotonic() - started >= 2.9, "it waited the whole timeout"
+            assert waiting() == 0, "a borrower that gave up left no waiter behind"
+    finally:
+        release.set()
+        for t in holders:
+            t.join(60)

@@ -39,6 +39,9 @@ class PoolState:
     _pooled_pg_pending: bool = False
     #: When it last went back (``time.monotonic()``); 0.0 before its first borrow.
     _pooled_pg_returned_at: float = 0.0
+    #: When libpq opened it (``time.monotonic()``): since then a connection never borrowed yet
+    #: has been idle.
+    _pooled_pg_created_at: float = 0.0
     #: The ``session_setup.SessionSetup`` that set the session up.
     _pooled_pg_setup: Any = None
     #: The type OIDs Django's backend registered on it (``session_setup.sync_postgres_types``).
@@ -87,7 +90,8 @@ def health_tracking(
             except Exception as exc:
                 health.failed(exc)
                 raise
-            health.succeeded(time.monotonic() - started)
+            conn._pooled_pg_created_at = now = time.monotonic()
+            health.succeeded(now - started)
             return conn
 
     HealthTrackingConnection.__qualname__ = f"HealthTracking{base.__name__}"

@@ -9,21 +9,22 @@ connect attempt's time with :class:`~django_pooled_pg.errors.DatabaseUnavailable
 cause, and a borrower facing a busy pool gets
 :class:`~django_pooled_pg.errors.PoolExhausted` with the pool's state.
 
-This module is the seam to psycopg_pool: what the package uses of its internals is used here
-and nowhere else, and listed in :data:`PSYCOPG_POOL_INTERNALS`, which ``tests/test_seam.py``
-compares with the installed psycopg_pool (and the rest of the suite exercises: parking,
-probing, recovery). ``pyproject.toml`` pins the psycopg_pool releases that were tested.
+A borrow is psycopg_pool's public ``getconn()`` and its own queue, a return its public
+``putconn()``. This module is the seam to psycopg_pool: the few internals the package uses for
+what the public API cannot do (parking, the reset on the wire, probing, the fleet budget) are
+used here and nowhere else, and listed with their reasons in :data:`PSYCOPG_POOL_INTERNALS`,
+which ``tests/test_seam.py`` compares with the installed psycopg_pool (and the rest of the
+suite exercises). ``pyproject.toml`` pins the psycopg_pool releases that were tested.
 """
 
 from __future__ import annotations
 
-import _thread
-import contextlib
 import logging
 import operator
 import select
 import threading
 import time
+import weakref
 from typing import Any
 
 from psycopg import Connection, OperationalError
@@ -50,43 +51,48 @@ RECENT = 0.05
 PROBE_EVERY = 0.5
 
 #: psycopg_pool's internals this module relies on, with the parameters it calls them with
-#: (methods) or None (attributes), and why.
+#: (methods) or None (attributes), and why: each gives a capability its public API
+#: (``getconn()``, ``putconn()``, ``get_stats()``, ``check()``, ``connection_class``...) lacks.
+#: Borrows and returns go through the public ``getconn()``/``putconn()`` and psycopg_pool's own
+#: queue; a rewrite of the queue that skipped its wrappers saved 2.5% of a request's
+#: instructions, under the 5% a private name must buy.
 PSYCOPG_POOL_INTERNALS: dict[str, tuple[str, ...] | None] = {
-    "_lock": None,  # park() decides under the lock where borrowers decide to wait
-    "_waiting": None,  # ...that is, whether a borrower waits (then no parking)
-    "_pool": None,  # the idle connections: a taker prefers them to parked ones
-    "_nconns": None,  # probe(): a connection added by hand counts against max_size
-    "_connect": ("timeout",),  # probe(): one connection attempt, bounded
-    "_add_to_pool": ("conn",),  # probe(): the connection joins the idle ones (waiters served)
-    "_get_ready_connection": ("timeout",),  # a taker takes a parked connection before waiting
-    "_getconn_unchecked": ("timeout",),  # the queue, with a lighter waiter; a pending reset read
-    "_stats": None,  # ...counted in psycopg_pool's counters as psycopg_pool counts it
-    "_check_open_getconn": (),  # a borrow's getconn() without psycopg_pool's wrapper (_take)
-    "_return_connection": ("conn", "from_getconn"),  # putconn() without psycopg_pool's wrapper
-    "_get_measures": (),  # parked connections count as available in get_stats()
-    "_shrink_pool": (),  # its periodic upkeep also takes back long-parked connections
-    "_reset_connection": ("conn",),  # putconn(): the reset is marked due, not run
-    "_close_connection": ("conn",),  # a connection closed for max_lifetime/max_idle: recycled
-    "_add_connection": ("attempt", "growing"),  # the budget's refusal gives an attempt up
-    "_maybe_grow_pool": (),  # no new attempt right after the budget refused one
-    "_growing": None,  # ...and a refused growing attempt lets the next one start
+    # Parking (release="transaction"): decided under the lock where borrowers decide to wait,
+    # so a connection is never parked while someone waits, and a taker takes a parked
+    # connection rather than wait. No public hook is called there.
+    "_lock": None,
+    "_waiting": None,  # (also: the waiters of timed-out wait slices taken out of the queue)
+    "_get_ready_connection": ("timeout",),
+    # A connection goes back with its session reset on the wire (.reset), read by its next
+    # taker: psycopg_pool's putconn() would close it as busy (ACTIVE).
+    "_reset_connection": ("conn",),
+    # The pool's size, which probe(), the fleet budget and look() change by hand (a connection
+    # opened by a probe, or given back to the fleet, counts against max_size).
+    "_nconns": None,
+    # probe(): one bounded connection attempt made the way psycopg_pool makes them (configure
+    # callback, expiry, the mark putconn() checks) while its own attempts are in back-off.
+    "_connect": ("timeout",),
+    # The fleet budget (OPTIONS["pool"]["fleet_max_size"]): a refused attempt is given up (not
+    # retried with back-off), and none is started while the budget refuses.
+    "_add_connection": ("attempt", "growing"),
+    "_maybe_grow_pool": (),
+    "_growing": None,
+    # A healthy connection that psycopg_pool closes while open (max_lifetime, max_idle, drain)
+    # was recycled; psycopg_pool counts no such thing.
+    "_close_connection": ("conn",),
 }
-#: The keys of psycopg_pool's counters and measures that the queue above keeps as its getconn()
-#: does, and that _get_measures() adds the parked connections to: the names get_stats() shows
-#: (psycopg_pool's documented statistics).
-REQUESTS_NUM, REQUESTS_QUEUED, REQUESTS_ERRORS = "requests_num", "requests_queued", "requests_errors"
-REQUESTS_WAIT_MS, POOL_AVAILABLE = "requests_wait_ms", "pool_available"
-#: Besides: the ``_pool`` attribute psycopg_pool sets on a connection it hands out (its mark of
-#: a connection out of the pool; set by the queue above as psycopg_pool sets it), and
-#: :data:`EXPIRE_AT` / :data:`CREATED_AT` below.
-#: The attributes psycopg_pool sets on each connection it opens: when max_lifetime ends, and
-#: when it was opened (``time.monotonic()``).
+#: The attribute psycopg_pool sets on each connection it opens: when its ``max_lifetime`` ends
+#: (``time.monotonic()``). It is set after the ``configure`` callback and the connection
+#: class's ``connect()`` ran, so no hook of ours can copy it, and it is read on every borrow
+#: (the 11th private name, with the 10 above).
 EXPIRE_AT = "_expire_at"
-CREATED_AT = "_created_at"
 #: ``expire_at(conn)``: when ``conn``'s ``max_lifetime`` ends (``time.monotonic()``); past it,
 #: ``putconn()`` replaces it. (A C accessor: a borrow and, with release="transaction", every
 #: statement ask, and a method call cost 1.5k instructions more per request of three.)
 expire_at = operator.attrgetter(EXPIRE_AT)
+#: The measure of psycopg_pool's ``get_stats()`` that parked connections are added to: free to
+#: take, for every reader (psycopg_pool's documented statistics).
+POOL_AVAILABLE = "pool_available"
 
 
 class Pool(ConnectionPool[PooledConnection]):
@@ -113,9 +119,10 @@ class Pool(ConnectionPool[PooledConnection]):
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
         self.can_keep = self._keeps = kwargs.get("reset") is None
-        #: The ``check`` and ``reset`` callbacks of OPTIONS["pool"] (psycopg_pool runs them in
-        #: getconn() and putconn()), or None.
-        self._user_check = kwargs.get("check")
+        #: The ``check`` callback of OPTIONS["pool"], or None: run by our getconn(), after the
+        #: reset a connection went back with is read (psycopg_pool would run it before), so it
+        #: is not passed on. The ``reset`` callback is psycopg_pool's to run in putconn().
+        self._user_check = kwargs.pop("check", None)
         self._user_reset = kwargs.get("reset")
         #: Connections a look at the fleet budget asked back, given back as they return.
         self._shrink = 0
@@ -124,7 +131,12 @@ class Pool(ConnectionPool[PooledConnection]):
         self.budget = None if size is None else FleetBudget.for_params(alias, size, kwargs.get("kwargs") or {})
         if self.budget is not None:
             self.budget.held = lambda: self._nconns
-        self._looking: threading.Thread | None = None
+        #: The pool's upkeep thread (:meth:`_upkeep`), and what stops it when the pool closes.
+        self._upkeeping: threading.Thread | None = None
+        #: A getconn() timed out since the queue was last cleared of such waiters (_leave_queue).
+        self._timed_out = False
+        self._closing = threading.Event()
+        self._released_at = time.monotonic()
         kwargs["connection_class"] = health_tracking(
             kwargs.get("connection_class", Connection),
             self.health,
@@ -171,7 +183,7 @@ class Pool(ConnectionPool[PooledConnection]):
                 if self.health.failing and self.probe():
                     continue  # the server is back: the probe's connection is in the pool
                 try:
-                    conn = self._take(min(remaining, wait_slice))
+                    conn = self.getconn(min(remaining, wait_slice))
                 except PoolTimeout:
                     # A process without a share fails at once; one that timed out below its
                     # max_size was held back by the budget (it grows whenever borrowers wait).
@@ -183,8 +195,10 @@ class Pool(ConnectionPool[PooledConnection]):
                             or (remaining <= wait_slice and self._nconns < self.max_size)
                         )
                     ):
+                        self._leave_queue()
                         raise self.budget_error() from None
                     if self.health.failing or remaining <= wait_slice:
+                        self._leave_queue()
                         raise
                     continue
                 if self.usable(conn) and self._clean(conn):
@@ -204,15 +218,46 @@ class Pool(ConnectionPool[PooledConnection]):
         except PoolTimeout as exc:
             raise self.timeout_error(self.timeout - max(0.0, deadline - time.monotonic())) from exc
 
-    def _take(self, timeout: float) -> PooledConnection:
-        """``getconn()`` for a borrow: without a ``check`` callback, psycopg_pool's minus its
-        two log calls and its check loop, which has nothing to check (a borrow goes through
-        six Python frames fewer)."""
-        if self._user_check is not None:
-            return self.getconn(timeout)
-        self._stats[REQUESTS_NUM] += 1
-        self._check_open_getconn()
-        return self._getconn_unchecked(timeout)
+    def getconn(self, timeout: float | None = None) -> PooledConnection:
+        """psycopg_pool's ``getconn()``, then: the answer of the reset the connection went back
+        with is read, and the ``check`` callback of OPTIONS["pool"] runs on it (psycopg_pool
+        would run the check before: on a connection whose reset answer is still unread). A
+        connection that fails the check is dropped and the next one taken at once, as
+        :meth:`borrow` drops a dead one. A wait that times out leaves the queue at the next
+        getconn() (:meth:`_leave_queue`)."""
+        if timeout is None:
+            timeout = self.timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn = super().getconn(deadline - time.monotonic())
+            except PoolTimeout:
+                self._timed_out = True  # (its waiter leaves the queue: _leave_queue())
+                raise
+            if conn._pooled_pg_pending:
+                self.finish_reset(conn)  # closed if the reset failed: the check or usable() drop it
+            if self._user_check is None or self.user_check(conn):
+                return conn
+            self.lost(conn)
+            self.putconn(conn)
+
+    def _leave_queue(self) -> None:
+        """Take the waiters whose wait timed out out of psycopg_pool's queue: under the lock, at
+        the next getconn() (:meth:`_get_ready_connection`, just before it may queue a waiter
+        anew) or when :meth:`borrow` gives up.
+
+        psycopg_pool leaves a timed-out waiter in the queue until a connection comes back and
+        skips it then. :meth:`borrow` waits in slices, each queueing a waiter: without this, one
+        waiting thread counted as two, three... against ``requests_waiting`` and
+        ``max_waiting``, and borrowers were refused ("N requests waiting") while nobody else
+        waited. A waiter whose wait timed out has its ``error`` set (under the pool's lock,
+        where connections are handed over) and is never handed anything again; it is set
+        before ``_timed_out``, which is cleared here before the queue is read."""
+        with self._lock:
+            self._timed_out = False
+            gone = [waiter for waiter in self._waiting if waiter.error is not None]
+            for waiter in gone:
+                self._waiting.remove(waiter)
 
     def _clean(self, conn: PooledConnection) -> bool:
         """A connection taken from a parked borrower (release="transaction") carries that
@@ -250,9 +295,9 @@ class Pool(ConnectionPool[PooledConnection]):
             readable = True
         ping_after = self.settings.ping_after
         if not readable:
-            # A connection never borrowed yet has been idle since psycopg_pool opened it.
-            used_at = returned_at or getattr(conn, CREATED_AT, None)
-            if ping_after is None or used_at is None or time.monotonic() - used_at < ping_after:
+            # A connection never borrowed yet has been idle since it was opened.
+            used_at = returned_at or conn._pooled_pg_created_at
+            if ping_after is None or time.monotonic() - used_at < ping_after:
                 return True
         return self.ping(conn)
 
@@ -314,7 +359,9 @@ class Pool(ConnectionPool[PooledConnection]):
             if not added:
                 conn.close()
                 return False
-            self._add_to_pool(conn)
+            # psycopg_pool's _connect() marked it as the pool's: it joins the idle connections,
+            # or goes to the first waiter, as a returned one does.
+            self.putconn(conn)
             return True
         finally:
             self._probing.release()
@@ -379,50 +426,24 @@ class Pool(ConnectionPool[PooledConnection]):
                 released += 1
         return released
 
-    def _getconn_unchecked(self, timeout: float) -> PooledConnection:
-        # psycopg_pool's, with a :class:`Waiter` in the queue instead of its WaitingClient: the
-        # same decisions under the same lock, without a threading.Condition per wait. Under
-        # load every borrow waits here (16 threads on 4 connections), and the Condition's
-        # Python (its RLock, its waiter list, notify_all) was about 200 of the ~560 bytecodes
-        # psycopg_pool ran per request (sys.monitoring, bench/contended.py --view product).
-        with self._lock:
-            conn = self._get_ready_connection(timeout)
-            if conn is None:
-                started = time.monotonic()
-                waiter = Waiter()
-                self._waiting.append(waiter)  # type: ignore[arg-type]  # (the same contract)
-                self._stats[REQUESTS_QUEUED] += 1
-                self._maybe_grow_pool()
-        if conn is None:
-            try:
-                conn = waiter.wait(timeout, self._lock)
-            except BaseException as exc:
-                if isinstance(exc, Exception):
-                    self._stats[REQUESTS_ERRORS] += 1
-                # Out of the queue at once: borrow() waits in slices and queues again, and a
-                # waiter left behind until the next return counted one thread as two, three...
-                # against requests_waiting and max_waiting. (Only a wait that failed gets here.)
-                with self._lock:
-                    with contextlib.suppress(ValueError):
-                        self._waiting.remove(waiter)  # type: ignore[arg-type]  # (the same contract)
-                if waiter.conn is not None:  # interrupted just after a hand-over: give it back
-                    waiter.conn._pool = self
-                    self.putconn(waiter.conn)
-                raise
-            finally:
-                self._stats[REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - started))
-        conn._pool = self  # (psycopg_pool's mark of a connection out of the pool)
-        if conn._pooled_pg_pending:
-            # The answer of the reset it went back with is read as it leaves the queue, before
-            # psycopg_pool runs a `check` callback on it: closed if the reset failed, which
-            # the check or the borrower's liveness test (usable()) then drops.
-            self.finish_reset(conn)
+    def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
+        # Called by getconn() under self._lock, where it decides whether the borrower waits:
+        # an idle connection first (a parked one's borrower is likely to want it back), else the
+        # longest-parked one (its borrower is most likely busy elsewhere) rather than wait, or
+        # be refused for max_waiting, which psycopg_pool checks before it finds no idle one.
+        if self._timed_out:
+            self._leave_queue()  # (a borrower's next wait slice takes its old place)
+        if self._parked and self.max_waiting and len(self._waiting) >= self.max_waiting:
+            conn = self._take_longest_parked()
+            if conn is not None:
+                return conn
+        conn = super()._get_ready_connection(timeout)
+        if conn is None and self._parked:
+            conn = self._take_longest_parked()
         return conn
 
-    def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
-        # Called by getconn() under self._lock: with no idle connection, take a parked one
-        # (the longest parked: its borrower is most likely busy elsewhere) rather than wait.
-        while not self._pool and self._parked:
+    def _take_longest_parked(self) -> PooledConnection | None:
+        while self._parked:
             try:
                 conn = self._take_parked(next(iter(self._parked)))
             except (StopIteration, RuntimeError):  # emptied or changed by a borrower meanwhile
@@ -430,21 +451,21 @@ class Pool(ConnectionPool[PooledConnection]):
             if conn is not None:
                 self.stats.parked_taken += 1
                 return conn
-        return super()._get_ready_connection(timeout)
+        return None
 
-    def _get_measures(self) -> dict[str, int]:
-        measures = super()._get_measures()
-        measures[POOL_AVAILABLE] += len(self._parked)  # free to take: idle, for every reader
-        return measures
+    def get_stats(self) -> dict[str, int]:
+        return self._with_parked(super().get_stats())
 
-    def _shrink_pool(self) -> None:
-        # psycopg_pool's periodic upkeep (every max_idle): a connection parked for a second or
-        # more belongs to a borrower that stopped querying without giving back (a long-lived
-        # thread between jobs); the pool takes it back so that its upkeep applies again.
-        self.release_parked(older_than=1.0)
-        super()._shrink_pool()
+    def pop_stats(self) -> dict[str, int]:
+        return self._with_parked(super().pop_stats())
+
+    def _with_parked(self, stats: dict[str, int]) -> dict[str, int]:
+        # Parked connections are free to take: available, for every reader of the statistics.
+        stats[POOL_AVAILABLE] = stats.get(POOL_AVAILABLE, 0) + len(self._parked)
+        return stats
 
     def close(self, timeout: float = 5.0) -> None:
+        self._closing.set()
         super().close(timeout)
         with self._lock:
             parked, self._parked = self._parked, {}
@@ -529,17 +550,39 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         super().open(wait, timeout)
-        if self.budget is not None and self._looking is None:
-            self._looking = threading.Thread(target=self._look_loop, name=f"pool-budget-{self.alias}", daemon=True)
-            self._looking.start()
+        if self._upkeeping is None and not self.closed:
+            # (A weak reference, as psycopg_pool's workers hold: a pool dropped unclosed is
+            # collected, and its thread ends.)
+            self._upkeeping = threading.Thread(
+                target=_upkeep_loop,
+                args=(weakref.ref(self), self._closing),
+                name=f"pool-upkeep-{self.alias}",
+                daemon=True,
+            )
+            self._upkeeping.start()
 
-    def _look_loop(self) -> None:
-        while not self.closed:
-            time.sleep(LOOK_EVERY)
-            try:
-                self.look()
-            except Exception as exc:  # (the server is failing: the pool's own checks report it)
-                logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
+    @property
+    def upkeep_every(self) -> float:
+        """How often :meth:`upkeep` runs (seconds)."""
+        return self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
+
+    def upkeep(self) -> None:
+        """Every ``max_idle`` seconds (when psycopg_pool's own upkeep shrinks the pool), take
+        back the connections parked for a second or more: their borrower stopped querying
+        without giving back (a long-lived thread between jobs), and psycopg_pool's upkeep
+        (``max_idle``, ``max_lifetime``, checks) reaches them again. With a fleet budget, look
+        at it every :data:`LOOK_EVERY` seconds too (:meth:`look`). Run by the pool's upkeep
+        thread."""
+        now = time.monotonic()
+        if self.budget is None or now - self._released_at >= self.max_idle:
+            self._released_at = now
+            self.release_parked(older_than=1.0)
+        if self.budget is None:
+            return
+        try:
+            self.look()
+        except Exception as exc:  # (the server is failing: the pool's own checks report it)
+            logger.debug("pool %r: fleet budget look failed: %s", self.alias, exc)
 
     def look(self) -> int:
         """Look at the fleet budget through one of this process's connections, and give back
@@ -552,7 +595,7 @@ class Pool(ConnectionPool[PooledConnection]):
         that it never makes the pool grow."""
         budget = self.budget
         assert budget is not None
-        if not (self._pool or self._parked):
+        if not self.get_stats().get(POOL_AVAILABLE):  # (idle or parked)
             return 0
         try:
             conn = self.getconn(timeout=LOOK_EVERY)
@@ -563,7 +606,7 @@ class Pool(ConnectionPool[PooledConnection]):
         finally:
             release_connection(self, conn)
         with self._lock:
-            idle = [self._pool.pop() for _ in range(min(excess, len(self._pool)))]
+            idle = self._take_idle(excess)
             self._nconns -= len(idle)
             self._shrink = excess - len(idle)
         self.can_keep = self._keeps and not self._shrink
@@ -571,6 +614,16 @@ class Pool(ConnectionPool[PooledConnection]):
             conn.close()
         self._given_back(len(idle))
         return len(idle)
+
+    def _take_idle(self, n: int) -> list[PooledConnection]:
+        """Up to ``n`` idle connections out of psycopg_pool's queue (under ``self._lock``): what
+        its getconn() takes without waiting (no timeout check; none when borrowers wait)."""
+        idle: list[PooledConnection] = []
+        if self._waiting:
+            return idle  # (a returned connection goes to a waiter: none is idle)
+        while len(idle) < n and (conn := super()._get_ready_connection(None)) is not None:
+            idle.append(conn)
+        return idle
 
     def putconn(self, conn: PooledConnection) -> None:
         if self._shrink and not conn.closed:  # (a fleet budget's look asked for connections back)
@@ -584,11 +637,6 @@ class Pool(ConnectionPool[PooledConnection]):
                 conn.close()
                 self._given_back(1)
                 return
-        if getattr(conn, "_pool", None) is self and self._user_reset is None and not self.closed:
-            # psycopg_pool's putconn() without its log call and the checks just made: the
-            # connection is this pool's, the pool is open, and no `reset` callback wants a task.
-            self._return_connection(conn, from_getconn=False)
-            return
         super().putconn(conn)
 
     def _given_back(self, n: int) -> None:
@@ -628,51 +676,17 @@ class Pool(ConnectionPool[PooledConnection]):
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
 
 
-class Waiter:
-    """A borrower's place in the pool's queue: psycopg_pool's ``WaitingClient`` contract
-    (``set()`` and ``fail()`` return whether the borrower took what they hand it), on one bare
-    lock that the borrower blocks on and the giver releases.
-
-    psycopg_pool hands a connection over (``set()``) under the pool's lock, so a borrower whose
-    wait timed out settles under that lock too: either a connection came first and it takes it,
-    or it marks itself gone and ``set()`` passes the connection to the next in the queue. Nothing
-    is lost in the race between a timeout and a hand-over."""
-
-    __slots__ = ("conn", "error", "_ready")
-
-    def __init__(self) -> None:
-        self.conn: PooledConnection | None = None
-        self.error: BaseException | None = None
-        self._ready = _thread.allocate_lock()
-        self._ready.acquire()
-
-    def wait(self, timeout: float, pool_lock: Any) -> PooledConnection:
-        """The connection handed over within ``timeout`` seconds; else PoolTimeout, or the
-        error ``fail()`` handed over. Interrupted (KeyboardInterrupt), the caller gives back
-        a connection handed over meanwhile (``conn``)."""
-        ready = False
-        try:
-            ready = self._ready.acquire(timeout=max(timeout, 0.0))
-        finally:
-            if not ready:
-                with pool_lock:  # (where set() hands over: one of the two wins)
-                    if self.conn is None and self.error is None:
-                        self.error = PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
-        if self.conn is not None:
-            return self.conn
-        assert self.error is not None
-        raise self.error
-
-    def set(self, conn: PooledConnection) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False  # its borrower timed out (or went): the next one gets it
-        self.conn = conn
-        self._ready.release()
-        return True
-
-    def fail(self, error: BaseException) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False
-        self.error = error
-        self._ready.release()
-        return True
+def _upkeep_loop(pool_ref: weakref.ref[Pool], closing: threading.Event) -> None:
+    """The pool's upkeep thread: :meth:`Pool.upkeep` every :attr:`Pool.upkeep_every` seconds,
+    until the pool closes or is collected."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    every = pool.upkeep_every
+    del pool
+    while not closing.wait(every):
+        pool = pool_ref()
+        if pool is None:
+            return
+        pool.upkeep()
+        del pool
