@@ -106,6 +106,15 @@ def tracking_cursor_class(factory: Any) -> type:
     return pooled_cursor_class(factory, tracking=True)
 
 
+def releases_per_statement(pool: Pool) -> bool:
+    """Whether a borrow gives its connection back (parks it) after each statement or outermost
+    transaction: with ``release="transaction"``, and in request mode outside a request, task or
+    ``borrow()`` block (``current_view`` unset), where nothing would give it back before
+    ``connection.close()``: an executor thread would hold an idle connection for its whole life
+    while others wait."""
+    return pool.settings.release == "transaction" or current_view.get() is None
+
+
 def checked_cursor_class(factory: Any) -> type:
     if not (isinstance(factory, type) and issubclass(factory, psycopg.Cursor)):
         raise ImproperlyConfigured(
@@ -328,9 +337,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not options.get("application_name"):
             # Lets poolstats tell this process's connections apart in pg_stat_activity.
             kwargs["application_name"] = application_name(self.alias)
-        kwargs["cursor_factory"] = pooled_cursor_class(
-            kwargs["cursor_factory"], tracking=pool_settings.release == "transaction"
-        )
+        # (tracking in request mode too: a thread outside a request gives back per statement)
+        kwargs["cursor_factory"] = pooled_cursor_class(kwargs["cursor_factory"], tracking=True)
         startup = {}
         if self.timezone_name:
             startup["TimeZone"] = self.timezone_name
@@ -484,7 +492,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             RAN_DB_VERSION_CHECK.add(self.alias)
         self.run_on_commit: list[Any] = []
         self._sync_postgres_types(conn)
-        self._per_statement = self._borrowed_from.settings.release == "transaction"
+        self._per_statement = releases_per_statement(self._borrowed_from)
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=self._wait)
 
@@ -691,6 +699,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if view is not borrow.view:  # (the same string all through a request)
             borrow.view = view
             borrow.stats = pool.stats.views.get(view) or pool.stats.view(view)
+            # Parked outside a request and taken back in one (a test client's request after a
+            # query): the request holds it, as its own borrow would.
+            self._per_statement = releases_per_statement(pool)
         pool.stats.borrowed(None, borrow.stats)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:

@@ -114,10 +114,13 @@ def test_no_private_psycopg_module_is_imported():
 def test_connections_carry_their_expiry_and_birth(pool_options):
     from django.db import connection
 
+    from django_pooled_pg import pinned
+
     pool_options(max_lifetime=60)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    conn = connection.connection
-    assert isinstance(getattr(conn, EXPIRE_AT), float) and isinstance(getattr(conn, CREATED_AT), float)
-    assert 0.0 < expire_at(conn) < float("inf")
-    connection.close()
+    with pinned():  # (connection.connection between statements)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        conn = connection.connection
+        assert isinstance(getattr(conn, EXPIRE_AT), float) and isinstance(getattr(conn, CREATED_AT), float)
+        assert 0.0 < expire_at(conn) < float("inf")
+        connection.close()
