@@ -66,7 +66,8 @@ class Site:
             "PGUSER": sd["USER"],
             "PGPASSWORD": sd["PASSWORD"] or "",
             "DEPLOY_DB": self.dbname,
-            "PYTHONPATH": str(SITE),
+            # (ROOT: the servers import the package of this tree, not the one the venv installed)
+            "PYTHONPATH": os.pathsep.join([str(SITE), str(ROOT)]),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -483,8 +484,8 @@ def test_channels_consumers_under_daphne(site, tmp_path):
     * afterwards: nothing checked out, at most 3 sessions ever opened, none left in a
       transaction, nothing in the log.
 
-    Then the control: ORM code run with plain ``sync_to_async`` (not Channels' wrapper) keeps
-    its connection checked out after the message is answered."""
+    Then the control: ORM code run with plain ``sync_to_async`` (not Channels' wrapper) that
+    set session state keeps its connection checked out after the message is answered."""
     with daphne(site, tmp_path, {"DEPLOY_POOL": json.dumps(CHANNELS_POOL)}) as (address, proc, log):
         server = proc.pid
         with PeakSessions(site, pooled_name(server)) as peak:
@@ -528,8 +529,8 @@ def test_channels_consumers_under_daphne(site, tmp_path):
         assert len(sessions) <= 3 and all(state == "idle" for _, state in sessions), sessions
         assert problems(log.read_text()) == [], problems(log.read_text())
 
-        # Control: plain sync_to_async; nothing gives the connection back.
-        plain = websocket_load(address, clients=1, messages=3, run="plain")
+        # Control: plain sync_to_async after a SET; nothing gives the connection back.
+        plain = websocket_load(address, clients=1, messages=3, run="plain-holding")
         assert len(plain) == 3
         held = wait_until(
             lambda: (p := site.pools().get(server)) and p["counters"]["borrows"] > counters["borrows"] and p,
@@ -539,6 +540,33 @@ def test_channels_consumers_under_daphne(site, tmp_path):
         )
         print(f"channels, plain sync_to_async: {held['in_use']} connection(s) left checked out")
         assert held["in_use"] >= 1
+
+
+def test_channels_plain_sync_to_async_in_request_mode(site, tmp_path):
+    """A consumer whose ORM code runs in plain ``sync_to_async(..., thread_sensitive=False)``
+    (not Channels' wrapper: nothing gives connections back), ASGI_THREADS=8 and a pool of 4 in
+    request mode: 50 clients x 20 messages, every one answered. Outside a request each statement
+    gives the connection back, so no executor thread keeps one idle. (Before: 4 threads kept a
+    connection each for their whole life, the other threads' messages failed with
+    PoolExhausted, 960 of 1000 answered.)"""
+    pool = {"min_size": 1, "max_size": 4, "timeout": 5, "release": "request"}
+    with daphne(site, tmp_path, {"DEPLOY_POOL": json.dumps(pool)}) as (address, proc, log):
+        server = proc.pid
+        answers = websocket_load(address, clients=50, messages=20, run="plain", hold=0.002)
+        assert {a["n"] for a in answers} == {c * 1000 + m for c in range(50) for m in range(20)}
+        threads = {a["thread"] for a in answers}
+        backends = {a["backend"] for a in answers}
+        print(f"channels, plain sync_to_async: 1000 messages, {len(threads)} threads, {len(backends)} sessions")
+        assert len(threads) > pool["max_size"], threads
+        assert len(backends) <= 4 and not any(a["held_before"] for a in answers)
+
+        def at_rest() -> dict | None:
+            p = site.pools().get(server)
+            return p if p and p["in_use"] == 0 and p["counters"]["borrows"] >= len(answers) else None
+
+        rest = wait_until(at_rest, timeout=30, interval=0.3, message="daphne's pool at rest in poolstats")
+        assert rest["counters"]["exhausted"] == 0 and rest["counters"]["reclaimed"] == 0, rest["counters"]
+        assert problems(log.read_text()) == [], problems(log.read_text())
 
 
 def test_channels_control_djangos_backend(site, tmp_path):

@@ -11,7 +11,6 @@ import pytest
 from django.db import connection, connections
 
 from django_pooled_pg import pinned
-
 from tests.conftest import TIMEOUT, backend_pid, held_borrows, one, pool_in_use, wait_backends_gone
 from testsupport.waiting import wait_until
 

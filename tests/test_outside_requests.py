@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connection
 
-from django_pooled_pg import pinned
+from django_pooled_pg import pinned, publish_now
 from django_pooled_pg.pooling.ledger import current_view, ledger
 from tests.app.models import Item
 from tests.conftest import backend_pid, held_borrows, one
@@ -114,3 +114,13 @@ def test_a_connection_parked_outside_a_request_is_held_by_a_request_that_takes_i
         connection.close()
     finally:
         current_view.reset(token)
+
+
+def test_a_connection_the_statistics_publisher_used_goes_back_between_statements(one_connection):
+    """The publisher writes its rows on a pool connection, in a transaction with ``SET LOCAL``
+    (nothing of it outlives the transaction); its next borrower outside a request must still
+    give it back after each statement. (Before the fix the connection went back to the pool
+    marked as changed by a SET, and its next borrower kept it as if it had run the SET.)"""
+    publish_now()
+    pid = backend_pid()
+    assert other_thread_borrows() == f"got {pid}"
