@@ -1,7 +1,9 @@
 """Borrowing outside requests: management commands, task workers, scripts, long-lived threads.
 
-Inside a request the middleware gives connections back. Elsewhere nothing does, so code that
-runs outside requests borrows explicitly::
+Inside a request the middleware gives connections back. Elsewhere a connection goes back after
+each statement, as with ``release="transaction"``, unless something keeps it (a ``SET``,
+:func:`pinned`); code that runs outside requests and wants one connection for a unit of work
+borrows explicitly::
 
     from django_pooled_pg import borrow
 
@@ -65,9 +67,10 @@ def borrow(alias: str = DEFAULT_DB_ALIAS, name: str | None = None) -> Iterator[B
 def pinned(alias: str = DEFAULT_DB_ALIAS) -> Iterator[BaseDatabaseWrapper]:
     """Keep this thread's connection to ``alias`` for the whole block.
 
-    With ``release="transaction"`` a connection normally goes back after each statement; code
-    that needs one session across statements outside ``atomic`` (reading
-    ``connection.connection``, a raw psycopg cursor, ``pg_backend_pid()`` twice) pins it. With
+    With ``release="transaction"``, and outside a request, task or :func:`borrow` block with
+    either setting, a connection normally goes back after each statement; code that needs one
+    session across statements outside ``atomic`` (reading ``connection.connection``, a raw
+    psycopg cursor, ``pg_backend_pid()`` twice) pins it. Inside a request with
     ``release="request"`` it only borrows, like :func:`borrow` without giving back.
     """
     wrapper = connections[alias]

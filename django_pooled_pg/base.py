@@ -101,6 +101,15 @@ def reset_connect_state(wrapper: Any) -> None:
     wrapper.errors_occurred = False
 
 
+def releases_per_statement(pool: Pool) -> bool:
+    """Whether a borrow gives its connection back (parks it) after each statement or outermost
+    transaction: with ``release="transaction"``, and in request mode outside a request, task or
+    ``borrow()`` block (``current_view`` unset), where nothing would give it back before
+    ``connection.close()``: an executor thread would hold an idle connection for its whole life
+    while others wait."""
+    return pool.settings.release == "transaction" or current_view.get() is None
+
+
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     #: Django's attribute (untyped there): the borrowed connection, or None.
     connection: Any
@@ -282,7 +291,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # Whether this borrow gives its connection back after each statement or outermost
         # transaction (parking it) rather than at the end of the request: decided here, and only
         # here, for a new borrow and a kept connection taken back alike (both connect()).
-        self._per_statement = borrow.pool.settings.release == "transaction"
+        self._per_statement = releases_per_statement(borrow.pool)
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=borrow.wait)
 
@@ -397,6 +406,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if view is not borrow.view:  # (the same string all through a request)
             borrow.view = view
             borrow.stats = borrow.pool.stats.views.get(view) or borrow.pool.stats.view(view)
+            # Parked outside a request and taken back in one (a test client's request after a
+            # query): the request holds it, as its own borrow would.
+            self._per_statement = releases_per_statement(borrow.pool)
         borrow.pool.stats.borrowed(None, borrow.stats)
         self._open_cursors.clear()  # (the set of this connect())
         if signals.connection_borrowed.receivers:

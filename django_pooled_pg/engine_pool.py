@@ -27,9 +27,8 @@ def build_pool(wrapper: Any) -> Pool:
     if not options.get("application_name"):
         # Lets poolstats tell this process's connections apart in pg_stat_activity.
         kwargs["application_name"] = application_name(wrapper.alias)
-    kwargs["cursor_factory"] = pooled_cursor_class(
-        kwargs["cursor_factory"], tracking=pool_settings.release == "transaction"
-    )
+    # (tracking in request mode too: a thread outside a request gives back per statement)
+    kwargs["cursor_factory"] = pooled_cursor_class(kwargs["cursor_factory"], tracking=True)
     startup = {}
     if wrapper.timezone_name:
         startup["TimeZone"] = wrapper.timezone_name

@@ -6,7 +6,7 @@ import time
 
 import psycopg
 import pytest
-from django.db import connections
+from django.db import connection, connections
 
 from django_pooled_pg import eventlog
 from django_pooled_pg.pooling.ledger import ledger
@@ -117,6 +117,14 @@ def pool_in_use(alias: str = "default", expect: int = 0, settle: float = 10.0) -
 
 #: A statement whose answer shows whether a borrower's session setting reached the next one.
 TIMEOUT = "SELECT current_setting('statement_timeout')"
+
+
+def hold_session() -> None:
+    """Set session state on purpose (a setting of its own), as code that needs its session does:
+    the thread then holds its connection until ``connection.close()``, outside requests too
+    (where it would otherwise go back after each statement)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET pooled_pg_tests.held = 'on'")
 
 
 def wait_backends_gone(conn: psycopg.Connection, pids, timeout: float = 30.0) -> None:

@@ -10,6 +10,7 @@ from django.db import connection, connections, transaction
 from django.db.backends.signals import connection_created
 from django.test.utils import override_settings
 
+from django_pooled_pg.pooling.ledger import current_view
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import pool_in_use
@@ -45,11 +46,15 @@ def single_connection_pool():
 def test_queries_borrow_and_close_returns():
     connection.close()
     assert connection.connection is None
-    Item.objects.create(name="a")
-    assert connection.connection is not None
-    assert pool_in_use(expect=1) == 1
-    connection.close()
-    assert pool_in_use() == 0
+    token = current_view.set("tests.task")  # (a request's or task's borrow: held until close)
+    try:
+        Item.objects.create(name="a")
+        assert connection.connection is not None
+        assert pool_in_use(expect=1) == 1
+        connection.close()
+        assert pool_in_use() == 0
+    finally:
+        current_view.reset(token)
     assert Item.objects.count() == 1
 
 

@@ -25,7 +25,7 @@ def test_threads_ending_with_a_connection_are_logged_once_then_summed_up(caplog,
     client = Client()
     with caplog.at_level(logging.WARNING, logger="django_pooled_pg"):
         for _ in range(20):
-            assert client.get("/executor/").json() == {"counts": [0, 0, 0]}  # 3 threads each
+            assert client.get("/executor-holding/").json() == {"counts": [0, 0, 0]}  # 3 threads each
         wait_until(lambda: not held_borrows(), message="the executor threads' connections given back")
         ended = stats.reclaimed - reclaimed  # (an executor thread may run two of a request's queries)
         assert not held_borrows() and ended >= 20, ended

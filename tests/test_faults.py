@@ -16,6 +16,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
+from django_pooled_pg import pinned
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
@@ -33,10 +34,11 @@ def fill_pool(n: int) -> list[int]:
     pids = []
 
     def hold():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            pids.append(cursor.fetchone()[0])
-        barrier.wait(timeout=10)
+        with pinned():  # (n at once: outside a request it would go back after the statement)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pids.append(cursor.fetchone()[0])
+            barrier.wait(timeout=10)
         connection.close()
 
     threads = [threading.Thread(target=hold) for _ in range(n)]

@@ -10,6 +10,7 @@ import time
 import pytest
 from django.db import connection, connections
 
+from django_pooled_pg import pinned
 from tests.conftest import (
     TIMEOUT,
     backend_pid,
@@ -87,13 +88,14 @@ def test_another_thread_takes_a_kept_connection_reset(pool_options):
 
 
 def test_a_waiting_borrower_gets_the_returned_connection(one_connection):
-    pid = backend_pid()  # the only connection, held
     got = []
     waiter = threading.Thread(target=lambda: (got.append(backend_pid()), connection.close()))
-    waiter.start()
-    pool = connection.pool
-    wait_until(lambda: pool.get_stats().get("requests_waiting", 0) >= 1, interval=0.01, message="the waiter")
-    connection.close()
+    with pinned():
+        pid = backend_pid()  # the only connection, held
+        waiter.start()
+        pool = connection.pool
+        wait_until(lambda: pool.get_stats().get("requests_waiting", 0) >= 1, interval=0.01, message="the waiter")
+        connection.close()
     assert not is_kept(), "a connection someone waits for is not kept"
     waiter.join(5)
     assert got == [pid]
@@ -173,10 +175,11 @@ def test_a_copy_of_the_connection_object_never_gives_back_or_takes_what_the_orig
     must neither return the original's connection nor take its kept one back."""
     import copy
 
-    pid = backend_pid()  # held by the original
-    duplicate = copy.copy(connections["default"])
-    duplicate.close()  # not the copy's to give back
-    assert pool_in_use(expect=1) == 1 and backend_pid() == pid  # the original still has it, working
+    with pinned():
+        pid = backend_pid()  # held by the original
+        duplicate = copy.copy(connections["default"])
+        duplicate.close()  # not the copy's to give back
+        assert pool_in_use(expect=1) == 1 and backend_pid() == pid  # the original still has it, working
     connection.close()  # kept by the original
     duplicate, stats = copy.copy(connections["default"]), connection.pool.stats
     taken = stats.parked_taken

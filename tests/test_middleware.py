@@ -18,11 +18,11 @@ from django.db import OperationalError, connection, connections
 from django.test import AsyncClient, Client
 from django.test.utils import override_settings
 
-from django_pooled_pg import PoolExhausted, borrow, signals
+from django_pooled_pg import PoolExhausted, borrow, pinned, signals
 from django_pooled_pg.pooling.ledger import current_view, ledger
 from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
-from tests.conftest import borrowed, held_borrows, pool_in_use, warnings_from
+from tests.conftest import borrowed, held_borrows, hold_session, pool_in_use, warnings_from
 from testsupport.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -93,6 +93,7 @@ def test_threads_that_end_without_closing_give_back(caplog, pool_options):
     reclaimed = counters().reclaimed
 
     def query_and_exit():
+        hold_session()  # (else the connection goes back after each statement outside a request)
         Item.objects.count()  # and no connection.close()
 
     threads = [threading.Thread(target=query_and_exit, name=f"leaky-{i}") for i in range(6)]
@@ -221,7 +222,6 @@ def test_database_down_answers_503_fast_and_names_the_cause(caplog, server, pool
 
 def test_exhaustion_outside_requests_raises_pool_exhausted(pool_options):
     pool_options(min_size=1, max_size=1, timeout=0.3)
-    Item.objects.count()  # this thread holds the only connection
     errors = []
 
     def other():
@@ -232,9 +232,11 @@ def test_exhaustion_outside_requests_raises_pool_exhausted(pool_options):
         finally:
             connection.close()
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join()
+    with pinned():
+        Item.objects.count()  # this thread holds the only connection
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
     assert len(errors) == 1 and isinstance(errors[0], PoolExhausted)
     assert isinstance(errors[0], OperationalError)
     assert "all 1 in use" in str(errors[0])

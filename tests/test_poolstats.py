@@ -19,7 +19,7 @@ from django.db import connection, connections
 from django.test.utils import override_settings
 
 import django_pooled_pg
-from django_pooled_pg import PoolExhausted, borrow
+from django_pooled_pg import PoolExhausted, borrow, pinned
 from django_pooled_pg.pooling.ledger import ledger
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.settings import find_stats_problems, read_stats_settings
@@ -215,17 +215,18 @@ def test_recording_recycled_and_lost(pool_options, superuser):
         "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE application_name = %s AND pid <> pg_backend_pid()"
     )
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    # Only the borrowed connection's session: an idle sibling killed too would be found dead by
-    # the pool's check after the discard, and be lost rightly.
-    superuser.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
-    try:
+    with pinned():  # (the same connection for both statements, outside a request)
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-    except Exception:
-        pass
-    connection.close()
+        # Only the borrowed connection's session: an idle sibling killed too would be found dead
+        # by the pool's check after the discard, and be lost rightly.
+        superuser.execute("SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid])
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except Exception:
+            pass
+        connection.close()
     after = snapshot.take("default")[0].counters
     # Broken in use: discarded when it goes back (and not counted again as lost: the published
     # "lost" added psycopg_pool's returns_bad, which counted this one twice).

@@ -10,6 +10,7 @@ import time
 import pytest
 from django.db import connection
 
+from django_pooled_pg import pinned
 from django_pooled_pg.errors import PoolExhausted
 from tests.conftest import backend_pid, held_borrows, one, pool_in_use
 from testsupport.waiting import wait_until
@@ -53,7 +54,6 @@ def test_a_borrower_that_times_out_leaves_the_queue_and_takes_nothing(pool_optio
     pool_options(min_size=1, max_size=1, timeout=0.5)
     pool = connection.pool
     pool.wait(timeout=5)
-    pid = backend_pid()  # the only connection, held by this thread
     failures = []
 
     def borrow():
@@ -64,12 +64,14 @@ def test_a_borrower_that_times_out_leaves_the_queue_and_takes_nothing(pool_optio
         finally:
             connection.close()
 
-    thread = threading.Thread(target=borrow)
-    started = time.monotonic()
-    thread.start()
-    thread.join(10)
-    assert failures and time.monotonic() - started < 5
-    connection.close()  # the connection goes back: nobody waits for it any more
+    with pinned():
+        pid = backend_pid()  # the only connection, held by this thread
+        thread = threading.Thread(target=borrow)
+        started = time.monotonic()
+        thread.start()
+        thread.join(10)
+        assert failures and time.monotonic() - started < 5
+        connection.close()  # the connection goes back: nobody waits for it any more
     assert pool.get_stats()["pool_available"] == 1 and pool_in_use() == 0
     assert pool.get_stats()["requests_waiting"] == 0
     got = []
@@ -83,7 +85,6 @@ def test_closing_the_pool_fails_its_waiters_at_once(pool_options):
     pool_options(min_size=1, max_size=1, timeout=20)
     pool = connection.pool
     pool.wait(timeout=5)
-    backend_pid()  # the only connection, held
     outcome = []
 
     def borrow():
@@ -93,11 +94,13 @@ def test_closing_the_pool_fails_its_waiters_at_once(pool_options):
         except Exception as exc:
             outcome.append(type(exc).__name__)
 
-    thread = threading.Thread(target=borrow)
-    thread.start()
-    wait_until(lambda: pool._waiting, interval=0.01, message="the borrower in the queue")
-    started = time.monotonic()
-    pool.close(timeout=1)
-    thread.join(10)
-    assert outcome == ["PoolClosed"] and time.monotonic() - started < 5, outcome
-    connection.close()  # (into a closed pool: closed)
+    with pinned():
+        backend_pid()  # the only connection, held
+        thread = threading.Thread(target=borrow)
+        thread.start()
+        wait_until(lambda: pool._waiting, interval=0.01, message="the borrower in the queue")
+        started = time.monotonic()
+        pool.close(timeout=1)
+        thread.join(10)
+        assert outcome == ["PoolClosed"] and time.monotonic() - started < 5, outcome
+        connection.close()  # (into a closed pool: closed)

@@ -117,14 +117,17 @@ def test_no_private_psycopg_module_is_imported():
 def test_connections_carry_their_expiry_and_birth(pool_options):
     from django.db import connection
 
+    from django_pooled_pg import pinned
+
     pool_options(max_lifetime=60)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-    conn = connection.connection
-    assert isinstance(getattr(conn, EXPIRE_AT), float)
-    assert 0.0 < expire_at(conn) < float("inf")
-    assert 0.0 < conn._pooled_pg_created_at <= time.monotonic()  # (ours)
-    connection.close()
+    with pinned():  # (connection.connection between statements)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        conn = connection.connection
+        assert isinstance(getattr(conn, EXPIRE_AT), float)
+        assert 0.0 < expire_at(conn) < float("inf")
+        assert 0.0 < conn._pooled_pg_created_at <= time.monotonic()  # (ours)
+        connection.close()
 
 
 def test_a_timed_out_waiter_is_told_by_its_error():

@@ -248,7 +248,7 @@ def test_the_upkeep_thread_takes_back_a_connection_parked_past_max_idle(pool_opt
     every max_idle, the pool's upkeep thread gives its connection back to the pool."""
     pool_options(min_size=2, max_size=4, timeout=5, release="transaction", max_idle=0.5)
     backend_pid()
-    pool, conn = connection.pool, connection._parked
+    pool, conn = connection.pool, parked_conn()
     assert pool.parked_under(conn) is not None
     wait_until(lambda: pool.parked_under(conn) is None, timeout=10, message="the parked connection given back")
     assert backend_pid()  # the next statement borrows normally

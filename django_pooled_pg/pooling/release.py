@@ -68,7 +68,10 @@ def prepare_return(pool: Pool, conn: PooledConnection) -> Outcome:
                 close_cursors(conn._pooled_pg_cursors)
             if not conn.autocommit:
                 conn.autocommit = True
-            if conn._pooled_pg_used:
+            # (changed but not used: a statement of the pool's own users, the statistics'
+            # publisher's SET LOCAL, went through the tracking cursor; reset, or its next
+            # borrower would find the connection marked as changed, and keep it to the end)
+            if conn._pooled_pg_used or conn._pooled_pg_changed:
                 if conn._pooled_pg_resets:
                     reset_sent = True
                     reset(conn)

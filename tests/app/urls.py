@@ -15,6 +15,7 @@ urlpatterns = [
     path("atomic-left-open/", views.atomic_left_open),
     path("fails/", views.fails),
     path("executor/", views.executor),
+    path("executor-holding/", views.executor_holding),
     path("pool-state/", views.pool_state),
     path("query-wait-query/", views.query_wait_query),
     path("transfer/", views.transfer),  # the soak test

@@ -67,6 +67,20 @@ def executor(request):
     return JsonResponse({"counts": counts})
 
 
+def executor_holding(request):
+    """Queries in worker threads that set session state (so hold their connections on purpose)
+    and end without closing them."""
+
+    def count(_: int) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SET pooled_pg_tests.held = 'on'")
+        return Item.objects.count()
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        counts = list(pool.map(count, range(3)))
+    return JsonResponse({"counts": counts})
+
+
 def pool_state(request):
     """What this process's ledger holds right now (for tests against a server process)."""
     in_use = [

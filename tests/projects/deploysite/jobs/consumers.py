@@ -7,7 +7,7 @@ from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from .probe import probe
+from .probe import probe, probe_holding
 
 #: How a message's query runs, by its "run" key:
 RUNNERS = {
@@ -15,8 +15,11 @@ RUNNERS = {
     "sensitive": database_sync_to_async(probe),
     # In the event loop's executor (daphne: ASGI_THREADS threads).
     "threads": database_sync_to_async(probe, thread_sensitive=False),
-    # Not Channels' wrapper: nothing calls close_old_connections() (the control).
+    # Not Channels' wrapper: nothing calls close_old_connections(); outside a request each
+    # statement gives the connection back.
     "plain": sync_to_async(probe, thread_sensitive=False),
+    # The same, after a SET: the thread keeps its connection (the control).
+    "plain-holding": sync_to_async(probe_holding, thread_sensitive=False),
 }
 
 

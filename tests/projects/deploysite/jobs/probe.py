@@ -32,3 +32,11 @@ def probe(hold: float = 0.0) -> dict:
         "started": started,
         "ended": ended,
     }
+
+
+def probe_holding(hold: float = 0.0) -> dict:
+    """:func:`probe` after setting session state: the thread keeps its connection until
+    ``connection.close()``, even outside a request."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SET deploysite.probe = 'on'")
+    return probe(hold)
