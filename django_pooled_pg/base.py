@@ -9,9 +9,9 @@ A small diff against ``django.db.backends.postgresql.base``:
 * :meth:`DatabaseWrapper._close` gives the connection back clean
   (:func:`django_pooled_pg.pooling.release.prepare_return`) and keeps it for the thread's next
   borrow while nobody else needs it.
-* With ``release="transaction"``, the connection is parked between statements
-  (:meth:`DatabaseWrapper.release_if_unpinned`, :mod:`django_pooled_pg.cursors`) and taken back
-  by the next one (:meth:`DatabaseWrapper._cursor`).
+* With ``release="transaction"``, and outside requests, the connection is parked between
+  statements and taken back by the next one (:mod:`django_pooled_pg.per_statement`,
+  :meth:`DatabaseWrapper._cursor`).
 
 What a borrow is, and its states (borrowed, parked, kept, returned), is
 :class:`django_pooled_pg.pooling.borrow.Borrow`: the wrapper holds one, as ``_borrow``.
@@ -47,13 +47,13 @@ if not is_psycopg3:
 
 from . import apm, signals
 from .creation import DatabaseCreation
-from .cursors import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
 from .engine_pool import build_pool, pool_fingerprint
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
+from .per_statement import PerStatementRelease, releases_per_statement
 from .pooling.borrow import KEPT, PARKED, Borrow
 from .pooling.connection import PooledConnection
-from .pooling.ledger import current_view, ledger
+from .pooling.ledger import ledger
 from .pooling.pool import RECENT, Pool, expire_at
 from .pooling.registry import registry
 from .pooling.release import prepare_return
@@ -101,16 +101,7 @@ def reset_connect_state(wrapper: Any) -> None:
     wrapper.errors_occurred = False
 
 
-def releases_per_statement(pool: Pool) -> bool:
-    """Whether a borrow gives its connection back (parks it) after each statement or outermost
-    transaction: with ``release="transaction"``, and in request mode outside a request, task or
-    ``borrow()`` block (``current_view`` unset), where nothing would give it back before
-    ``connection.close()``: an executor thread would hold an idle connection for its whole life
-    while others wait."""
-    return pool.settings.release == "transaction" or current_view.get() is None
-
-
-class DatabaseWrapper(postgresql.DatabaseWrapper):
+class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
     #: Django's attribute (untyped there): the borrowed connection, or None.
     connection: Any
     creation_class = DatabaseCreation
@@ -119,12 +110,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     #: The current borrow (borrowed, parked between statements or kept for this thread's next
     #: borrow: its ``state``); None when nothing is borrowed.
     _borrow: Borrow | None = None
-    #: release="transaction": give back after each statement / outermost transaction.
-    _per_statement: bool = False
-    #: The psycopg cursors of the current borrow whose wrapper is not closed yet (a set made per
-    #: borrow), and explicit pins (``pinned()``).
-    _open_cursors: set[Any] = frozenset()  # type: ignore[assignment]
-    _pins: int = 0
 
     # ----- The pool ---------------------------------------------------------------------------
 
@@ -380,111 +365,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if borrow is not None and borrow.state is PARKED:
             self._return_parked(borrow)  # the end of a request: the same
         super().close_if_unusable_or_obsolete()
-
-    # ----- Parking between statements (release="transaction") -----------------------------------
-
-    def _take_back_parked(self, borrow: Borrow) -> bool:
-        """Resume the parked connection for the next statement: True if it was still free and
-        alive; False (and a normal borrow follows) if not."""
-        conn = borrow.take_back(id(self))
-        if conn is None:
-            self._borrow = None  # not ours (fork, copy), or taken meanwhile
-            return False
-        self.connection = conn
-        now = time.monotonic()
-        if expire_at(conn) <= now:
-            self._close(keep=False, parked=True)  # past max_lifetime: the pool replaces it
-            return False
-        if now - conn._pooled_pg_returned_at >= RECENT and not borrow.pool.usable(conn):
-            borrow.pool.lost(conn)  # dead after a pause, as an idle connection can be
-            self._close(keep=False, parked=True)
-            return False
-        # The hold goes on (the same borrow) from now: Borrow's bookkeeping written out, as the
-        # call would run before every statement.
-        borrow.started = now
-        view = current_view.get()
-        if view is not borrow.view:  # (the same string all through a request)
-            borrow.view = view
-            borrow.stats = borrow.pool.stats.views.get(view) or borrow.pool.stats.view(view)
-            # Parked outside a request and taken back in one (a test client's request after a
-            # query): the request holds it, as its own borrow would.
-            self._per_statement = releases_per_statement(borrow.pool)
-        borrow.pool.stats.borrowed(None, borrow.stats)
-        self._open_cursors.clear()  # (the set of this connect())
-        if signals.connection_borrowed.receivers:
-            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
-        return True
-
-    def _return_parked(self, borrow: Borrow) -> None:
-        """The request, or the thread's work, is over: give the connection parked between
-        statements back (reset, and kept for this thread's next borrow: :meth:`_close`) unless
-        another borrower took it."""
-        conn = borrow.take_back(id(self))
-        if conn is None:
-            self._borrow = None
-            return
-        self.connection = conn
-        self._close(parked=True)
-
-    # ----- release="transaction" ---------------------------------------------------------------
-
-    def make_cursor(self, cursor: Any) -> Any:
-        if not self._per_statement:
-            return super().make_cursor(cursor)
-        self._open_cursors.add(cursor)
-        return ReleasingCursorWrapper(cursor, self)
-
-    def make_debug_cursor(self, cursor: Any) -> Any:
-        if not self._per_statement:
-            return super().make_debug_cursor(cursor)
-        self._open_cursors.add(cursor)
-        return ReleasingCursorDebugWrapper(cursor, self)
-
-    def set_autocommit(self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False) -> None:
-        super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
-        if autocommit and self._per_statement:
-            self.release_if_unpinned()  # the outermost atomic block has ended
-
-    def release_if_unpinned(self, closed: Any = None) -> None:
-        """Give the connection back now (park it) unless something still needs this session: an
-        open cursor or transaction, an atomic block, autocommit turned off, an open
-        ``QuerySet.iterator()`` cursor, a ``pinned()`` block, or a statement that changed
-        session state (which pins the connection until the request ends).
-
-        ``closed`` is the psycopg cursor whose wrapper was just closed (ReleaseOnCloseMixin); a
-        cursor of an earlier borrow, closed late, or a second close, counts nothing."""
-        if closed is not None:
-            if closed not in self._open_cursors:
-                return
-            self._open_cursors.discard(closed)
-        conn, borrow = self.connection, self._borrow
-        if (
-            conn is None
-            or borrow is None
-            or (self._open_cursors and self._cursors_open())
-            or self._pins > 0
-            or self.in_atomic_block
-            or not self.autocommit
-            or conn._pooled_pg_changed
-            or conn.pgconn.transaction_status  # not IDLE
-            or (conn._pooled_pg_cursors and any(not cursor.closed for cursor in conn._pooled_pg_cursors))
-        ):
-            return
-        # Park it: free for any borrower to take, and taken back at the next statement if nobody
-        # has. If a borrower is waiting, it goes back to the pool for real instead.
-        if not borrow.park():
-            return self._close(keep=False)
-        self.connection = None
-        if signals.connection_returned.receivers:
-            self._send_returned(conn._pooled_pg_returned_at - borrow.started, False)
-
-    def _cursors_open(self) -> bool:
-        """Whether a cursor of this borrow is still open. One that something else closed (a
-        wrapper that closes the psycopg cursor itself) no longer counts."""
-        open_cursors = self._open_cursors
-        for cursor in [c for c in open_cursors if c.closed]:
-            open_cursors.discard(cursor)
-        return bool(open_cursors)
 
     def forget_inherited_connection(self) -> None:
         """In a forked child: drop, without closing, a connection the parent borrowed."""

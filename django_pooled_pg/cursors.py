@@ -1,4 +1,5 @@
-"""The cursor classes of a pooled connection, for ``release="transaction"``.
+"""The cursor classes of a pooled connection, for the give-back after each statement
+(``release="transaction"``, and code outside requests: :mod:`.per_statement`).
 
 * :class:`SessionTrackingMixin` (psycopg's cursor class, made by :func:`pooled_cursor_class`):
   notes a statement whose command tag says it changed session state, which pins the connection
@@ -21,8 +22,7 @@ from .pooling.session import PINNING_TAGS
 
 
 class SessionTrackingMixin:
-    """With ``release="transaction"``: marks the connection as pinned when a statement's command
-    tag says it changed the session (see :mod:`.pooling.session`). Constant time: the statement's
+    """Marks the connection as pinned when a statement's command tag says it changed the session (see :mod:`.pooling.session`). Constant time: the statement's
     text is never read. (Whether to reset needs no cursor: every borrowed connection is reset
     when it goes back.)"""
 
@@ -46,8 +46,9 @@ _tracking_classes: dict[type, type] = {}
 def pooled_cursor_class(factory: Any, tracking: bool) -> type:
     """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
     subclass of the ENGINE put in ``get_connection_params()``, as django-prometheus does), with
-    ``release="transaction"`` with the tracking of pinning statements
-    (:class:`SessionTrackingMixin`) in front, made once per class."""
+    the tracking of pinning statements (:class:`SessionTrackingMixin`) in front when
+    ``tracking`` (always, for the pool's connections: outside requests even request mode gives
+    back per statement), made once per class."""
     checked_cursor_class(factory)
     if not tracking or issubclass(factory, SessionTrackingMixin):
         return factory
@@ -59,7 +60,7 @@ def pooled_cursor_class(factory: Any, tracking: bool) -> type:
 
 
 def tracking_cursor_class(factory: Any) -> type:
-    """The cursor class of the pool's connections with ``release="transaction"``."""
+    """The cursor class of the pool's connections: ``factory`` with the tracking."""
     return pooled_cursor_class(factory, tracking=True)
 
 
