@@ -8,9 +8,13 @@ operation with the start-up (Python, Django, the first connection) cancelled out
 Operations are those of ``bench/micro.py`` (``borrow``, ``select``, ``three``) and, each followed
 by the end of the request: ``long``, one 1.7 KB SELECT of 40 columns (an ordinary ORM shape);
 ``long3``, three of them; ``huge3``, three 20 KB statements (the same SELECT with the long
-``IN (...)`` list that ``prefetch_related`` and admin actions send).
+``IN (...)`` list that ``prefetch_related`` and admin actions send). Each runs as a request's
+database work does (the view named, as ``PoolMiddleware`` names it); with
+``--outside-requests``, as code outside any request (a management command, an executor
+thread), where a borrow gives its connection back after each statement.
 
     python bench/instructions.py [--modes pooled,django-pool] [--ops borrow,select] [--tree DIR]
+                                 [--outside-requests]
 
 Operations named after a ``make bench`` endpoint (``product``, ``three``, ``listings``,
 ``admin``) are whole requests: the demo shop's view through Django's ``WSGIHandler`` with the
@@ -88,6 +92,12 @@ if db["ENGINE"].startswith("django_pooled_pg"):
 """
     + textwrap.indent(UNDER_VALGRIND, "    ")
     + r"""
+    if sys.argv[6] == "request":
+        # Each operation stands for a request's database work: PoolMiddleware names the view
+        # for the whole request. (Outside one, a borrow gives back after each statement:
+        # --outside-requests measures that.)
+        from django_pooled_pg.pooling.ledger import current_view
+        current_view.set("bench")
 from django.db import connection
 end = connection.close_if_unusable_or_obsolete
 def borrow():
@@ -161,7 +171,7 @@ def instructions(db: dict, op: str, n: int, tree: Path, site: Site | None = None
             env = {**site.env(db, tree), "PYTHONHASHSEED": "0"}
             program = [VIEW_CHILD, site.path(op), str(n), site.cookie]
         else:
-            program = [CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL]
+            program = [CHILD, json.dumps(db), op, str(n), LONG_SQL, HUGE_SQL, "outside" if OUTSIDE else "request"]
         done = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", *program],
             env=env,
@@ -174,6 +184,10 @@ def instructions(db: dict, op: str, n: int, tree: Path, site: Site | None = None
         summary = re.search(r"^summary:\s+(\d+)", out.read_text(), re.M)
         assert summary, "callgrind wrote no summary"
         return int(summary.group(1))
+
+
+#: --outside-requests: the operations (not the views) run as code outside any request does.
+OUTSIDE = False
 
 
 def settings_for(base: dict, mode: str) -> dict:
@@ -238,7 +252,14 @@ def main() -> None:
     parser.add_argument("--n1", type=int, default=200)
     parser.add_argument("--n2", type=int, default=1200)
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose package to measure")
+    parser.add_argument(
+        "--outside-requests",
+        action="store_true",
+        help="run the operations as code outside a request (a borrow gives back after each statement)",
+    )
     args = parser.parse_args()
+    global OUTSIDE
+    OUTSIDE = args.outside_requests
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install -y valgrind")
 
