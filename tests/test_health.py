@@ -381,15 +381,21 @@ def test_health_settings_are_validated():
 def test_cost_per_call(pool_options):
     """What a poll costs this process: the verdict with a cached probe, the whole request
     through Django's test client (middleware included), and a fresh probe. Figures for the
-    README; the bounds are 10x what this machine measures."""
+    README (``pytest -s``), not asserted: a time depends on how busy the machine is. What keeps
+    a poll cheap is asserted instead: between fresh probes it neither probes nor borrows."""
     pool_options(min_size=1, max_size=4, timeout=5)
     assert Client().get("/query/").status_code == 200
     connection.close()
+    pool = registry.get("default")
     with override_settings(POOLED_PG={**FAST, "HEALTH_PROBE_INTERVAL": 60}):
         health.readiness()
+        probed_at = {alias: cached.checked_at for alias, cached in health._probes.items()}
+        borrows = pool.get_stats().get("requests_num", 0)
         verdict = per_call(health.readiness, 2000)
         client = Client()
         request = per_call(lambda: client.get("/ready/"), 500)
+        assert {alias: cached.checked_at for alias, cached in health._probes.items()} == probed_at
+        assert pool.get_stats().get("requests_num", 0) == borrows
     settings = read_health_settings()
     fresh = []
     for _ in range(20):  # one at a time, as the checks probe (a burst queues in the server's backlog)
@@ -407,5 +413,3 @@ def test_cost_per_call(pool_options):
     figure("readiness() with a cached probe, 3 aliases", verdict * 1e6)
     figure("GET /ready/ through the test client", request * 1e6)
     figure("a fresh probe (TCP connect + close, median)", statistics.median(fresh) * 1e6)
-    assert verdict < 500e-6, verdict
-    assert request < 3e-3, request
