@@ -327,6 +327,43 @@ def test_silent_network(default_settings, server):
         proxy.close()
 
 
+def test_a_probe_after_a_stale_failure_adds_no_connection_beyond_max_size(default_settings, server):
+    """The pool is full of working connections, but its latest connection attempt failed (a
+    probe into a silent network; in the CI run that found this, an attempt that timed out after
+    the network came back). The next probe connects: with no attempt of psycopg_pool's waiting
+    for a slot, its connection is closed, not added as a slot's stand-in. Before, it was added
+    and the pool held max_size + 1 connections, one more available than its size (``in use``
+    -1) for good."""
+    proxy = SilentProxy(server.host, server.port)
+    try:
+        default_settings(
+            HOST="127.0.0.1",
+            PORT=str(proxy.port),
+            options={"connect_timeout": 1},
+            pool={"min_size": 2, "max_size": 2, "timeout": 3},
+        )
+        fill_pool(2)
+        pool = registry.get("default")
+        proxy.pause()
+        wait_until(lambda: pool.probe() or pool.health.failing, message="a probe into the silent network")
+        assert pool.health.failing and pool.get_stats()["pool_size"] == 2
+        proxy.resume()
+        wait_until(lambda: pool.probe() or not pool.health.failing, message="a probe that connects")
+        stats = pool.get_stats()
+        assert (stats["pool_size"], stats["pool_available"]) == (2, 2), stats
+        name = f"dpp default %:{os.getpid()}"
+        with plain_connection() as superuser:
+            held = superuser.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", [name]
+            ).fetchone()[0]
+        assert held == 2, f"{held} connections of this pool on the server, max_size 2"
+    finally:
+        proxy.resume()
+        connection.close()
+        registry.close("default")
+        proxy.close()
+
+
 def test_max_lifetime_and_max_idle_recycle_without_failures(pool_options):
     pool_options(min_size=2, max_size=4, timeout=5, max_lifetime=0.6, max_idle=0.4)
     stats = ledger.stats_for("default")

@@ -49,28 +49,46 @@ def private_names_used(source: str) -> set[str]:
     return {n for n in PRIVATE_ACCESS.findall(source) if not n.startswith(("__", "_pooled_pg_"))}
 
 
+#: Private names pool.py gives Pool's own attributes (its methods are in ``vars(Pool)``).
+OWN_ATTRIBUTES = {
+    "_checking",
+    "_probing",
+    "_probed_at",
+    "_claimed",
+    "_made",
+    "_attempting",
+    "_parked",
+    "_take_parked",
+    "_clean",
+    "_upkeeping",
+    "_closing",
+    "_timed_out",
+    "_released_at",
+    "_shrink",
+    "_keeps",
+    "_keep",  # (DatabaseWrapper's, in a comment)
+    "_user_check",
+    "_user_reset",
+}
+
+
+def own_names() -> set[str]:
+    return {n for n in vars(Pool) if n.startswith("_") and not n.startswith("__")} | OWN_ATTRIBUTES
+
+
 def test_every_internal_used_in_pool_py_is_listed():
     """pool.py touches no other private name of psycopg_pool than those listed."""
     source = inspect.getsource(inspect.getmodule(Pool))
-    ours = {n for n in vars(Pool) if n.startswith("_")} | {
-        "_checking",
-        "_probing",
-        "_probed_at",
-        "_claimed",
-        "_parked",
-        "_take_parked",
-        "_clean",
-        "_upkeeping",
-        "_closing",
-        "_timed_out",
-        "_released_at",
-        "_shrink",
-        "_keeps",
-        "_keep",  # (DatabaseWrapper's, in a comment)
-        "_user_check",
-        "_user_reset",
-    }
-    assert private_names_used(source) - ours - set(PSYCOPG_POOL_INTERNALS) == set()
+    assert private_names_used(source) - own_names() - set(PSYCOPG_POOL_INTERNALS) == set()
+
+
+def test_pool_py_names_of_its_own_are_not_psycopg_pools():
+    """An attribute or method of Pool's own that psycopg_pool also defines would overwrite
+    psycopg_pool's state (``_opened``, psycopg_pool's "was opened" flag, was once taken for a set
+    of connections): the only shared names are the internals listed, which Pool overrides or
+    uses on purpose."""
+    shared = (own_names() - set(PSYCOPG_POOL_INTERNALS)) & names_defined_in(psycopg_pool)
+    assert shared == set()
 
 
 def names_defined_in(package: object) -> set[str]:

@@ -111,6 +111,10 @@ class Pool(ConnectionPool[PooledConnection]):
         #: Slots whose connection a probe opened while every slot was one of psycopg_pool's
         #: attempts: that many attempts open nothing when their turn comes (_add_connection).
         self._claimed = 0
+        #: Connections this pool opened (_connect) and psycopg_pool attempts running now: what
+        #: tells a probe whether a slot waits for an attempt that has yet to start (probe()).
+        self._made: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
+        self._attempting = 0
         #: Connections parked between statements or kept for their borrower's next borrow, by the
         #: borrow record they were parked under, oldest first. Keyed by the record, not the
         #: connection: a connection another borrower took and parked again is under that
@@ -338,7 +342,8 @@ class Pool(ConnectionPool[PooledConnection]):
         after it is back. When the pool is at ``max_size`` (with ``min_size == max_size`` and
         traffic during an outage, every slot is an attempt in back-off), the probe's connection
         takes the slot of the next attempt, which then opens nothing: the pool never holds more
-        than ``max_size`` connections.
+        than ``max_size`` connections. With every slot holding a connection or a running
+        attempt (the failure was stale), the probe's connection is closed.
         """
         now = time.monotonic()
         if self.closed or now - self._probed_at < PROBE_EVERY or not self._probing.acquire(blocking=False):
@@ -353,8 +358,8 @@ class Pool(ConnectionPool[PooledConnection]):
                 if self._nconns < self.max_size:
                     self._nconns += 1
                     added = True
-                else:  # (one claim at a time: each claim stands for an attempt that failed)
-                    added = self._claimed == 0
+                else:
+                    added = self._slots_awaiting_attempts(conn) > self._claimed
                     self._claimed += added
             if not added:
                 conn.close()
@@ -365,6 +370,25 @@ class Pool(ConnectionPool[PooledConnection]):
             return True
         finally:
             self._probing.release()
+
+    def _slots_awaiting_attempts(self, probed: PooledConnection) -> int:
+        """Slots of the pool (under ``self._lock``) whose connection is to come from an attempt
+        of psycopg_pool's that has not started: one in back-off after a failure, or queued to
+        replace a connection closed or found broken. Each will call :meth:`_add_connection`, so
+        each can take a probe's connection instead. Neither a running attempt (it may succeed)
+        nor a stale failure (every slot holds a connection) can: a claim then would leave the
+        pool one connection above ``max_size``, for good.
+
+        A slot holds an open connection, or a closed one that goes back for a replacement, or an
+        attempt: started (counted in :meth:`_add_connection`) or to come. A connection closed
+        and not yet back is counted as to come: its return queues that attempt."""
+        opened = sum(1 for conn in list(self._made) if conn is not probed and not conn.closed)
+        return self._nconns - opened - self._attempting
+
+    def _connect(self, timeout: float | None = None) -> PooledConnection:
+        conn = super()._connect(timeout)
+        self._made.add(conn)
+        return conn
 
     # ----- Parking (release="transaction") ----------------------------------------------------
 
@@ -520,19 +544,18 @@ class Pool(ConnectionPool[PooledConnection]):
         # psycopg_pool's attempt to open a connection (a maintenance task): a refusal by the
         # budget gives the attempt up (no retry: the next borrower that finds no connection
         # tries again, after the budget's back-off) and frees its place in max_size.
-        if self._claimed:
-            with self._lock:
-                claimed = self._claimed > 0
-                if claimed:
-                    self._claimed -= 1  # a probe opened this slot's connection (probe())
-                    if growing:
-                        self._growing = False
-            if claimed:
+        with self._lock:
+            if self._claimed > 0:
+                self._claimed -= 1  # a probe opened this slot's connection (probe())
+                if growing:
+                    self._growing = False
                 return
+            self._attempting += 1
         try:
             super()._add_connection(attempt, growing=growing)
         except BudgetRefused as refused:
             with self._lock:
+                self._attempting -= 1
                 self._nconns -= 1
                 if growing:
                     self._growing = False
@@ -540,6 +563,13 @@ class Pool(ConnectionPool[PooledConnection]):
             self.budget.refused_at = time.monotonic()
             self.stats.budget_refused += 1
             logger.warning("pool %r: %s; its borrowers get 503 until a share frees", self.alias, refused)
+        except BaseException:
+            with self._lock:
+                self._attempting -= 1
+            raise
+        else:
+            with self._lock:
+                self._attempting -= 1
 
     def _maybe_grow_pool(self) -> None:
         # Called under the lock by getconn() when no connection is free: no new attempt while
