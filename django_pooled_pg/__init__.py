@@ -18,6 +18,7 @@ _EXPORTS = {
     "pinned": "api",
     "PoolError": "errors",
     "PoolExhausted": "errors",
+    "BudgetExhausted": "errors",
     "DatabaseUnavailable": "errors",
     "signals": "signals",
     # Not "stats": django_pooled_pg.pooling.stats is the module of the per-process counters.

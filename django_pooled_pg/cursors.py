@@ -1,7 +1,7 @@
 """The cursor classes of a pooled connection, for the give-back after each statement
 (``release="transaction"``, and code outside requests: :mod:`.per_statement`).
 
-* :class:`SessionTrackingMixin` (psycopg's cursor class, made by :func:`pooled_cursor_class`):
+* :class:`SessionTrackingMixin` (psycopg's cursor class, made by :func:`tracking_cursor_class`):
   notes a statement whose command tag says it changed session state, which pins the connection
   until the request ends.
 * :class:`ReleaseOnCloseMixin` (Django's cursor wrapper): closing the last open cursor of a
@@ -43,25 +43,20 @@ class SessionTrackingMixin:
 _tracking_classes: dict[type, type] = {}
 
 
-def pooled_cursor_class(factory: Any, tracking: bool) -> type:
+def tracking_cursor_class(factory: Any) -> type:
     """The cursor class of the pool's connections: ``factory`` (Django's class, or whatever a
     subclass of the ENGINE put in ``get_connection_params()``, as django-prometheus does), with
-    the tracking of pinning statements (:class:`SessionTrackingMixin`) in front when
-    ``tracking`` (always, for the pool's connections: outside requests even request mode gives
-    back per statement), made once per class."""
+    the tracking of pinning statements (:class:`SessionTrackingMixin`) in front, made once per
+    class. Always, in both release modes: outside requests even request mode gives back per
+    statement."""
     checked_cursor_class(factory)
-    if not tracking or issubclass(factory, SessionTrackingMixin):
+    if issubclass(factory, SessionTrackingMixin):
         return factory
     mixed = _tracking_classes.get(factory)
     if mixed is None:
         mixed = type(factory.__name__, (SessionTrackingMixin, factory), {"__module__": __name__})
         _tracking_classes[factory] = mixed
     return mixed
-
-
-def tracking_cursor_class(factory: Any) -> type:
-    """The cursor class of the pool's connections: ``factory`` with the tracking."""
-    return pooled_cursor_class(factory, tracking=True)
 
 
 def checked_cursor_class(factory: Any) -> type:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .cursors import pooled_cursor_class
+from .cursors import tracking_cursor_class
 from .pooling.pool import Pool
 from .pooling.session import startup_options
 from .session_setup import SessionSetup
@@ -28,7 +28,7 @@ def build_pool(wrapper: Any) -> Pool:
         # Lets poolstats tell this process's connections apart in pg_stat_activity.
         kwargs["application_name"] = application_name(wrapper.alias)
     # (tracking in request mode too: a thread outside a request gives back per statement)
-    kwargs["cursor_factory"] = pooled_cursor_class(kwargs["cursor_factory"], tracking=True)
+    kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
     startup = {}
     if wrapper.timezone_name:
         startup["TimeZone"] = wrapper.timezone_name

@@ -255,14 +255,12 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
         and PSYCOPG_POOL_OPTIONS["max_size"].check(max_size)
         and min_size > max_size
     ):
-        problems.append(
-            Problem(
-                "django_pooled_pg.E006",
-                _pool_setting(alias, "min_size"),
-                f"is {min_size}, larger than max_size {max_size}.",
-                "make min_size <= max_size.",
-            )
-        )
+        if "min_size" in raw:
+            said, hint = f"is {min_size}, larger than max_size {max_size}.", "make min_size <= max_size."
+        else:  # (the user wrote max_size alone: say the default is what is too large)
+            said = f"is not set, and its default {min_size} is larger than max_size {max_size}."
+            hint = f'add "min_size": {max_size} (or 0) beside "max_size".'
+        problems.append(Problem("django_pooled_pg.E006", _pool_setting(alias, "min_size"), said, hint))
     return problems
 
 

@@ -253,3 +253,18 @@ def test_each_counter_is_counted_in_one_place():
 def test_the_counter_check_finds_a_second_place():
     source = "class A:\n    def f(self, s):\n        s.borrows += 1\n\ndef g(stats):\n    stats.borrows += 1\n"
     assert counted_in(source, "m") == {"borrows": {"m.A.f:3", "m.g:6"}}
+
+
+def test_every_error_is_importable_from_the_package():
+    """Each exception the package raises (every PoolError of errors.py) is a public name: a
+    user catches ``django_pooled_pg.BudgetExhausted`` as they catch ``PoolExhausted``."""
+    import django_pooled_pg
+    from django_pooled_pg import errors
+
+    raised = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.PoolError) and not name.startswith("_")
+    }
+    assert raised <= set(django_pooled_pg.__all__), sorted(raised - set(django_pooled_pg.__all__))
+    assert all(getattr(django_pooled_pg, name) is getattr(errors, name) for name in raised)

@@ -30,6 +30,7 @@ BAD = {
     "negative": ({"pool": {"timeout": -1}}, {}, '["timeout"]: must be a number greater than 0'),
     "bool for int": ({"pool": {"min_size": True}}, {}, '["min_size"]: must be an integer >= 0'),
     "min above max": ({"pool": {"min_size": 5, "max_size": 2}}, {}, "larger than max_size 2"),
+    "max below the default min": ({"pool": {"max_size": 1}}, {}, 'add "min_size": 1 (or 0)'),
     "not a dict": ({"pool": "yes"}, {}, "must be True, False or a dict"),
     "managed key": ({"pool": {"kwargs": {}}}, {}, "is set by django_pooled_pg itself"),
     "bad release": ({"pool": {"release": "statement"}}, {}, '["release"]: must be'),
