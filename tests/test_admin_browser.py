@@ -219,7 +219,10 @@ def test_status_page_in_chromium(fleet):
 
             wait_for("three holders on the page", lambda: len(slow_holders()) >= 3, timeout=30, every=0.5)
             page.reload()
-            page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
+            # The chart's in-use line is drawn: attached with a path, not "visible" (a flat line
+            # has a bounding box 0 px high, which Playwright counts as hidden: CI once waited 30 s
+            # for a line at a steady level).
+            page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]", state="attached")
             # (A row of a request still running its first statement reads "active": CI once caught
             # one 0.1 s into its hold. The one to check is a request in its wait.)
             waiting = wait_for(
@@ -251,7 +254,7 @@ def test_status_page_in_chromium(fleet):
             # A phone's width: the tables scroll inside their boxes, nothing runs off the page.
             page.set_viewport_size({"width": 420, "height": 900})
             page.reload()
-            page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]")
+            page.wait_for_selector("section[data-alias=default] path.dpp-line-in-use[d^=M]", state="attached")
             overflow = page.evaluate("""() => {
                 const root = document.getElementById("dpp-status");
                 const loose = [...root.querySelectorAll("table")].filter(t => !t.closest(".dpp-scroll"));
