@@ -91,6 +91,14 @@ def test_first_request_after_a_server_restart_succeeds_quickly(pool_options, ser
     registry.close_all()  # other pools of this process hold connections the restart killed
 
 
+def held_on_server(superuser: psycopg.Connection) -> int:
+    """Connections of this process's ``default`` pool on the server (by application_name)."""
+    name = f"dpp default %:{os.getpid()}"
+    return superuser.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", [name]).fetchone()[
+        0
+    ]
+
+
 @pytest.mark.slow  # (stops the cluster for 4 s)
 @BUDGETS
 def test_a_full_pool_serves_at_once_after_an_outage_with_traffic(pool_options, server, budget):
@@ -116,16 +124,10 @@ def test_a_full_pool_serves_at_once_after_an_outage_with_traffic(pool_options, s
     assert status == 200, f"the first request after the outage: {status} after {elapsed:.2f}s"
     assert all(client.get("/query/").status_code == 200 for _ in range(5))
     figure("first request after an outage with traffic, min_size == max_size", elapsed)
-    name = f"dpp default %:{os.getpid()}"
     with plain_connection() as superuser:
 
-        def held() -> int:
-            return superuser.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", [name]
-            ).fetchone()[0]
-
         def at_most_max_size() -> tuple[int, int]:
-            counts = pool.get_stats()["pool_size"], held()
+            counts = pool.get_stats()["pool_size"], held_on_server(superuser)
             assert max(counts) <= 4, f"pool_size, connections held: {counts}"
             return counts
 
@@ -351,17 +353,14 @@ def test_a_probe_after_a_stale_failure_adds_no_connection_beyond_max_size(defaul
         wait_until(lambda: pool.probe() or not pool.health.failing, message="a probe that connects")
         stats = pool.get_stats()
         assert (stats["pool_size"], stats["pool_available"]) == (2, 2), stats
-        name = f"dpp default %:{os.getpid()}"
         with plain_connection() as superuser:
-
-            def held() -> int:
-                return superuser.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", [name]
-                ).fetchone()[0]
-
             # (The probe that timed out in the silence left its startup packet in the proxy,
             # which forwards it on resume: that backend lives until it finds the socket closed.)
-            wait_until(lambda: held() == 2, timeout=10, message="the pool's 2 connections alone on the server")
+            wait_until(
+                lambda: held_on_server(superuser) == 2,
+                timeout=10,
+                message="the pool's 2 connections alone on the server",
+            )
     finally:
         proxy.resume()
         connection.close()

@@ -555,7 +555,6 @@ class Pool(ConnectionPool[PooledConnection]):
             super()._add_connection(attempt, growing=growing)
         except BudgetRefused as refused:
             with self._lock:
-                self._attempting -= 1
                 self._nconns -= 1
                 if growing:
                     self._growing = False
@@ -563,11 +562,7 @@ class Pool(ConnectionPool[PooledConnection]):
             self.budget.refused_at = time.monotonic()
             self.stats.budget_refused += 1
             logger.warning("pool %r: %s; its borrowers get 503 until a share frees", self.alias, refused)
-        except BaseException:
-            with self._lock:
-                self._attempting -= 1
-            raise
-        else:
+        finally:
             with self._lock:
                 self._attempting -= 1
 
