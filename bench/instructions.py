@@ -14,7 +14,7 @@ database work does (the view named, as ``PoolMiddleware`` names it); with
 thread), where a borrow gives its connection back after each statement.
 
     python bench/instructions.py [--modes pooled,django-pool] [--ops borrow,select] [--tree DIR]
-                                 [--outside-requests]
+                                 [--outside-requests] [--demand off]
 
 Operations named after a ``make bench`` endpoint (``product``, ``three``, ``listings``,
 ``admin``) are whole requests: the demo shop's view through Django's ``WSGIHandler`` with the
@@ -56,6 +56,33 @@ UNDER_VALGRIND = (
     "import django_pooled_pg.base, django_pooled_pg.pooling.pool\n"
     "django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0\n"
 )
+
+#: The pool's demand accounting (:mod:`django_pooled_pg.pooling.demand`) folds the events the
+#: borrows recorded when it is read, or when they pile up; read it once after the loop so that
+#: every run counts the folding of all its operations, not of those a threshold happened to
+#: catch. (A tree without it is measured as it is.)
+DEMAND_FOLDED = r"""
+from django.db import connections as _connections
+_pool = getattr(_connections["default"], "pool", None)
+if hasattr(_pool, "demand"):
+    _pool.demand.read()
+"""
+
+#: ``--demand off``: after the warm-up, the pool's demand events go to a deque that keeps none
+#: (``maxlen=0``), so nothing is folded. The same code in the same process layout otherwise: the
+#: difference from a normal run is what recording and folding the events costs, free of the
+#: noise that comparing two trees carries (a changed module moves the interpreter's objects, and
+#: with them its type-attribute cache collisions: 1-3% of an operation either way). It leaves out
+#: the appends' attribute loads and the call itself (~0.1-0.2k instructions per event).
+DEMAND_OFF = r"""
+import os as _os
+if _os.environ.get("BENCH_DEMAND") == "off":
+    from collections import deque as _deque
+    from django.db import connections as _connections
+    _pool = getattr(_connections["default"], "pool", None)
+    if hasattr(_pool, "demand"):
+        _pool.demand.events = _deque(maxlen=0)
+"""
 
 #: One request through Django's ``WSGIHandler``, as a WSGI server makes it: child code that
 #: needs ``path`` and ``cookie`` and defines ``request()``, and ``statuses`` (every answer's
@@ -129,9 +156,13 @@ fn = {"borrow": borrow, "select": select, "three": three, "long": long, "long3":
       "huge3": huge3}[op]
 for _ in range(200):
     fn()
+"""
+    + DEMAND_OFF
+    + r"""
 for _ in range(n):
     fn()
 """
+    + DEMAND_FOLDED
 )
 
 OPS = ("borrow", "select", "three", "long", "long3", "huge3")
@@ -155,9 +186,13 @@ for _ in range(50):
     request()
 if not statuses[-1].startswith("200"):
     sys.exit(f"{path} answered {statuses[-1]}")
+"""
+    + DEMAND_OFF
+    + r"""
 for _ in range(n):
     request()
 """
+    + DEMAND_FOLDED
 )
 
 
@@ -257,9 +292,17 @@ def main() -> None:
         action="store_true",
         help="run the operations as code outside a request (a borrow gives back after each statement)",
     )
+    parser.add_argument(
+        "--demand",
+        choices=("on", "off"),
+        default="on",
+        help="off: the pool's demand accounting records nothing after the warm-up (what it costs: on - off)",
+    )
     args = parser.parse_args()
     global OUTSIDE
     OUTSIDE = args.outside_requests
+    if args.demand == "off":
+        os.environ["BENCH_DEMAND"] = "off"
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install -y valgrind")
 

@@ -95,6 +95,8 @@ class PoolStatusAdmin(admin.ModelAdmin):
             alias["server_rows_html"] = rows_html(alias["server"]["rows"] if alias["server"] else [])
             alias["views_html"] = rows_html(alias["views"])
             alias["holders_html"] = rows_html(alias["holders"])
+            alias["advice_rows_html"] = rows_html(alias["advice"]["rows"])
+            alias["advice_lines_html"] = rows_html(alias["advice"]["lines"])
         context = {
             **self.admin_site.each_context(request),
             "title": opts.verbose_name_plural.capitalize(),

@@ -225,7 +225,8 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         """The connection this thread kept at its last return, for a new borrow; None if another
         borrower or the pool took it meanwhile, or it is no longer fit (then it goes back)."""
         self._borrow = None  # (again borrow's if taken back)
-        conn = borrow.take_back(id(self))
+        now = time.monotonic()
+        conn = borrow.take_back(id(self), now)
         if conn is None:
             return None
         if borrow.pool is not pool:  # the alias has a new pool (its settings changed): back to the old
@@ -233,7 +234,6 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
             return None
         if conn._pooled_pg_pending:
             pool.finish_reset(conn)  # the reset it went back with; closed if that failed
-        now = time.monotonic()
         if expire_at(conn) > now:  # (past max_lifetime, putconn() recycles it)
             if (
                 not conn.closed

@@ -63,12 +63,12 @@ class PerStatementRelease(_Base):
     def _take_back_parked(self, borrow: Borrow) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and
         alive; False (and a normal borrow follows) if not."""
-        conn = borrow.take_back(id(self))
+        now = time.monotonic()
+        conn = borrow.take_back(id(self), now)
         if conn is None:
             self._borrow = None  # not ours (fork, copy), or taken meanwhile
             return False
         self.connection = conn
-        now = time.monotonic()
         if expire_at(conn) <= now:
             self._close(keep=False, parked=True)  # past max_lifetime: the pool replaces it
             return False
@@ -96,7 +96,7 @@ class PerStatementRelease(_Base):
         """The request, or the thread's work, is over: give the connection parked between
         statements back (reset, and kept for this thread's next borrow: :meth:`_close`) unless
         another borrower took it."""
-        conn = borrow.take_back(id(self))
+        conn = borrow.take_back(id(self), time.monotonic())
         if conn is None:
             self._borrow = None
             return

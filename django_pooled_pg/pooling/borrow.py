@@ -2,7 +2,8 @@
 
 A ``DatabaseWrapper`` holds at most one :class:`Borrow` (its ``_borrow``). The borrow's
 :attr:`~Borrow.state` is one of BORROWED, PARKED, KEPT and RETURNED, and it changes only by
-these transitions::
+these transitions (each one that starts or ends a use of the connection counts it in the
+pool's :class:`~.demand.Demand`)::
 
    from           method        to         when
    (none)         start()       BORROWED   the pool handed a connection out
@@ -32,6 +33,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .demand import FOLD_AT
 from .ledger import Frames, capture_frames, current_view, ledger
 from .registry import registry
 
@@ -99,6 +101,7 @@ class Borrow:
         borrow.wait = borrow.started - asked_at
         ledger.add(borrow, owned_by_thread=owned, leak_timeout=leak_timeout)
         pool.stats.borrowed(borrow.wait, borrow.stats)
+        pool.demand.up(borrow.started)
         return borrow
 
     @property
@@ -116,10 +119,10 @@ class Borrow:
     def park(self) -> bool:
         """BORROWED -> PARKED, between statements; False (still BORROWED) when the connection
         must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold ends here."""
-        conn = self.conn
-        if not self.pool.park(conn, self):
+        conn, now = self.conn, time.monotonic()
+        if not self.pool.park(conn, self, now):  # (which counts it out of use in the pool's demand)
             return False
-        now = conn._pooled_pg_returned_at = time.monotonic()
+        conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
         self.state = PARKED
         self.stats.hold.record(now - self.started)
@@ -131,14 +134,18 @@ class Borrow:
         BORROWED) when it cannot: a holder shared across threads, a closed connection, a
         ``reset`` callback of the user's or the fleet budget asking connections back
         (``can_keep``), or someone waiting."""
-        conn = self.conn
-        if not (self.owned and self.pool.can_keep) or conn.closed or not self.pool.park(conn, self):
+        conn = self.conn  # (prepare_return() set its return time)
+        if (
+            not (self.owned and self.pool.can_keep)
+            or conn.closed
+            or not self.pool.park(conn, self, conn._pooled_pg_returned_at)
+        ):
             return False
         self.state = KEPT
         return True
 
-    def take_back(self, holder: int) -> PooledConnection | None:
-        """PARKED or KEPT -> BORROWED, by ``holder``: its connection, out of the pool; None if it
+    def take_back(self, holder: int, now: float) -> PooledConnection | None:
+        """PARKED or KEPT -> BORROWED, by ``holder`` at ``now``: its connection, out of the pool; None if it
         is not ``holder``'s (:meth:`held_by`) or another borrower or the pool took it meanwhile
         (then RETURNED: :meth:`taken`). The caller checks that the connection is still fit, and
         starts the new hold (:meth:`renew`; for a PARKED one, the wrapper's ``_take_back_parked``) or
@@ -147,11 +154,15 @@ class Borrow:
         # and a call is ~0.4k instructions of the ~8k a statement's give-back and take-back cost.
         if self.generation != registry.generation or self.holder != holder:
             return None
-        conn = self.conn
-        if self.pool._parked.pop(self, None) is not conn:  # (Pool.unpark, without a call per statement)
+        conn, pool = self.conn, self.pool
+        if pool._parked.pop(self, None) is not conn:  # (Pool.unpark, without a call per statement)
             self.taken()
             return None
         self.state = BORROWED
+        demand = pool.demand  # (Demand.up(now), written out: a call is ~0.6k instructions)
+        demand.events.append(now)
+        if len(demand.events) > FOLD_AT:
+            demand.fold()
         return conn
 
     def renew(self, now: float) -> None:
@@ -177,6 +188,7 @@ class Borrow:
         :func:`.release.prepare_return`)."""
         self.state = RETURNED
         ledger.forget(self.conn)
+        self.pool.demand.down(time.monotonic())  # (before it is anyone else's to count up)
         self.pool.putconn(self.conn)
 
     # ----- Reports ------------------------------------------------------------------------------

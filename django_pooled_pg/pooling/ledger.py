@@ -30,6 +30,7 @@ from .stats import AliasStats, ViewStats
 if TYPE_CHECKING:
     from ..settings import PoolSettings
     from .connection import PooledConnection
+    from .demand import Demand
 
 
 class Pool(Protocol):
@@ -37,6 +38,7 @@ class Pool(Protocol):
 
     settings: PoolSettings
     stats: AliasStats
+    demand: Demand
 
     def unpark(self, conn: PooledConnection, borrow: Borrow) -> bool: ...
 
@@ -210,10 +212,12 @@ class BorrowLedger:
                 release_connection(borrow.pool, borrow.conn)
             return 0
         del self.borrows[id(borrow.conn)]
+        now = time.monotonic()
+        borrow.pool.demand.down(now)  # (still BORROWED: nobody gave it back)
         outcome = release_connection(borrow.pool, borrow.conn)
         self.stats_for(borrow.alias).reclaimed += 1
         borrow.stats.rollbacks += outcome.rolled_back
-        borrow.stats.hold.record(time.monotonic() - borrow.started)
+        borrow.stats.hold.record(now - borrow.started)
         eventlog.warn(
             "a thread ended holding a connection",
             borrow.alias,

@@ -36,6 +36,7 @@ from ..settings import PoolSettings
 from .attempts import ConnectionHealth
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
+from .demand import Demand
 from .ledger import Borrow, ledger
 from .release import release_connection
 from .reset import finish_reset as read_reset
@@ -102,6 +103,8 @@ class Pool(ConnectionPool[PooledConnection]):
         self.alias = alias
         self.settings = settings
         self.stats = ledger.stats_for(alias)
+        #: Connections in use over time (counted by the borrows' transitions), for sizing.
+        self.demand = Demand(self.stats)
         self.health = ConnectionHealth(self.stats)
         #: How long a borrower waits while the server is failing: one connect attempt.
         self.fail_fast_timeout = max(1.0, connect_timeout)
@@ -392,7 +395,7 @@ class Pool(ConnectionPool[PooledConnection]):
 
     # ----- Parking (release="transaction") ----------------------------------------------------
 
-    def park(self, conn: PooledConnection, borrow: Borrow) -> bool:
+    def park(self, conn: PooledConnection, borrow: Borrow, now: float) -> bool:
         """Keep a clean connection out of the pool but free for anyone to take, instead of
         giving it back after a statement; False when it must go back now (a borrower is waiting,
         or the pool is closed).
@@ -415,6 +418,9 @@ class Pool(ConnectionPool[PooledConnection]):
         with self._lock:
             if self._waiting or self.closed or self._shrink:
                 return False
+            # Out of use (the demand's count) before anyone may take it, which a taker does
+            # under this lock and counts after: the count never exceeds the connections in use.
+            self.demand.events.append(-now)  # (Demand.down(now), written out: for every statement)
             self._parked[borrow] = conn
         return True
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..pooling.stats import COUNTER_NAMES, Histogram
 from ..settings import pooled_aliases, read_stats_settings
+from .advice import Advice, Room, advise, view_finding
 from .outside import connect, describe_error
 from .snapshot import WATCHED, PoolSnapshot, parse_application_name
 
@@ -92,6 +93,7 @@ class ProcessStats:
             "last_increase": dict(s.last_increase),
             "wait": Histogram.from_dict(s.wait).summary(), "hold": Histogram.from_dict(s.hold).summary(),
             "server": asdict(self.server) if self.server is not None else None,
+            "demand": s.demand,
         }  # fmt: skip
 
 
@@ -203,6 +205,8 @@ class AliasFleet:
     recent_seconds: float = 0.0
     #: Connections borrowed now, in every live process, longest held first.
     holders: list[Holder] = field(default_factory=list)
+    #: Settings advised from the live processes' measured demand (``poolstats --advise``).
+    advice: Advice | None = None
 
     def top_views(self, n: int | None = None, *, recent: bool = True) -> list[ViewFleet]:
         """The views holding the most connection-seconds, over the last minute (``recent``)
@@ -251,6 +255,7 @@ class AliasFleet:
                 "by_total": [v.to_dict() for v in self.top_views(recent=False)],
             },
             "holders": [h.to_dict() for h in self.holders],
+            "advice": self.advice.to_dict() if self.advice is not None else None,
         }  # fmt: skip
 
 
@@ -487,14 +492,31 @@ def stats(alias: str | None = None, *, using: str | None = None) -> FleetStats:
         _assign_activity(fleet, entry.server, activity)
 
     for server, (max_conn, su_reserved, reserved, connected) in sorted(limits.items()):
-        # An alias with a fleet budget opens at most its budget, whatever the sum of max_size.
-        fleet_max = sum(
-            min(a.max_size, a.fleet_max_size) if a.fleet_max_size else a.max_size
-            for a in fleet.aliases.values()
-            if a.server == server
-        )
+        fleet_max = sum(_may_open(a) for a in fleet.aliases.values() if a.server == server)
         fleet.capacity.append(Capacity(server, max_conn, su_reserved, reserved, fleet_max, connected))
+    _advise(fleet)
     return fleet
+
+
+def _may_open(entry: AliasFleet) -> int:
+    """Connections an alias's live processes may open: a fleet budget caps the sum of max_size."""
+    return min(entry.max_size, entry.fleet_max_size) if entry.fleet_max_size else entry.max_size
+
+
+def _advise(fleet: FleetStats) -> None:
+    """Each alias's advice, its fleet's sum set against what its server leaves it."""
+    capacity = {c.server: c for c in fleet.capacity}
+    for entry in fleet.aliases.values():
+        server = capacity.get(entry.server)
+        room = None
+        if server is not None:
+            others = server.fleet_max - _may_open(entry)
+            room = Room(entry.server, server.available, others)
+        snapshots = [p.snapshot for p in entry.live]
+        entry.advice = advice = advise(entry.alias, snapshots, room)
+        if advice.max_size is not None:
+            views = {v.name: (v.seconds, v.hold.percentile(50)) for v in entry.views.values()}
+            view_finding(advice, views, snapshots[0].release)
 
 
 def _add_views(entry: AliasFleet, process: ProcessStats) -> None:

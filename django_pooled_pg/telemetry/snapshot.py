@@ -5,17 +5,21 @@ psycopg_pool's ``get_stats()``: size, idle, waiting; in use from the ledger), th
 package records on the borrow path (:class:`~django_pooled_pg.pooling.stats.AliasStats`), psycopg_pool's
 count of connections its checks found dead (``connections_lost``), and the wait, hold and
 connect histograms. Building one reads counters that the borrow path updates without a lock; a value may
-be one borrow behind, which is fine for statistics, and the hot path pays nothing for it.
+be one borrow behind, which is fine for statistics, and the hot path pays nothing for it. The
+pool's demand (connections in use over time, :mod:`~django_pooled_pg.pooling.demand`) is read
+under its lock, and published over the last minute and 15 minutes (:func:`demand_windows`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..pooling.demand import Demand, Sample, sample, window
 from ..pooling.ledger import Borrow, ledger
 from ..pooling.registry import registry
 from ..pooling.stats import OTHER, AliasStats, ViewStats
@@ -99,6 +103,11 @@ class PoolSnapshot:
     #: view, held (s, at ``taken_at``), session state, whether reported as a leak, and the
     #: borrower's stack when leak_timeout is set.
     holders: list[dict[str, Any]] = field(default_factory=list)
+    #: The pool's demand over the last minute and the last 15 minutes ("1m", "15m"), or since
+    #: the pool was made when that is shorter: :func:`~django_pooled_pg.pooling.demand.window`.
+    demand: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: OPTIONS["pool"]["release"]: "request" or "transaction".
+    release: str = "request"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +167,7 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
             wait=stats.wait.to_dict(), hold=stats.hold.to_dict(), connect=stats.connect.to_dict(),
             views=views, recent_seconds=recent_seconds,
             holders=holders_of(in_alias, time.monotonic()),
+            demand=demand_windows(name, pool.demand, stats), release=pool.settings.release,
         ))  # fmt: skip
     return snapshots
 
@@ -206,6 +216,46 @@ def published_views(alias: str, stats: AliasStats, now: float) -> tuple[dict[str
     return out, now - since
 
 
+# ----- Demand -------------------------------------------------------------------------------------
+
+#: The windows a row publishes the pool's demand over: name, seconds.
+WINDOWS = (("1m", 60.0), ("15m", 900.0))
+#: Seconds between two samples kept for the windows, at least (a snapshot taken sooner, by
+#: ``poolstats`` or the admin page in this process, reads the windows without keeping a sample).
+SAMPLE_STEP = 10.0
+#: Per alias: the pool's Demand the samples are of (a new pool starts again), and cumulative
+#: samples, oldest first: the newest one at least the longest window old, and those after it.
+_rings: dict[str, tuple[Demand, list[Sample]]] = {}
+_rings_lock = threading.Lock()
+
+
+def demand_windows(alias: str, demand: Demand, stats: AliasStats) -> dict[str, dict[str, Any]]:
+    """The demand on ``alias``'s pool over each of :data:`WINDOWS`: from the newest sample at
+    least the window old (so a window covers it whole, and up to SAMPLE_STEP more), or from the
+    pool's making when it is younger; the covered seconds are published with it."""
+    with _rings_lock:  # (the publisher, OpenTelemetry's reader and poolstats may take snapshots at once)
+        ring = _rings.get(alias)
+        if ring is None or ring[0] is not demand:
+            ring = _rings[alias] = (demand, [demand.first] if demand.first is not None else [])
+        samples = ring[1]
+        now = sample(demand, stats)
+        if not samples or now.at - samples[-1].at >= SAMPLE_STEP:
+            samples.append(now)
+        longest = WINDOWS[-1][1]
+        while len(samples) > 2 and samples[1].at <= now.at - longest:
+            del samples[0]
+        samples = list(samples)
+    out = {}
+    for name, span in WINDOWS:
+        start = 0
+        for i, s in enumerate(samples):
+            if s.at <= now.at - span:
+                start = i
+        used = [s for s in samples[start:] if s is not now]
+        out[name] = window(samples[start], now, len(used) + 1)
+    return out
+
+
 # ----- Holders ------------------------------------------------------------------------------------
 
 #: Holders a row lists (longest held first), and the characters of each one's stack.
@@ -243,10 +293,12 @@ def _settings_dict(alias: str) -> dict[str, Any]:
 
 
 def after_fork_in_child() -> None:
-    global STARTED_AT
+    global STARTED_AT, _rings_lock
     STARTED_AT = time.time()
+    _rings_lock = threading.Lock()  # (a thread of the parent's may have held it at the fork)
     _last_seen.clear()
     _marks.clear()
+    _rings.clear()
 
 
 os.register_at_fork(after_in_child=after_fork_in_child)

@@ -197,6 +197,27 @@ def _holders(entry: AliasFleet) -> list[dict[str, Any]]:
     return rows
 
 
+def _row(key: str, *cells: str) -> dict[str, Any]:
+    return {"key": key, "stale": False, "saturated": False, "cells": list(cells)}
+
+
+def _advice(entry: AliasFleet) -> dict[str, Any]:
+    """The settings advised from measured demand (``poolstats --advise``): today's beside the
+    advised, and the arithmetic, a line per row."""
+    advice = entry.advice
+    if advice is None:
+        return {"confidence": "none", "rows": [], "lines": [_row("0", "no advice")]}
+    advised = {"max_size": advice.max_size, "min_size": advice.min_size, "timeout": advice.timeout,
+               "fleet_max_size": advice.fleet_max_size}  # fmt: skip
+    rows = [
+        _row(name, name, "–" if advice.today[name] is None else f"{advice.today[name]:g}",
+             "–" if value is None else f"{value:g}")
+        for name, value in advised.items()
+    ]  # fmt: skip
+    lines = [_row(str(i), line) for i, line in enumerate(advice.lines)]
+    return {"confidence": advice.confidence, "rows": rows, "lines": lines}
+
+
 def _alias(entry: AliasFleet, fleet: FleetStats, top: int = 10) -> dict[str, Any]:
     capacity = next((c for c in fleet.capacity if c.server == entry.server), None)
     live = entry.live
@@ -223,6 +244,7 @@ def _alias(entry: AliasFleet, fleet: FleetStats, top: int = 10) -> dict[str, Any
         "views": _views(entry, top),
         "views_more": str(max(len(entry.views) - top, 0)),
         "holders": _holders(entry),
+        "advice": _advice(entry),
     }  # fmt: skip
 
 

@@ -7,6 +7,7 @@
     manage.py poolstats --check           # health probe: exit 1 with a one-line reason, else 0
     manage.py poolstats --views           # which views hold the connections: top views by connection-seconds
     manage.py poolstats --holders         # the connections checked out now: process, thread, view, for how long
+    manage.py poolstats --advise          # max_size, min_size, timeout, fleet_max_size advised from measured demand
 
 For scripts: the exit status is 2 whenever the statistics could not be read (an ``error:`` line,
 also on stderr), ``--check`` says ``UNKNOWN`` (exit 2) when no process publishes statistics, the
@@ -244,6 +245,15 @@ def render_holders(entry: AliasFleet) -> list[str]:
     return out
 
 
+def render_advice(entry: AliasFleet) -> list[str]:
+    """The settings advised for ``entry`` from its measured demand, each with its arithmetic."""
+    out = [f"{entry.alias}: database {entry.database or '?'} on {entry.server}; advice"]
+    advice = entry.advice
+    if advice is None:
+        return [*out, "  no advice"]
+    return out + ["  " + line for line in advice.lines]
+
+
 def render(fleet: FleetStats, section: str = "pools", top: int = 10, window: float = 60.0) -> str:
     when = datetime.fromtimestamp(fleet.taken_at).strftime("%Y-%m-%d %H:%M:%S")
     out = [
@@ -256,6 +266,8 @@ def render(fleet: FleetStats, section: str = "pools", top: int = 10, window: flo
             out += render_views(entry, top)
         elif section == "holders":
             out += render_holders(entry)
+        elif section == "advise":
+            out += render_advice(entry)
         else:
             out += render_alias(entry)
     if fleet.capacity:
@@ -272,6 +284,11 @@ def render(fleet: FleetStats, section: str = "pools", top: int = 10, window: flo
         out.append(
             "views: route names (or module.function), tasks, borrow() blocks; borrows given back; "
             "conn-s: connection-seconds held; times in ms; live processes only"
+        )
+    elif section == "advise":
+        out.append(
+            "advice from the live processes' demand: Little's law, the p99 of connections in use, the "
+            "Erlang C (M/M/c) waiting probability; per process unless said otherwise"
         )
     elif section != "holders":
         out.append(
@@ -316,6 +333,12 @@ class Command(BaseCommand):
             help="the connections checked out now, fleet-wide: process, thread, view, held for how long",
         )
         parser.add_argument(
+            "--advise",
+            action="store_true",
+            help="max_size, min_size, timeout and fleet_max_size advised from the demand measured over the "
+            "last 15 minutes, with the arithmetic (the JSON always has them, under aliases.ALIAS.advice)",
+        )
+        parser.add_argument(
             "--top",
             type=int,
             metavar="N",
@@ -342,9 +365,9 @@ class Command(BaseCommand):
         watch = options["watch"]
         if watch is not None and watch <= 0:
             raise CommandError("--watch takes a number of seconds greater than 0")
-        if options["views"] and options["holders"]:
-            raise CommandError("--views and --holders are two reports: give one of them")
-        section = "views" if options["views"] else "holders" if options["holders"] else "pools"
+        if options["views"] + options["holders"] + options["advise"] > 1:
+            raise CommandError("--views, --holders and --advise are three reports: give one of them")
+        section = next((name for name in ("views", "holders", "advise") if options[name]), "pools")
         top = options["top"]
         if top is None:
             top = read_stats_settings().top_views
