@@ -76,6 +76,7 @@ $(BENCH_VENV)/.done: pyproject.toml scripts/mkvenv
 
 bench: $(BENCH_VENV)/.done
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python bench/sizing.py $(SIZING_ARGS)
 
 # `make screenshot`: the browser test again, then its screenshot becomes the README's picture.
 screenshot: $(VENV_DJ6)/.done

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "behind_pgbouncer": False,
     "fleet_max_size": None,
     "session_reset": True,
+    "max_size_limit": None,
 }
 
 #: When a borrowed connection goes back: at the end of the request (or ``close()``), or after
@@ -98,7 +99,10 @@ def _connection_class(value: Any) -> bool:
 
 PSYCOPG_POOL_OPTIONS: dict[str, OptionSpec] = {
     "min_size": _integer(0),
-    "max_size": _integer(1),
+    "max_size": OptionSpec(
+        lambda v: v == "auto" or _integer(1).check(v),
+        'an integer >= 1, or "auto" (sized from measured queueing, up to max_size_limit or the fleet budget)',
+    ),
     "timeout": _number(0),
     "max_waiting": _integer(0),
     "max_lifetime": _number(0),
@@ -128,6 +132,7 @@ OWN_OPTIONS: dict[str, OptionSpec] = {
         'None, "auto", or an integer >= 3 (the connections all processes together may hold)',
     ),
     "session_reset": OptionSpec(lambda v: isinstance(v, bool), "True or False"),
+    "max_size_limit": _integer(1),
 }
 
 #: Keys psycopg_pool takes that this package sets itself; naming them is a mistake.
@@ -171,6 +176,11 @@ class PoolSettings:
     #: Whether every returned connection's session is reset (False: handed on as it is, as
     #: Django's pool and persistent connections do).
     session_reset: bool = True
+    #: The ceiling of ``max_size="auto"`` without a fleet budget.
+    max_size_limit: int | None = None
+    #: max_size="auto": psycopg_pool's max_size (in pool_kwargs) is the starting size, and the
+    #: pool's sizer (:mod:`.pooling.autosize`) changes it.
+    auto_size: bool = False
 
 
 def _pool_setting(alias: str, key: str | None = None) -> str:
@@ -249,19 +259,48 @@ def find_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]
 
     min_size = raw.get("min_size", DEFAULTS["min_size"])
     max_size = raw.get("max_size")
+    problems += auto_size_problems(alias, raw)
+    bound = "max_size"
+    if max_size == "auto":  # (min_size against the ceiling; a budget's share is checked at start)
+        max_size, bound = raw.get("max_size_limit"), "max_size_limit"
     if (
         max_size is not None
         and PSYCOPG_POOL_OPTIONS["min_size"].check(min_size)
-        and PSYCOPG_POOL_OPTIONS["max_size"].check(max_size)
+        and _integer(1).check(max_size)
         and min_size > max_size
     ):
         if "min_size" in raw:
-            said, hint = f"is {min_size}, larger than max_size {max_size}.", "make min_size <= max_size."
+            said, hint = f"is {min_size}, larger than {bound} {max_size}.", f"make min_size <= {bound}."
         else:  # (the user wrote max_size alone: say the default is what is too large)
-            said = f"is not set, and its default {min_size} is larger than max_size {max_size}."
-            hint = f'add "min_size": {max_size} (or 0) beside "max_size".'
+            said = f"is not set, and its default {min_size} is larger than {bound} {max_size}."
+            hint = f'add "min_size": {max_size} (or 0) beside "{bound}".'
         problems.append(Problem("django_pooled_pg.E006", _pool_setting(alias, "min_size"), said, hint))
     return problems
+
+
+def auto_size_problems(alias: str, raw: Mapping[str, Any]) -> list[Problem]:
+    """``max_size="auto"`` needs a ceiling, and ``max_size_limit`` is only that ceiling."""
+    auto, limit = raw.get("max_size") == "auto", raw.get("max_size_limit")
+    if auto and limit is None and raw.get("fleet_max_size") is None:
+        return [
+            Problem(
+                "django_pooled_pg.E008",
+                _pool_setting(alias, "max_size"),
+                'is "auto" with no ceiling: the pool would grow as long as borrowers wait.',
+                'add "max_size_limit": N (the most connections one process may open), or a fleet budget '
+                '("fleet_max_size"), whose fair share is then the ceiling.',
+            )
+        ]
+    if limit is not None and not auto:
+        return [
+            Problem(
+                "django_pooled_pg.E009",
+                _pool_setting(alias, "max_size_limit"),
+                f'is the ceiling of max_size "auto", but max_size is {raw.get("max_size", DEFAULTS["max_size"])!r}.',
+                'set "max_size": "auto", or remove max_size_limit.',
+            )
+        ]
+    return []
 
 
 def pgbouncer_problems(alias: str, settings_dict: Mapping[str, Any]) -> list[Problem]:
@@ -329,7 +368,11 @@ def read_pool_settings(alias: str, settings_dict: Mapping[str, Any]) -> PoolSett
     if "min_size" in given and "max_size" not in given:
         # psycopg_pool's rule (and so Django's): max_size defaults to min_size.
         merged["max_size"] = max(given["min_size"], 1)
-    own = {key: merged.pop(key) for key in OWN_OPTIONS}
+    own: dict[str, Any] = {key: merged.pop(key) for key in OWN_OPTIONS}
+    if merged["max_size"] == "auto":
+        # psycopg_pool's max_size is where the pool starts; the sizer moves it (pooling.autosize).
+        merged["max_size"] = max(merged["min_size"], 1)
+        own["auto_size"] = True
     if settings_dict.get("CONN_HEALTH_CHECKS") and "ping_after" not in given:
         own["ping_after"] = 0.0  # Django's health checks test every new request's connection
     return PoolSettings(enabled=True, pool_kwargs=merged, **own)

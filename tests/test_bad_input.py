@@ -27,7 +27,7 @@ from testsupport.waiting import wait_until
 #: For every option: values it must refuse (wrong type, negative, out of range).
 BAD_VALUES = {
     "min_size": ["2", -1, 1.5, True, None],
-    "max_size": ["10", 0, -3, 2.5],
+    "max_size": ["10", 0, -3, 2.5, "Auto"],
     "timeout": ["5", -1, 0, True],
     "max_waiting": ["0", -1, 0.5],
     "max_lifetime": ["1800", -1, 0],
@@ -46,6 +46,7 @@ BAD_VALUES = {
     "ping_after": [-1, "1", True],
     "leak_timeout": [0, -1, "30"],
     "fleet_max_size": [2, 0, "all", True, 7.5],
+    "max_size_limit": [0, "8", 2.5, True],
 }
 UNKNOWN = ["max_sise", "pool_size", "TIMEOUT", "ping"]
 CASES = [(key, value) for key, values in BAD_VALUES.items() for value in values]

@@ -63,6 +63,7 @@ OWN_ATTRIBUTES = {
     "_upkeeping",
     "_closing",
     "_timed_out",
+    "_shrink_for_budget",
     "_released_at",
     "_shrink",
     "_keeps",

@@ -35,6 +35,18 @@ BAD = {
     "managed key": ({"pool": {"kwargs": {}}}, {}, "is set by django_pooled_pg itself"),
     "bad release": ({"pool": {"release": "statement"}}, {}, '["release"]: must be'),
     "session_reset not a bool": ({"pool": {"session_reset": "off"}}, {}, '["session_reset"]: must be True or False'),
+    "auto without a ceiling": ({"pool": {"max_size": "auto"}}, {}, 'is "auto" with no ceiling'),
+    "a limit without auto": ({"pool": {"max_size_limit": 8}}, {}, 'is the ceiling of max_size "auto"'),
+    "min above the auto limit": (
+        {"pool": {"min_size": 5, "max_size": "auto", "max_size_limit": 3}},
+        {},
+        "larger than max_size_limit 3",
+    ),
+    "limit not an integer": (
+        {"pool": {"max_size": "auto", "max_size_limit": "8"}},
+        {},
+        '["max_size_limit"]: must be an integer >= 1',
+    ),
     "persistent connections": ({}, {"CONN_MAX_AGE": 60}, '["CONN_MAX_AGE"]: is 60'),
     "persistent forever": ({}, {"CONN_MAX_AGE": None}, '["CONN_MAX_AGE"]: is None'),
 }
@@ -89,6 +101,14 @@ def test_good_settings_pass_check_and_fill_defaults():
     # As with Django's pool (psycopg_pool's rule), max_size follows a lone min_size.
     assert read_pool_settings("default", settings_dict({"pool": {"min_size": 4}}, {})).pool_kwargs["max_size"] == 4
     assert not read_pool_settings("default", settings_dict({"pool": False}, {})).enabled
+    # max_size "auto" starts at min_size (at least 1), with its ceiling.
+    auto = read_pool_settings("default", settings_dict({"pool": {"max_size": "auto", "max_size_limit": 8}}, {}))
+    assert auto.auto_size and auto.max_size_limit == 8 and auto.pool_kwargs["max_size"] == DEFAULTS["min_size"]
+    auto = read_pool_settings(
+        "default", settings_dict({"pool": {"min_size": 0, "max_size": "auto", "fleet_max_size": 20}}, {})
+    )
+    assert auto.auto_size and auto.max_size_limit is None and auto.pool_kwargs["max_size"] == 1
+    assert not read_pool_settings("default", settings_dict({}, {})).auto_size
 
 
 @pytest.mark.django_db(transaction=True)

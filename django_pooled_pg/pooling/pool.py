@@ -34,6 +34,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from ..errors import BudgetExhausted, DatabaseUnavailable, PoolError, PoolExhausted
 from ..settings import PoolSettings
 from .attempts import ConnectionHealth
+from .autosize import LOOK_EVERY as SIZE_EVERY
+from .autosize import AutoSize
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .demand import Demand
@@ -133,6 +135,7 @@ class Pool(ConnectionPool[PooledConnection]):
         self._user_reset = kwargs.get("reset")
         #: Connections a look at the fleet budget asked back, given back as they return.
         self._shrink = 0
+        self._shrink_for_budget = True
         #: The fleet's connection budget (OPTIONS["pool"]["fleet_max_size"]), or None.
         size = settings.fleet_max_size
         self.budget = None if size is None else FleetBudget.for_params(alias, size, kwargs.get("kwargs") or {})
@@ -144,6 +147,8 @@ class Pool(ConnectionPool[PooledConnection]):
         self._timed_out = False
         self._closing = threading.Event()
         self._released_at = time.monotonic()
+        #: max_size="auto": what resizes the pool from its measured queueing, else None.
+        self.sizer = AutoSize(self, settings.max_size_limit) if settings.auto_size else None
         kwargs["connection_class"] = health_tracking(
             kwargs.get("connection_class", Connection),
             self.health,
@@ -595,19 +600,26 @@ class Pool(ConnectionPool[PooledConnection]):
     @property
     def upkeep_every(self) -> float:
         """How often :meth:`upkeep` runs (seconds)."""
-        return self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
+        every = self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
+        return every if self.sizer is None else min(every, SIZE_EVERY)
 
     def upkeep(self) -> None:
         """Every ``max_idle`` seconds (when psycopg_pool's own upkeep shrinks the pool), take
         back the connections parked for a second or more: their borrower stopped querying
         without giving back (a long-lived thread between jobs), and psycopg_pool's upkeep
         (``max_idle``, ``max_lifetime``, checks) reaches them again. With a fleet budget, look
-        at it every :data:`LOOK_EVERY` seconds too (:meth:`look`). Run by the pool's upkeep
+        at it every :data:`LOOK_EVERY` seconds too (:meth:`look`); with ``max_size="auto"``,
+        let the sizer look every :data:`.autosize.LOOK_EVERY` seconds. Run by the pool's upkeep
         thread."""
         now = time.monotonic()
-        if self.budget is None or now - self._released_at >= self.max_idle:
+        if self.upkeep_every == self.max_idle or now - self._released_at >= self.max_idle:
             self._released_at = now
             self.release_parked(older_than=1.0)
+        if self.sizer is not None:
+            try:
+                self.sizer.look()
+            except Exception:  # (a bug here must not stop the upkeep thread)
+                logger.exception("pool %r: max_size auto failed to look", self.alias)
         if self.budget is None:
             return
         try:
@@ -636,14 +648,32 @@ class Pool(ConnectionPool[PooledConnection]):
             excess = budget.excess(conn)
         finally:
             release_connection(self, conn)
+        given = self._shed(excess, budget=True)
+        self._given_back(given)
+        return given
+
+    def resize_max(self, max_size: int) -> None:
+        """Change max_size (``max_size="auto"``, :mod:`.autosize`) through psycopg_pool's
+        ``resize()``; connections above a smaller size are closed, the idle ones now and the
+        borrowed ones as they come back (:meth:`_shed`)."""
+        self.resize(min(self.min_size, max_size), max_size)
+        with self._lock:
+            excess = self._nconns - max_size
+        if excess > 0:
+            self._shed(excess, budget=False)
+
+    def _shed(self, excess: int, *, budget: bool) -> int:
+        """Close ``excess`` connections: the idle ones now (how many is returned), the rest as
+        they come back (:meth:`putconn`; nothing is kept or parked meanwhile). ``budget``: the
+        fleet budget asks them back (counted as given back to it)."""
         with self._lock:
             idle = self._take_idle(excess)
             self._nconns -= len(idle)
-            self._shrink = excess - len(idle)
+            self._shrink = max(excess - len(idle), 0)
+            self._shrink_for_budget = budget
         self.can_keep = self._keeps and not self._shrink
         for conn in idle:
             conn.close()
-        self._given_back(len(idle))
         return len(idle)
 
     def _take_idle(self, n: int) -> list[PooledConnection]:
@@ -657,7 +687,7 @@ class Pool(ConnectionPool[PooledConnection]):
         return idle
 
     def putconn(self, conn: PooledConnection) -> None:
-        if self._shrink and not conn.closed:  # (a fleet budget's look asked for connections back)
+        if self._shrink and not conn.closed:  # (a budget's look or a smaller max_size wants it closed)
             with self._lock:
                 give = self._shrink > 0
                 if give:
@@ -666,7 +696,8 @@ class Pool(ConnectionPool[PooledConnection]):
             if give:
                 self.can_keep = self._keeps and not self._shrink
                 conn.close()
-                self._given_back(1)
+                if self._shrink_for_budget:
+                    self._given_back(1)
                 return
         super().putconn(conn)
 

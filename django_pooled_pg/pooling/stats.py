@@ -179,6 +179,7 @@ COUNTERS: tuple[Counter, ...] = (
             "budget_refused", "refused"),
     Counter("budget_given_back", "Idle connections closed to give the fleet budget to waiting processes.",
             "budget_given_back"),
+    Counter("resizes", 'max_size="auto": times the pool changed its max_size.', "resizes"),
 )  # fmt: skip
 COUNTER_NAMES = tuple(counter.name for counter in COUNTERS)
 
@@ -249,6 +250,7 @@ class AliasStats:
     parked_taken: int = 0
     budget_refused: int = 0
     budget_given_back: int = 0
+    resizes: int = 0
     #: View name (None: outside requests) -> its measurements; see :meth:`view`.
     views: dict[str | None, ViewStats] = field(default_factory=dict)
     connect: Histogram = field(default_factory=Histogram)

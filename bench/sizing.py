@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Pool sizes under a load that changes: fixed sizes against ``--advise`` and ``max_size="auto"``.
+
+A gunicorn fleet (``--workers`` x ``--threads``) serves the demo shop's ``slow`` view with
+``tx=1`` (a query, a wait, a query, in one transaction: the connection is held for the wait in
+both release modes) under an open-loop load: requests are sent at a fixed rate, each on its own
+connection, whether or not earlier ones were answered, so that queueing shows as latency instead
+of slowing the sender down. Latency runs from the moment a request was due to the end of its
+answer. The load changes in four phases of ``--phase`` seconds:
+
+1. ``base``: ``--rate`` requests per second, each holding its connection ``--hold`` seconds;
+2. ``hold x5``: the same rate, holds five times as long;
+3. ``traffic x3``: three times the rate, the first hold;
+4. ``back``: as in phase 1.
+
+The fleet runs once per pool: every fixed size of ``--sizes`` (the smallest is "too small", the
+largest "too large"; the best fixed size per phase is the sweep's lowest p99 without 503s), the
+size ``poolstats --advise`` advised after phase 1 of the largest size's run, and ``"auto"`` with
+``max_size_limit`` the largest size. Per phase and pool: requests answered per second, p50 and
+p99 latency, 503s and other failures, and the peak and mean of the server's backends
+(``pg_stat_activity``, every 100 ms). It writes ``SIZING.md``, ``sizing.png`` and the raw
+figures (``raw/sizing.json``) under ``--output``.
+
+    python bench/sizing.py [--release request|transaction] [--rate 40] [--hold 0.01]
+                           [--phase 15] [--workers 2] [--threads 16] [--sizes 1,2,3,4,6,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for p in (str(ROOT), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from run import (  # noqa: E402
+    DB_NAME,
+    DB_USER,
+    TESTPROJECT,
+    Gunicorn,
+    Sampler,
+    database,
+    django_env,
+    log,
+    wait_no_backends,
+)
+
+from testsupport.pgcluster import PgCluster  # noqa: E402
+
+#: (name, rate multiplier, hold multiplier)
+PHASES = (("base", 1, 1), ("hold x5", 1, 5), ("traffic x3", 3, 1), ("back", 1, 1))
+#: Seconds a request may take before it counts as failed.
+REQUEST_TIMEOUT = 10.0
+
+
+# ----- The open-loop load ------------------------------------------------------------------------
+
+
+async def one_request(host: str, port: int, path: str, due: float, out: list[tuple[float, int]]) -> None:
+    """GET ``path`` on a new connection; appends (seconds since ``due``, status; 0 for a failure)."""
+    status = 0
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            head = await reader.readline()
+            await reader.read()  # (to the end: the server closes)
+            writer.close()
+            status = int(head.split()[1]) if head.startswith(b"HTTP/") else 0
+    except (OSError, TimeoutError, ValueError, IndexError):
+        status = 0
+    out.append((time.monotonic() - due, status))
+
+
+async def open_loop(host: str, port: int, path: str, rate: float, seconds: float) -> list[tuple[float, int]]:
+    """Requests at ``rate`` per second, evenly spaced, for ``seconds``; every answer's
+    (latency, status). A request is sent when due whatever the earlier ones are doing."""
+    out: list[tuple[float, int]] = []
+    tasks = []
+    start = time.monotonic()
+    n = int(rate * seconds)
+    for i in range(n):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one_request(host, port, path, due, out)))
+    await asyncio.gather(*tasks)
+    return out
+
+
+def summary(answers: list[tuple[float, int]], seconds: float) -> dict[str, Any]:
+    ok = sorted(lat for lat, status in answers if status == 200)
+    q = statistics.quantiles(ok, n=100) if len(ok) >= 2 else [ok[0] if ok else 0.0] * 99
+    return {
+        "sent": len(answers),
+        "rps": round(len(ok) / seconds, 1),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+        "503": sum(1 for _, status in answers if status == 503),
+        "failed": sum(1 for _, status in answers if status not in (200, 503)),
+    }
+
+
+# ----- One fleet ---------------------------------------------------------------------------------
+
+
+def pool_options(size: int | str, args: argparse.Namespace) -> dict[str, Any]:
+    pool: dict[str, Any] = {"min_size": 1, "max_size": size, "timeout": args.pool_timeout, "release": args.release}
+    if size == "auto":
+        pool["max_size_limit"] = max(args.sizes)
+    return pool
+
+
+def run_fleet(cluster: PgCluster, args: argparse.Namespace, size: int | str, outdir: Path, advise: bool = False):
+    """The four phases against one pool size; per phase its figures, and the advice after phase
+    1 when ``advise``."""
+    db = database("pooled-request", cluster, 1, args.pool_timeout, None)
+    db["OPTIONS"] = {"pool": pool_options(size, args)}
+    env = {**django_env(db), "POOLED_PG_STATS_INTERVAL": "1", "POOLED_PG_PRUNE_AFTER": "30"}
+    wait_no_backends(cluster)
+    cluster.execute("DELETE FROM django_pooled_pg_poolsnapshot", dbname=DB_NAME)
+    server = Gunicorn(env, args.workers, args.threads, outdir / f"gunicorn-sizing-{size}.log")
+    server.start()
+    phases: list[dict[str, Any]] = []
+    advice = None
+    try:
+        server.wait_ready("/shop/slow/?s=0")
+        for name, rate_x, hold_x in PHASES:
+            path = f"/shop/slow/?tx=1&s={args.hold * hold_x:g}"
+            sampler = Sampler(cluster)
+            sampler.start()
+            began = time.monotonic()
+            answers = asyncio.run(open_loop("127.0.0.1", server.port, path, args.rate * rate_x, args.phase))
+            seconds = time.monotonic() - began
+            phases.append({"phase": name, **summary(answers, seconds), **sampler.finish()})
+            log(f"  {size}: {name}: {phases[-1]}")
+            if advise and name == PHASES[0][0]:
+                time.sleep(1.5)  # (a publication after the phase's last requests)
+                advice = advised_size(env)
+    finally:
+        server.stop()
+    return phases, advice
+
+
+def advised_size(env: dict[str, str]) -> int | None:
+    res = subprocess.run(
+        [sys.executable, str(TESTPROJECT / "manage.py"), "poolstats", "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    advice = json.loads(res.stdout)["aliases"]["default"]["advice"]
+    log(f"  advice after phase 1: max_size {advice['max_size']}; " + " | ".join(advice["lines"][1:3]))
+    return advice["max_size"]
+
+
+# ----- Report ------------------------------------------------------------------------------------
+
+
+def best_fixed(results: dict[str, list[dict]], sizes: list[int]) -> list[tuple[int, dict]]:
+    """Per phase: the fixed size with the lowest p99 and no 503s or failures (the smallest such
+    size when p99s tie within 5%)."""
+    best = []
+    for i, _ in enumerate(PHASES):
+        clean = [(s, results[str(s)][i]) for s in sizes if not results[str(s)][i]["503"] + results[str(s)][i]["failed"]]
+        clean = clean or [(s, results[str(s)][i]) for s in sizes]
+        low = min(r["p99_ms"] for _, r in clean)
+        best.append(next((s, r) for s, r in clean if r["p99_ms"] <= low * 1.05))
+    return best
+
+
+def report(data: dict[str, Any], outdir: Path) -> None:
+    results, sizes = data["results"], data["sizes"]
+    best = best_fixed(results, sizes)
+    a = data["args"]
+    lines = [
+        f"# Pool sizing under a changing load ({data['date']})",
+        "",
+        f"`python bench/sizing.py {data['argv']}`: gunicorn gthread {a['workers']} workers x {a['threads']} "
+        f"threads, release={a['release']!r}, the shop's `slow` view with `tx=1`; open-loop load, "
+        f"{a['phase']:g} s per phase: base {a['rate']:g} req/s holding {a['hold'] * 1000:g} ms, hold x5, "
+        f"traffic x3, back. Sizes are per process. {data['machine']}",
+        "",
+        f"Advised after phase 1 (`poolstats --advise` on the {max(sizes)}-connection run): "
+        f"**{data.get('advised') or 'none (too little data)'}**. Best fixed size per phase (lowest p99 without 503s, the smallest within 5%): "
+        + ", ".join(f"{PHASES[i][0]} **{s}**" for i, (s, _) in enumerate(best)),
+        "",
+        "| phase | pool | req/s | p50 ms | p99 ms | 503 | failed | backends peak | mean |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = [str(s) for s in sizes] + (["advised"] if "advised" in results else []) + ["auto"]
+    for i, (phase, _, _) in enumerate(PHASES):
+        for name in order:
+            r = results[name][i]
+            label = name if name in ("advised", "auto") else f"fixed {name}"
+            if name == str(best[i][0]):
+                label += " (best)"
+            lines.append(
+                f"| {phase} | {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['503']} | {r['failed']} "
+                f"| {r['peak_backends']} | {r['mean_backends']} |"
+            )
+    lines += ["", "Targets (issue 32):", ""]
+    auto, small, large = results["auto"], results[str(min(sizes))], results[str(max(sizes))]
+    for i, (phase, _, _) in enumerate(PHASES):
+        b = best[i][1]
+        lines.append(
+            f"- {phase}: auto p99 {auto[i]['p99_ms']} ms against the best fixed {b['p99_ms']} ms "
+            f"({auto[i]['p99_ms'] / b['p99_ms'] - 1:+.0%}; target within +10%); 503s auto {auto[i]['503']}, "
+            f"small pool {small[i]['503']}; peak backends auto {auto[i]['peak_backends']}, large pool "
+            f"{large[i]['peak_backends']}"
+        )
+    if data.get("advised") is not None:
+        lines.append(
+            f"- advised {data['advised']} against the best fixed size of phase 1, {best[0][0]} (target: within 1)"
+        )
+    (outdir / "SIZING.md").write_text("\n".join(lines) + "\n")
+    chart(data, order, outdir / "sizing.png")
+
+
+def chart(data: dict[str, Any], order: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    width = 0.8 / len(order)
+    for k, name in enumerate(order):
+        rows = data["results"][name]
+        xs = [i + k * width for i in range(len(PHASES))]
+        top.bar(xs, [r["p99_ms"] for r in rows], width, label=name if name in ("advised", "auto") else f"fixed {name}")
+        bottom.bar(xs, [r["peak_backends"] for r in rows], width)
+    top.set_ylabel("p99 latency (ms)")
+    top.set_yscale("log")
+    bottom.set_ylabel("peak server backends")
+    bottom.set_xticks([i + 0.4 - width / 2 for i in range(len(PHASES))], [p[0] for p in PHASES])
+    top.legend(ncol=4, fontsize=8)
+    top.set_title("Pool sizes under a changing open-loop load (bench/sizing.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----- Main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--release", choices=("request", "transaction"), default="request")
+    parser.add_argument("--rate", type=float, default=40.0, help="requests per second in the base phase")
+    parser.add_argument("--hold", type=float, default=0.01, help="seconds each request holds its connection (base)")
+    parser.add_argument("--phase", type=float, default=15.0, help="seconds per phase")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--sizes", type=lambda v: sorted(int(x) for x in v.split(",")), default=[1, 2, 3, 4, 6, 8, 16])
+    parser.add_argument("--pool-timeout", type=float, default=5.0)
+    parser.add_argument("--output", default=str(BENCH / "results"))
+    args = parser.parse_args(argv)
+    outdir = Path(args.output)
+    rawdir = outdir / "raw"
+    rawdir.mkdir(parents=True, exist_ok=True)
+    from run import machine
+
+    data: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "sizes": args.sizes,
+        "results": {},
+    }
+    cluster = PgCluster(max_connections=100, settings={"timezone": "UTC"})
+    try:
+        cluster.start()
+        prepare(cluster)
+        m = machine()
+        data["machine"] = ", ".join(f"{k} {v}" for k, v in m.items())
+        for size in sorted(args.sizes, reverse=True):  # (the largest first: its phase 1 gives the advice)
+            log(f"fixed max_size {size}")
+            phases, advice = run_fleet(cluster, args, size, rawdir, advise=size == max(args.sizes))
+            data["results"][str(size)] = phases
+            if advice is not None:
+                data["advised"] = advice
+        if data.get("advised") is not None:
+            log(f"advised max_size {data['advised']}")
+            data["results"]["advised"], _ = run_fleet(cluster, args, data["advised"], rawdir)
+        log("max_size auto")
+        data["results"]["auto"], _ = run_fleet(cluster, args, "auto", rawdir)
+    finally:
+        cluster.stop()
+    (rawdir / "sizing.json").write_text(json.dumps(data, indent=1))
+    report(data, outdir)
+    log(f"wrote {outdir / 'SIZING.md'}")
+    return 0
+
+
+def prepare(cluster: PgCluster) -> None:
+    """The shop database, migrated (this package's tables too) and seeded, as bench/run.py
+    makes it."""
+    cluster.execute(f"CREATE ROLE {DB_USER} LOGIN")
+    cluster.execute(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
+    env = django_env(database("pooled-request", cluster, 1, 5.0, None))
+    for command in (["migrate", "--noinput", "-v", "0"], ["seed_shop"]):
+        subprocess.run([sys.executable, str(TESTPROJECT / "manage.py"), *command], env=env, check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""``max_size="auto"``: a pool's maximum follows its measured queueing.
+
+A fixed ``max_size`` is a guess: too small and borrowers queue, too large and a fleet of
+processes holds connections the server could give to others. With ``"auto"`` the pool starts at
+``min_size`` (at least 1) and :class:`AutoSize` looks, every :data:`LOOK_EVERY` seconds from the
+pool's upkeep thread, at what happened since its last look:
+
+* **grow** when borrowers waited :data:`GROW_AT` or more of the time connections were held
+  (total wait / total hold), or a borrower was refused: half again, at least one more, up to the
+  ceiling. Queueing shows at once and costs every request in the queue, so growth does not wait
+  for a second look.
+* **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
+  to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
+  ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
+  time starts again. Growing fast and shrinking slowly is the hysteresis that keeps the size from
+  flapping between looks.
+
+The ceiling is ``max_size_limit``, or with a fleet budget this process's fair share of it
+(:meth:`.budget.FleetBudget.fair`, as the budget's last look saw the fleet). Sizes change through
+psycopg_pool's public ``resize()``; a shrink closes the idle connections above the new size at
+once and the borrowed ones as they come back, so no borrowed connection is ever dropped. Each
+resize is logged once with its reason, counted (``resizes``), and published as the pool's
+``max_size`` (Prometheus, OpenTelemetry ``db.client.connection.max``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .budget import FleetBudget
+from .demand import LEVELS, Demand, level_percentile
+from .stats import AliasStats
+
+logger = logging.getLogger("django_pooled_pg.pool")
+
+#: Seconds between two looks.
+LOOK_EVERY = 0.5
+#: Grow when the waits since the last look add up to this share of the holds, or more.
+GROW_AT = 0.05
+#: A growth multiplies the size by this (and adds one at least).
+GROW_BY = 1.5
+#: Seconds without queueing before a shrink, and between two shrinks.
+CALM_FOR = 30.0
+#: Headroom over the p99 of the connections in use (as ``poolstats --advise``).
+HEADROOM = 1.25
+#: A shrink takes away at most this share of the size.
+SHRINK_BY = 0.25
+
+
+class Pool(Protocol):
+    """What the sizer uses of :class:`.pool.Pool` (a protocol: pool.py imports this module)."""
+
+    alias: str
+    stats: AliasStats
+    demand: Demand
+    budget: FleetBudget | None
+
+    @property
+    def min_size(self) -> int: ...
+
+    @property
+    def max_size(self) -> int: ...
+
+    def get_stats(self) -> dict[str, Any]: ...
+
+    def resize_max(self, max_size: int) -> None: ...
+
+
+@dataclass
+class Mark:
+    """The counters a look compares with the next one's."""
+
+    at: float
+    wait_us: int
+    hold_us: int
+    refused: int
+    levels: list[float]
+
+
+class AutoSize:
+    """The size controller of one pool with ``max_size="auto"`` (see the module)."""
+
+    def __init__(self, pool: Pool, limit: int | None) -> None:
+        self.pool = pool
+        #: max_size_limit, or None: the fleet budget's fair share is the ceiling.
+        self.limit = limit
+        self.last = self._mark()
+        #: The mark the calm time counts from (the last queueing, the last resize).
+        self.calm = self.last
+        #: The last resize's reason, for reports.
+        self.reason = "started at min_size"
+
+    def _mark(self) -> Mark:
+        stats, pool = self.pool.stats, self.pool
+        _, levels, _ = pool.demand.read()
+        return Mark(time.monotonic(), stats.wait.total_us, stats.hold.total_us,
+                    stats.exhausted + stats.unavailable, levels)  # fmt: skip
+
+    @property
+    def ceiling(self) -> int:
+        """The most connections this process's pool may grow to now."""
+        pool = self.pool
+        if self.limit is not None:
+            return max(self.limit, pool.min_size, 1)
+        budget = pool.budget
+        assert budget is not None  # (settings validation: "auto" needs a limit or a budget)
+        processes = max(budget.seen[1], 1) if budget.seen else 1
+        return max(budget.fair(processes), pool.min_size, 1)
+
+    def look(self) -> int | None:
+        """Compare the counters with the last look's and resize if they say so; the new
+        max_size, or None when it stays."""
+        pool, now = self.pool, self._mark()
+        last, self.last = self.last, now
+        size, ceiling = pool.max_size, self.ceiling
+        waited = now.wait_us - last.wait_us
+        held = now.hold_us - last.hold_us
+        refused = now.refused - last.refused
+        if size > ceiling:
+            return self._resize(ceiling, f"the ceiling is now {ceiling}")
+        # (With holds longer than a look, nothing finished: borrowers queued now say it.)
+        queued = held == 0 and (waited > 0 or pool.get_stats().get("requests_waiting", 0) > 0)
+        if refused or (held > 0 and waited >= GROW_AT * held) or queued:
+            self.calm = now
+            if size >= ceiling:
+                return None
+            target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY)))
+            share = f"{waited / held:.0%} of" if held else "while nothing was"
+            return self._resize(
+                target,
+                f"borrowers waited {waited / 1000:.0f} ms, {share} the {held / 1000:.0f} ms connections were held "
+                f"over {now.at - last.at:.1f}s, {refused} refused",
+            )
+        if now.at - self.calm.at < CALM_FOR:
+            return None
+        levels = {i: b - a for i, (a, b) in enumerate(zip(self.calm.levels, now.levels, strict=True)) if b - a > 0}
+        p99 = level_percentile(levels, 99) if levels else 0
+        want = max(pool.min_size, 1, math.ceil(p99 * HEADROOM - 1e-9))
+        self.calm = now
+        if want >= size:
+            return None
+        target = max(want, size - max(1, math.floor(size * SHRINK_BY)))
+        return self._resize(
+            target, f"calm for {CALM_FOR:g}s: p99 in use {min(p99, LEVELS)} x {HEADROOM:g} headroom -> {want}"
+        )
+
+    def _resize(self, size: int, reason: str) -> int:
+        pool = self.pool
+        old = pool.max_size
+        pool.resize_max(size)
+        pool.stats.resizes += 1
+        self.reason = reason
+        logger.info("pool %r: max_size %d -> %d: %s", pool.alias, old, size, reason)
+        return size

@@ -1,0 +1,133 @@
+"""``max_size="auto"`` against the real server: the pool grows under a step in load, never past
+its ceiling (``max_size_limit``, or the fleet budget's fair share), shrinks after the load ends,
+and loses no borrowed connection while it resizes; each resize is logged with its reason and
+counted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from django.db import connections
+
+from django_pooled_pg import borrow
+from django_pooled_pg.pooling import autosize
+from django_pooled_pg.pooling.registry import registry
+from testsupport.waiting import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def statement(sql: str = "SELECT 1") -> None:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(sql)
+
+
+class Load:
+    """``threads`` threads borrowing for ``hold`` seconds each, back to back, until stopped;
+    every error kept, and every borrow's connection checked to be open and answering."""
+
+    def __init__(self, threads: int, hold: float) -> None:
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.done = 0
+        self.hold = hold
+        self.threads = [threading.Thread(target=self.work) for _ in range(threads)]
+
+    def work(self) -> None:
+        try:
+            while not self.stop.is_set():
+                with borrow("default", name="autosize-load"):
+                    statement(f"SELECT pg_sleep({self.hold})")
+                    statement()  # (the same connection, still open after the sleep)
+                self.done += 1
+        except BaseException as error:  # noqa: BLE001 (kept for the test to show)
+            self.errors.append(error)
+        finally:
+            connections["default"].close()
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+@pytest.fixture
+def quick_calm(monkeypatch):
+    """Shrink after 1 s of calm instead of 30 (the rule is the same; the test is shorter)."""
+    monkeypatch.setattr(autosize, "CALM_FOR", 1.0)
+
+
+@pytest.mark.parametrize("release", ["request", "transaction"])
+def test_auto_grows_under_load_up_to_its_ceiling_and_shrinks_after(pool_options, quick_calm, caplog, release):
+    pool_options(min_size=1, max_size="auto", max_size_limit=5, timeout=20, release=release)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    assert pool.sizer is not None and pool.max_size == 1
+    resizes = pool.stats.resizes
+    sizes: list[int] = []
+    caplog.set_level(logging.INFO, logger="django_pooled_pg.pool")
+
+    with Load(threads=8, hold=0.05) as load:
+        # A step from nothing to 8 borrowers: the pool grows to its ceiling, and no further.
+        wait_until(lambda: sizes.append(pool.max_size) or pool.max_size == 5, message="max_size to reach 5")
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # (it stays there while the load lasts)
+            sizes.append(pool.max_size)
+            assert pool.get_stats()["pool_size"] <= 5
+            time.sleep(0.05)
+    assert not load.errors, load.errors
+    assert max(sizes) == 5 and sizes[-1] == 5
+    grown = [r.getMessage() for r in caplog.records if "max_size 1 -> " in r.getMessage()]
+    assert grown and "borrowers waited" in grown[0]
+
+    # The load ended: after the calm time it shrinks, a quarter at a time, down to min_size, and
+    # closes the connections above the new size.
+    wait_until(lambda: pool.max_size == 1, timeout=60, message=lambda: f"max_size to fall to 1 (is {pool.max_size})")
+    wait_until(lambda: pool.get_stats()["pool_size"] <= 1, message="the connections above max_size to close")
+    assert any("calm for" in r.getMessage() for r in caplog.records)
+    assert pool.stats.resizes - resizes >= 3  # 1 -> ... -> 5, 5 -> ... -> 1
+
+
+def test_a_shrink_under_load_loses_no_borrowed_connection(pool_options, quick_calm):
+    """Shrinking from 6 while 2 borrowers hold connections for 0.2 s at a time: every borrow
+    completes on an open connection, and the pool closes the extra ones as they come back."""
+    pool_options(min_size=1, max_size="auto", max_size_limit=6, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    with Load(threads=10, hold=0.05) as load:
+        wait_until(lambda: pool.max_size == 6, message="max_size to reach 6")
+    assert not load.errors, load.errors
+    with Load(threads=2, hold=0.2) as load:  # (some connections borrowed at every shrink)
+        wait_until(lambda: pool.max_size <= 3, timeout=60, message=lambda: f"max_size to fall (is {pool.max_size})")
+        done = load.done
+        wait_until(lambda: load.done >= done + 4, message="the borrowers to go on after the shrink")
+    assert not load.errors, load.errors
+    wait_until(lambda: pool.get_stats()["pool_size"] <= pool.max_size, message="the pool to close what is above")
+
+
+def test_the_fleet_budgets_fair_share_is_the_ceiling(pool_options):
+    """With a fleet budget and no max_size_limit, one process grows to its fair share of the
+    budget, not beyond."""
+    pool_options(min_size=1, max_size="auto", fleet_max_size=6, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    ceiling = pool.sizer.ceiling
+    assert 1 <= ceiling <= 6
+    with Load(threads=10, hold=0.05) as load:
+        wait_until(lambda: pool.max_size == ceiling, message=f"max_size to reach the fair share {ceiling}")
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert pool.max_size <= ceiling and pool.get_stats()["pool_size"] <= ceiling
+            time.sleep(0.05)
+    assert not load.errors, load.errors
