@@ -6,9 +6,11 @@ processes holds connections the server could give to others. With ``"auto"`` the
 pool's upkeep thread, at what happened since its last look:
 
 * **grow** when borrowers waited :data:`GROW_AT` or more of the time connections were held
-  (total wait / total hold), or a borrower was refused: half again, at least one more, up to the
-  ceiling. Queueing shows at once and costs every request in the queue, so growth does not wait
-  for a second look.
+  (total wait / total hold), or a borrower was refused: to the size an M/M/c queue offered the
+  load seen since the last look (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
+  waits rare, and at least half again, up to the ceiling. Queueing shows at once and costs every
+  request in the queue, so growth does not wait for a second look, nor goes one connection at a
+  time.
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -33,6 +35,7 @@ from typing import Any, Protocol
 
 from .budget import FleetBudget
 from .demand import LEVELS, Demand, level_percentile
+from .queueing import HEADROOM, size_for_wait
 from .stats import AliasStats
 
 logger = logging.getLogger("django_pooled_pg.pool")
@@ -45,8 +48,6 @@ GROW_AT = 0.05
 GROW_BY = 1.5
 #: Seconds without queueing before a shrink, and between two shrinks.
 CALM_FOR = 30.0
-#: Headroom over the p99 of the connections in use (as ``poolstats --advise``).
-HEADROOM = 1.25
 #: A shrink takes away at most this share of the size.
 SHRINK_BY = 0.25
 
@@ -77,6 +78,9 @@ class Mark:
     at: float
     wait_us: int
     hold_us: int
+    holds: int
+    #: Borrow attempts: borrows (a parked connection's take-back included) and refusals.
+    arrivals: int
     refused: int
     levels: list[float]
 
@@ -97,8 +101,9 @@ class AutoSize:
     def _mark(self) -> Mark:
         stats, pool = self.pool.stats, self.pool
         _, levels, _ = pool.demand.read()
-        return Mark(time.monotonic(), stats.wait.total_us, stats.hold.total_us,
-                    stats.exhausted + stats.unavailable, levels)  # fmt: skip
+        refused = stats.exhausted + stats.unavailable
+        return Mark(time.monotonic(), stats.wait.total_us, stats.hold.total_us, stats.hold.count,
+                    stats.borrows + refused, refused, levels)  # fmt: skip
 
     @property
     def ceiling(self) -> int:
@@ -128,12 +133,16 @@ class AutoSize:
             self.calm = now
             if size >= ceiling:
                 return None
-            target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY)))
+            seconds = max(now.at - last.at, 1e-3)
+            holds = now.holds - last.holds
+            # Arrivals since the last look (those still queued: one look late) x mean hold.
+            load = (now.arrivals - last.arrivals) / seconds * (held / holds / 1e6 if holds else 0.0)
+            target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY), size_for_wait(load)))
             share = f"{waited / held:.0%} of" if held else "while nothing was"
             return self._resize(
                 target,
                 f"borrowers waited {waited / 1000:.0f} ms, {share} the {held / 1000:.0f} ms connections were held "
-                f"over {now.at - last.at:.1f}s, {refused} refused",
+                f"over {seconds:.1f}s, {refused} refused; load {load:.2f} erlangs",
             )
         if now.at - self.calm.at < CALM_FOR:
             return None

@@ -26,14 +26,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..pooling.demand import WAITED_US, in_use
+from ..pooling.queueing import (
+    HEADROOM,
+    TARGET_WAIT,
+    erlang_c,
+    littles_law,
+    size_for_concurrency,
+    size_for_wait,
+)
 from .snapshot import WINDOWS, PoolSnapshot
 
 #: The window advice rests on (the longest published); the others are shown beside it.
 WINDOW = WINDOWS[-1][0]
-#: Headroom over the p99 of measured concurrency.
-HEADROOM = 1.25
-#: The probability of waiting the advised max_size keeps under, by the Erlang C model.
-TARGET_WAIT = 0.01
 #: Below these, no advice: attempts in the window, and seconds it covers.
 MIN_ATTEMPTS = 100
 MIN_SECONDS = 5.0
@@ -44,49 +48,7 @@ MIN_TIMEOUT = 1.0
 _SUMMED = ("seconds", "attempts", "failed", "holds", "hold_us", "waits", "wait_us", "waited")
 
 
-# ----- The arithmetic -----------------------------------------------------------------------------
-
-
-def littles_law(rate: float, hold: float) -> float:
-    """Connections in use on average = arrivals per second x seconds each holds one. True of any
-    stable system whatever the distributions, which is why it checks the measured mean."""
-    return rate * hold
-
-
-def erlang_b(servers: int, load: float) -> float:
-    """Erlang's blocking probability for ``load`` erlangs on ``servers``, by the recurrence
-    B(k) = a B(k-1) / (k + a B(k-1)), which stays finite where the factorials would not."""
-    b = 1.0
-    for k in range(1, servers + 1):
-        b = load * b / (k + load * b)
-    return b
-
-
-def erlang_c(servers: int, load: float) -> float:
-    """The probability that a borrower must wait, in an M/M/c queue of ``servers`` connections
-    offered ``load`` erlangs (arrival rate x mean hold): Poisson arrivals, exponential holds,
-    nobody gives up. Real holds vary less than exponential ones, so this errs on the safe side;
-    1.0 when the load is at or above the size (the queue grows without end)."""
-    if load <= 0:
-        return 0.0
-    if load >= servers:
-        return 1.0
-    b = erlang_b(servers, load)
-    return servers * b / (servers - load * (1 - b))
-
-
-def size_for_wait(load: float, target: float = TARGET_WAIT) -> int:
-    """The fewest connections whose Erlang C waiting probability is at most ``target``."""
-    servers = max(1, math.floor(load) + 1)
-    while erlang_c(servers, load) > target:
-        servers += 1
-    return servers
-
-
-def size_for_concurrency(p99: float, headroom: float = HEADROOM) -> int:
-    """Connections covering the p99 of measured concurrency with ``headroom``: the measured
-    distribution already holds the bursts the model smooths over."""
-    return max(1, math.ceil(p99 * headroom - 1e-9))
+# ----- The arithmetic (the queueing models: pooling.queueing) ------------------------------------
 
 
 def advised_timeout(hold_p99: float) -> float:
