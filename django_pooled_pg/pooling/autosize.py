@@ -5,12 +5,14 @@ processes holds connections the server could give to others. With ``"auto"`` the
 ``min_size`` (at least 1) and :class:`AutoSize` looks, every :data:`LOOK_EVERY` seconds from the
 pool's upkeep thread, at what happened since its last look:
 
-* **grow** when borrowers waited :data:`GROW_AT` or more of the time connections were held
-  (total wait / total hold), or a borrower was refused: to the size an M/M/c queue offered the
-  load seen since the last look (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
-  waits rare, and at least half again, up to the ceiling. Queueing shows at once and costs every
-  request in the queue, so growth does not wait for a second look, nor goes one connection at a
-  time.
+* **grow** at once when a borrower finds every connection open and in use at ``max_size``: the
+  pool wakes the sizer (:meth:`AutoSize.pressed`), which adds a connection for each borrower
+  waiting (psycopg_pool opens them while they wait). Queueing costs every request in the queue,
+  so growth does not wait for the next look.
+* **grow** too when borrowers waited :data:`GROW_AT` or more of the time connections were held
+  (total wait / total hold) since the last look, or a borrower was refused: to the size an M/M/c
+  queue offered the load seen (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
+  waits rare, and at least half again, up to the ceiling.
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -42,6 +44,8 @@ logger = logging.getLogger("django_pooled_pg.pool")
 
 #: Seconds between two looks.
 LOOK_EVERY = 0.5
+#: Seconds at least between two looks that borrowers queued at max_size asked for.
+PRESSED_EVERY = 0.02
 #: Grow when the waits since the last look add up to this share of the holds, or more.
 GROW_AT = 0.05
 #: A growth multiplies the size by this (and adds one at least).
@@ -97,6 +101,8 @@ class AutoSize:
         self.calm = self.last
         #: The last resize's reason, for reports.
         self.reason = "started at min_size"
+        #: A borrower found the pool at max_size since the last look (:meth:`pressed`).
+        self.queued = False
 
     def _mark(self) -> Mark:
         stats, pool = self.pool.stats, self.pool
@@ -116,6 +122,12 @@ class AutoSize:
         processes = max(budget.seen[1], 1) if budget.seen else 1
         return max(budget.fair(processes), pool.min_size, 1)
 
+    def pressed(self) -> bool:
+        """A borrower found every connection in use at max_size (the pool calls this under its
+        lock): True when the sizer should look now, because the pool may still grow."""
+        self.queued = True
+        return self.pool.max_size < self.ceiling
+
     def look(self) -> int | None:
         """Compare the counters with the last look's and resize if they say so; the new
         max_size, or None when it stays."""
@@ -127,8 +139,15 @@ class AutoSize:
         refused = now.refused - last.refused
         if size > ceiling:
             return self._resize(ceiling, f"the ceiling is now {ceiling}")
+        pressed, self.queued = self.queued, False
+        waiting = pool.get_stats().get("requests_waiting", 0)
+        if pressed and waiting and size < ceiling:
+            # Borrowers queue at max_size now: a connection each, at once (psycopg_pool opens
+            # them one after another while they wait); the rule below sizes for the load.
+            self.calm = now
+            return self._resize(min(ceiling, size + waiting), f"{waiting} borrower(s) queued at max_size")
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
-        queued = held == 0 and (waited > 0 or pool.get_stats().get("requests_waiting", 0) > 0)
+        queued = held == 0 and (waited > 0 or waiting > 0)
         if refused or (held > 0 and waited >= GROW_AT * held) or queued:
             self.calm = now
             if size >= ceiling:

@@ -35,7 +35,7 @@ from ..errors import BudgetExhausted, DatabaseUnavailable, PoolError, PoolExhaus
 from ..settings import PoolSettings
 from .attempts import ConnectionHealth
 from .autosize import LOOK_EVERY as SIZE_EVERY
-from .autosize import AutoSize
+from .autosize import PRESSED_EVERY, AutoSize
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
 from .demand import Demand
@@ -146,6 +146,9 @@ class Pool(ConnectionPool[PooledConnection]):
         #: A getconn() timed out since the queue was last cleared of such waiters (_leave_queue).
         self._timed_out = False
         self._closing = threading.Event()
+        #: Wakes the upkeep thread before its time: the pool closes, or a borrower queued at
+        #: max_size with max_size="auto" (the sizer looks at once: AutoSize.pressed).
+        self._wake = threading.Event()
         self._released_at = time.monotonic()
         #: max_size="auto": what resizes the pool from its measured queueing, else None.
         self.sizer = AutoSize(self, settings.max_size_limit) if settings.auto_size else None
@@ -501,6 +504,7 @@ class Pool(ConnectionPool[PooledConnection]):
 
     def close(self, timeout: float = 5.0) -> None:
         self._closing.set()
+        self._wake.set()
         super().close(timeout)
         with self._lock:
             parked, self._parked = self._parked, {}
@@ -580,6 +584,15 @@ class Pool(ConnectionPool[PooledConnection]):
     def _maybe_grow_pool(self) -> None:
         # Called under the lock by getconn() when no connection is free: no new attempt while
         # the budget refused one a moment ago, or would (each costs the server a backend start).
+        # With max_size="auto", a borrower that finds every connection of the pool's size open
+        # and in use wakes the sizer (not one that waits for a connection being opened).
+        if (
+            self.sizer is not None
+            and self._nconns >= self.max_size
+            and sum(1 for conn in list(self._made) if not conn.closed) >= self._nconns
+            and self.sizer.pressed()
+        ):
+            self._wake.set()
         if self.budget is not None and (self.budget.refused_recently() or self.budget.tight()):
             return
         super()._maybe_grow_pool()
@@ -591,7 +604,7 @@ class Pool(ConnectionPool[PooledConnection]):
             # collected, and its thread ends.)
             self._upkeeping = threading.Thread(
                 target=_upkeep_loop,
-                args=(weakref.ref(self), self._closing),
+                args=(weakref.ref(self), self._closing, self._wake),
                 name=f"pool-upkeep-{self.alias}",
                 daemon=True,
             )
@@ -602,6 +615,14 @@ class Pool(ConnectionPool[PooledConnection]):
         """How often :meth:`upkeep` runs (seconds)."""
         every = self.max_idle if self.budget is None else min(LOOK_EVERY, self.max_idle)
         return every if self.sizer is None else min(every, SIZE_EVERY)
+
+    def look_at_size(self) -> None:
+        """With ``max_size="auto"``, let the sizer look (:meth:`.autosize.AutoSize.look`)."""
+        if self.sizer is not None:
+            try:
+                self.sizer.look()
+            except Exception:  # (a bug here must not stop the upkeep thread)
+                logger.exception("pool %r: max_size auto failed to look", self.alias)
 
     def upkeep(self) -> None:
         """Every ``max_idle`` seconds (when psycopg_pool's own upkeep shrinks the pool), take
@@ -615,11 +636,7 @@ class Pool(ConnectionPool[PooledConnection]):
         if self.upkeep_every == self.max_idle or now - self._released_at >= self.max_idle:
             self._released_at = now
             self.release_parked(older_than=1.0)
-        if self.sizer is not None:
-            try:
-                self.sizer.look()
-            except Exception:  # (a bug here must not stop the upkeep thread)
-                logger.exception("pool %r: max_size auto failed to look", self.alias)
+        self.look_at_size()
         if self.budget is None:
             return
         try:
@@ -659,6 +676,10 @@ class Pool(ConnectionPool[PooledConnection]):
         self.resize(min(self.min_size, max_size), max_size)
         with self._lock:
             excess = self._nconns - max_size
+            if excess < 0 and self._waiting:
+                # resize() opens nothing for borrowers already waiting (psycopg_pool grows when
+                # a borrower arrives to find none free): start the growth that serves them.
+                self._maybe_grow_pool()
         if excess > 0:
             self._shed(excess, budget=False)
 
@@ -738,17 +759,31 @@ class Pool(ConnectionPool[PooledConnection]):
         threading.Thread(target=run, name=f"pool-check-{self.alias}", daemon=True).start()
 
 
-def _upkeep_loop(pool_ref: weakref.ref[Pool], closing: threading.Event) -> None:
+def _upkeep_loop(pool_ref: weakref.ref[Pool], closing: threading.Event, wake: threading.Event) -> None:
     """The pool's upkeep thread: :meth:`Pool.upkeep` every :attr:`Pool.upkeep_every` seconds,
-    until the pool closes or is collected."""
+    and the sizer's look (:meth:`Pool.look_at_size`) whenever a borrower queued at max_size
+    wakes it, at most every :data:`.autosize.PRESSED_EVERY` seconds; until the pool closes or is
+    collected."""
     pool = pool_ref()
     if pool is None:
         return
     every = pool.upkeep_every
     del pool
-    while not closing.wait(every):
+    due = time.monotonic() + every
+    while True:
+        wake.wait(max(0.0, due - time.monotonic()))
+        wake.clear()
+        if closing.is_set():
+            return
         pool = pool_ref()
         if pool is None:
             return
-        pool.upkeep()
+        if time.monotonic() >= due:
+            due = time.monotonic() + every
+            pool.upkeep()
+        else:
+            pool.look_at_size()
+            del pool
+            closing.wait(PRESSED_EVERY)  # (a queue under a load at the ceiling wakes it often)
+            continue
         del pool
