@@ -64,6 +64,7 @@ OWN_ATTRIBUTES = {
     "_closing",
     "_timed_out",
     "_shrink_for_budget",
+    "_wake",
     "_released_at",
     "_shrink",
     "_keeps",
