@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .budget import FleetBudget
-from .demand import LEVELS, Demand, level_percentile
+from .demand import LEVELS, Demand, Sample, level_percentile, sample
 from .queueing import HEADROOM, size_for_wait
 from .stats import AliasStats
 
@@ -75,20 +73,6 @@ class Pool(Protocol):
     def resize_max(self, max_size: int) -> None: ...
 
 
-@dataclass
-class Mark:
-    """The counters a look compares with the next one's."""
-
-    at: float
-    wait_us: int
-    hold_us: int
-    holds: int
-    #: Borrow attempts: borrows (a parked connection's take-back included) and refusals.
-    arrivals: int
-    refused: int
-    levels: list[float]
-
-
 class AutoSize:
     """The size controller of one pool with ``max_size="auto"`` (see the module)."""
 
@@ -104,12 +88,9 @@ class AutoSize:
         #: A borrower found the pool at max_size since the last look (:meth:`pressed`).
         self.queued = False
 
-    def _mark(self) -> Mark:
-        stats, pool = self.pool.stats, self.pool
-        _, levels, _ = pool.demand.read()
-        refused = stats.exhausted + stats.unavailable
-        return Mark(time.monotonic(), stats.wait.total_us, stats.hold.total_us, stats.hold.count,
-                    stats.borrows + refused, refused, levels)  # fmt: skip
+    def _mark(self) -> Sample:
+        # (One sample: each of stats.hold and stats.wait sums every view's histograms.)
+        return sample(self.pool.demand, self.pool.stats)
 
     @property
     def ceiling(self) -> int:
@@ -134,9 +115,9 @@ class AutoSize:
         pool, now = self.pool, self._mark()
         last, self.last = self.last, now
         size, ceiling = pool.max_size, self.ceiling
-        waited = now.wait_us - last.wait_us
-        held = now.hold_us - last.hold_us
-        refused = now.refused - last.refused
+        waited = now.wait.total_us - last.wait.total_us
+        held = now.hold.total_us - last.hold.total_us
+        refused = now.failed - last.failed
         if size > ceiling:
             return self._resize(ceiling, f"the ceiling is now {ceiling}")
         pressed, self.queued = self.queued, False
@@ -153,9 +134,9 @@ class AutoSize:
             if size >= ceiling:
                 return None
             seconds = max(now.at - last.at, 1e-3)
-            holds = now.holds - last.holds
+            holds = now.hold.count - last.hold.count
             # Arrivals since the last look (those still queued: one look late) x mean hold.
-            load = (now.arrivals - last.arrivals) / seconds * (held / holds / 1e6 if holds else 0.0)
+            load = (now.borrows - last.borrows + refused) / seconds * (held / holds / 1e6 if holds else 0.0)
             target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY), size_for_wait(load)))
             share = f"{waited / held:.0%} of" if held else "while nothing was"
             return self._resize(

@@ -393,8 +393,11 @@ class Pool(ConnectionPool[PooledConnection]):
         A slot holds an open connection, or a closed one that goes back for a replacement, or an
         attempt: started (counted in :meth:`_add_connection`) or to come. A connection closed
         and not yet back is counted as to come: its return queues that attempt."""
-        opened = sum(1 for conn in list(self._made) if conn is not probed and not conn.closed)
-        return self._nconns - opened - self._attempting
+        return self._nconns - self._open_made(probed) - self._attempting
+
+    def _open_made(self, probed: PooledConnection | None = None) -> int:
+        """Open connections this pool made (under ``self._lock``), ``probed`` left out."""
+        return sum(1 for conn in list(self._made) if conn is not probed and not conn.closed)
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
         conn = super()._connect(timeout)
@@ -589,7 +592,7 @@ class Pool(ConnectionPool[PooledConnection]):
         if (
             self.sizer is not None
             and self._nconns >= self.max_size
-            and sum(1 for conn in list(self._made) if not conn.closed) >= self._nconns
+            and self._open_made() >= self._nconns
             and self.sizer.pressed()
         ):
             self._wake.set()
