@@ -15,14 +15,16 @@ answer. The load changes in four phases of ``--phase`` seconds:
 
 The fleet runs once per pool: every fixed size of ``--sizes`` (the smallest is "too small", the
 largest "too large"; the best fixed size per phase is the sweep's lowest p99 without 503s), the
-size ``poolstats --advise`` advised after phase 1 of the largest size's run, and ``"auto"`` with
-``max_size_limit`` the largest size. Per phase and pool: requests answered per second, p50 and
+size ``poolstats --advise`` advised after phase 1 of the largest size's run, and ``"auto"`` under
+a fleet budget (``--budget``, ``fleet_max_size``: each process's fair share is its ceiling; with
+``--budget 0``, ``max_size_limit`` the largest size). Per phase and pool: requests answered per second, p50 and
 p99 latency, 503s and other failures, and the peak and mean of the server's backends
 (``pg_stat_activity``, every 100 ms). It writes ``SIZING.md``, ``sizing.png`` and the raw
 figures (``raw/sizing.json``) under ``--output``.
 
     python bench/sizing.py [--release request|transaction] [--rate 40] [--hold 0.01]
                            [--phase 15] [--workers 2] [--threads 16] [--sizes 1,2,3,4,6,8,16]
+                           [--budget 12]
 """
 
 from __future__ import annotations
@@ -113,13 +115,37 @@ def summary(answers: list[tuple[float, int]], seconds: float) -> dict[str, Any]:
     }
 
 
+def combine(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One pool's phases over its rounds: the median of req/s, p50 and p99 (and the p99's lowest
+    and highest), 503s and failures added up, the highest peak of backends."""
+    out = []
+    for rows in zip(*rounds, strict=True):
+        p99 = [r["p99_ms"] for r in rows]
+        out.append({
+            "phase": rows[0]["phase"],
+            "sent": sum(r["sent"] for r in rows),
+            "rps": round(statistics.median(r["rps"] for r in rows), 1),
+            "p50_ms": round(statistics.median(r["p50_ms"] for r in rows), 1),
+            "p99_ms": round(statistics.median(p99), 1),
+            "p99_range": [min(p99), max(p99)],
+            "503": sum(r["503"] for r in rows),
+            "failed": sum(r["failed"] for r in rows),
+            "peak_backends": max(r["peak_backends"] for r in rows),
+            "mean_backends": round(statistics.fmean(r["mean_backends"] for r in rows), 1),
+        })  # fmt: skip
+    return out
+
+
 # ----- One fleet ---------------------------------------------------------------------------------
 
 
 def pool_options(size: int | str, args: argparse.Namespace) -> dict[str, Any]:
     pool: dict[str, Any] = {"min_size": 1, "max_size": size, "timeout": args.pool_timeout, "release": args.release}
     if size == "auto":
-        pool["max_size_limit"] = max(args.sizes)
+        if args.budget:  # (the ceiling: each process's fair share of the fleet's connections)
+            pool["fleet_max_size"] = args.budget
+        else:
+            pool["max_size_limit"] = max(args.sizes)
     return pool
 
 
@@ -198,6 +224,10 @@ def report(data: dict[str, Any], outdir: Path) -> None:
         f"**{data.get('advised') or 'none (too little data)'}**. Best fixed size per phase (lowest p99 without 503s, the smallest within 5%): "
         + ", ".join(f"{PHASES[i][0]} **{s}**" for i, (s, _) in enumerate(best)),
         "",
+        f"Rounds: {a.get('rounds', 1)} (one round of every pool after the other); per phase the median req/s, "
+        "p50 and p99 (the p99's lowest and highest in brackets), the 503s and failures of all rounds, the "
+        "highest peak of backends.",
+        "",
         "| phase | pool | req/s | p50 ms | p99 ms | 503 | failed | backends peak | mean |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -209,7 +239,7 @@ def report(data: dict[str, Any], outdir: Path) -> None:
             if name == str(best[i][0]):
                 label += " (best)"
             lines.append(
-                f"| {phase} | {label} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['503']} | {r['failed']} "
+                f"| {phase} | {label} | {r['rps']} | {r['p50_ms']} | {p99_cell(r)} | {r['503']} | {r['failed']} "
                 f"| {r['peak_backends']} | {r['mean_backends']} |"
             )
     lines += ["", "Targets (issue 32):", ""]
@@ -220,7 +250,7 @@ def report(data: dict[str, Any], outdir: Path) -> None:
             f"- {phase}: auto p99 {auto[i]['p99_ms']} ms against the best fixed {b['p99_ms']} ms "
             f"({auto[i]['p99_ms'] / b['p99_ms'] - 1:+.0%}; target within +10%); 503s auto {auto[i]['503']}, "
             f"small pool {small[i]['503']}; peak backends auto {auto[i]['peak_backends']}, large pool "
-            f"{large[i]['peak_backends']}"
+            f"{large[i]['peak_backends']}" + (f", fleet budget {a['budget']}" if a.get("budget") else "")
         )
     if data.get("advised") is not None:
         lines.append(
@@ -228,6 +258,11 @@ def report(data: dict[str, Any], outdir: Path) -> None:
         )
     (outdir / "SIZING.md").write_text("\n".join(lines) + "\n")
     chart(data, order, outdir / "sizing.png")
+
+
+def p99_cell(r: dict[str, Any]) -> str:
+    low, high = r.get("p99_range", [r["p99_ms"]] * 2)
+    return f"{r['p99_ms']}" if low == high else f"{r['p99_ms']} ({low}-{high})"
 
 
 def chart(data: dict[str, Any], order: list[str], path: Path) -> None:
@@ -266,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--sizes", type=lambda v: sorted(int(x) for x in v.split(",")), default=[1, 2, 3, 4, 6, 8, 16])
     parser.add_argument("--pool-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="runs of every pool, one round of all after the other; per phase the median p99 counts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget", type=int, default=12,
+        help="fleet_max_size for the auto run (its ceiling: a fair share per process); 0: max_size_limit the largest size",
+    )  # fmt: skip
     parser.add_argument("--output", default=str(BENCH / "results"))
     args = parser.parse_args(argv)
     outdir = Path(args.output)
@@ -286,17 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         prepare(cluster)
         m = machine()
         data["machine"] = ", ".join(f"{k} {v}" for k, v in m.items())
-        for size in sorted(args.sizes, reverse=True):  # (the largest first: its phase 1 gives the advice)
-            log(f"fixed max_size {size}")
-            phases, advice = run_fleet(cluster, args, size, rawdir, advise=size == max(args.sizes))
-            data["results"][str(size)] = phases
-            if advice is not None:
-                data["advised"] = advice
-        if data.get("advised") is not None:
-            log(f"advised max_size {data['advised']}")
-            data["results"]["advised"], _ = run_fleet(cluster, args, data["advised"], rawdir)
-        log("max_size auto")
-        data["results"]["auto"], _ = run_fleet(cluster, args, "auto", rawdir)
+        runs: dict[str, list[list[dict[str, Any]]]] = {}
+        for k in range(args.rounds):  # (rounds one after the other: a drift of the machine hits all pools)
+            for size in sorted(args.sizes, reverse=True):  # (the largest first: its phase 1 gives the advice)
+                log(f"round {k + 1}: fixed max_size {size}")
+                advise = k == 0 and size == max(args.sizes)
+                phases, advice = run_fleet(cluster, args, size, rawdir, advise=advise)
+                runs.setdefault(str(size), []).append(phases)
+                if advice is not None:
+                    data["advised"] = advice
+            if data.get("advised") is not None:
+                log(f"round {k + 1}: advised max_size {data['advised']}")
+                runs.setdefault("advised", []).append(run_fleet(cluster, args, data["advised"], rawdir)[0])
+            log(f"round {k + 1}: max_size auto")
+            runs.setdefault("auto", []).append(run_fleet(cluster, args, "auto", rawdir)[0])
+        data["rounds"] = runs
+        data["results"] = {name: combine(rounds) for name, rounds in runs.items()}
     finally:
         cluster.stop()
     (rawdir / "sizing.json").write_text(json.dumps(data, indent=1))

@@ -322,6 +322,7 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         pool = borrow.pool
         with self.wrap_database_errors:
             outcome = prepare_return(pool, conn)
+            busy = conn._pooled_pg_take_busy(conn._pooled_pg_returned_at)  # (before it goes back)
             if keep and borrow.keep():
                 self._borrow = borrow
             else:
@@ -335,13 +336,13 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         stats.resets += outcome.reset
         stats.discarded += outcome.discarded
         if not parked:
-            self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back)
+            self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back, busy)
 
-    def _returned(self, borrow: Borrow, now: float, rolled_back: bool) -> None:
+    def _returned(self, borrow: Borrow, now: float, rolled_back: bool, busy: float) -> None:
         """The end of a hold: recorded in its view's histogram (and, for the give-back between
         statements, by :meth:`Borrow.park <django_pooled_pg.pooling.borrow.Borrow.park>`)."""
         held = now - borrow.started
-        borrow.stats.hold.record(held)
+        borrow.stats.held(held, busy)
         if signals.connection_returned.receivers:
             self._send_returned(held, rolled_back)
 

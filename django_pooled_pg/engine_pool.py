@@ -27,8 +27,9 @@ def build_pool(wrapper: Any) -> Pool:
     if not options.get("application_name"):
         # Lets poolstats tell this process's connections apart in pg_stat_activity.
         kwargs["application_name"] = application_name(wrapper.alias)
-    # (tracking in request mode too: a thread outside a request gives back per statement)
-    kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"])
+    # (tracking in request mode too: a thread outside a request gives back per statement; timed
+    # there, for what release="transaction" would give back: poolstats --advise)
+    kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"], pool_settings.release == "request")
     startup = {}
     if wrapper.timezone_name:
         startup["TimeZone"] = wrapper.timezone_name

@@ -8,17 +8,18 @@ import json
 import sys
 import threading
 import time
+from contextlib import nullcontext
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connections
+from django.db import connections, transaction
 from django.test import Client
 
 from django_pooled_pg import borrow
 from django_pooled_pg.pooling.demand import LEVELS, Demand
 from django_pooled_pg.pooling.registry import registry
 from django_pooled_pg.telemetry import snapshot
-from django_pooled_pg.telemetry.advice import advise, erlang_c, size_for_wait
+from django_pooled_pg.telemetry.advice import Advice, Merged, advise, capped_by, erlang_c, size_for_wait, view_finding
 from django_pooled_pg.telemetry.publisher import publisher
 from tests.test_poolstats import poolstats
 
@@ -196,6 +197,7 @@ def test_poolstats_advise_and_json(pool_options):
     if top["total"]["seconds"] >= total / 2:
         [finding] = advice["findings"]
         assert finding.startswith(f"view {top['view']} holds ") and 'release="transaction"' in finding
+        assert "would cut its demand by about" in finding
     else:
         assert advice["findings"] == []
 
@@ -223,3 +225,52 @@ def test_erlang_c_known_values():
     assert erlang_c(4, 2.0) == pytest.approx(0.173913, rel=1e-5)
     assert erlang_c(3, 3.0) == 1.0
     assert size_for_wait(2.0, 0.01) == 7
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["autocommit", "atomic"])
+def test_busy_time_is_what_release_transaction_would_hold(pool_options, atomic):
+    """In request mode a view holds its connection for the whole borrow; the time it spent in
+    statements and open transactions (what release="transaction" would hold too) is counted
+    apart: two 20 ms statements 60 ms apart are about 40% of the hold; the same inside
+    ``transaction.atomic()`` all of it (the transaction holds the connection between them)."""
+    pool = fresh_pool(pool_options, "request", min_size=1, max_size=4, timeout=10)
+    name = f"busy-{'atomic' if atomic else 'autocommit'}"
+    for _ in range(4):
+        with borrow("default", name=name):
+            with transaction.atomic() if atomic else nullcontext():
+                statement("SELECT pg_sleep(0.02)")
+                time.sleep(0.06)
+                statement("SELECT pg_sleep(0.02)")
+    view = pool.stats.views[name]
+    held = view.hold.total_us / 1e6
+    assert view.hold.count == 4 and held >= 4 * 0.1
+    if atomic:
+        assert view.busy / held > 0.8, (view.busy, held)
+    else:
+        # (at least the two statements' 40 ms, at most them and some overhead: never the gap)
+        assert 4 * 0.04 <= view.busy <= held - 4 * 0.05, (view.busy, held)
+
+
+def test_the_view_finding_says_what_release_transaction_would_cut():
+    advice = Advice("default", "15m", "low", 1, 60.0, 6, 1000)
+    advice.figures = {"in_use": {"mean": 2.0}}
+    views = {"shop.views.slow": (30.0, 0.05, 12.0), "shop.views.fast": (10.0, 0.01, 10.0)}
+    view_finding(advice, views, "request")
+    [line] = advice.findings
+    assert line.startswith("view shop.views.slow holds 75% of the connection-seconds")
+    assert "40% of that in its statements and transactions" in line
+    assert "would cut its demand by about 60% (18.0 s of its 30.0 s; about 0.90 connections" in line
+    other = Advice("default", "15m", "low", 1, 60.0, 6, 1000)
+    view_finding(other, views, "transaction")
+    assert "cut" not in other.findings[0]
+
+
+def test_the_measure_carries_the_size_unless_todays_size_capped_it():
+    """The p99 of what was measured decides unless the pool capped it (refusals, the p99 at
+    max_size, more than 1% of borrows waiting); then the Erlang C size for the arrivals is
+    its floor."""
+    calm = Merged(waits=1000, waited=3)
+    assert not capped_by(16, 2, calm)
+    assert capped_by(2, 2, calm)
+    assert capped_by(16, 2, Merged(waits=1000, waited=30))
+    assert capped_by(16, 2, Merged(waits=1000, failed=1))

@@ -99,6 +99,7 @@ class Borrow:
             owned=owned,
         )
         borrow.wait = borrow.started - asked_at
+        conn._pooled_pg_busy = 0.0  # (the session set-up's statements are nobody's hold)
         ledger.add(borrow, owned_by_thread=owned, leak_timeout=leak_timeout)
         pool.stats.borrowed(borrow.wait, borrow.stats)
         pool.demand.up(borrow.started)
@@ -120,12 +121,16 @@ class Borrow:
         """BORROWED -> PARKED, between statements; False (still BORROWED) when the connection
         must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold ends here."""
         conn, now = self.conn, time.monotonic()
+        # (its busy time read before the pool has it: a borrower that takes it counts its own;
+        # parked, it is in no transaction)
+        busy, conn._pooled_pg_busy = conn._pooled_pg_busy, 0.0
         if not self.pool.park(conn, self, now):  # (which counts it out of use in the pool's demand)
+            conn._pooled_pg_busy = busy
             return False
         conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
         self.state = PARKED
-        self.stats.hold.record(now - self.started)
+        self.stats.held(now - self.started, busy)
         return True
 
     def keep(self) -> bool:

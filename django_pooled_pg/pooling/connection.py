@@ -46,6 +46,31 @@ class PoolState:
     _pooled_pg_setup: Any = None
     #: The type OIDs Django's backend registered on it (``session_setup.sync_postgres_types``).
     _pooled_pg_type_oids: Any = None
+    #: Seconds of the current hold spent in statements and in transactions, which
+    #: release="transaction" would hold too (``cursors.BusyTimingMixin`` adds them, in request mode): the rest
+    #: of a hold is time it could give back (``poolstats --advise``).
+    _pooled_pg_busy: float = 0.0
+    #: When the last statement ended leaving a transaction open (0.0: none open): until the
+    #: next statement, the commit or the rollback the connection is busy in that transaction.
+    _pooled_pg_tx_at: float = 0.0
+
+    def _pooled_pg_take_busy(self, now: float) -> float:
+        """The busy seconds of the hold that ends at ``now`` (a transaction still open counts
+        to ``now``), the count started again for the next. Read before the connection goes back
+        to the pool: from then on the next borrower counts on it."""
+        busy = self._pooled_pg_busy
+        if self._pooled_pg_tx_at:
+            busy += now - self._pooled_pg_tx_at
+            self._pooled_pg_tx_at = 0.0
+        self._pooled_pg_busy = 0.0
+        return busy
+
+    def _pooled_pg_tx_ended(self) -> None:
+        """A commit or rollback ended the open transaction: the time since its last statement
+        was busy."""
+        if self._pooled_pg_tx_at:
+            self._pooled_pg_busy += time.monotonic() - self._pooled_pg_tx_at
+            self._pooled_pg_tx_at = 0.0
 
 
 if TYPE_CHECKING:
@@ -81,6 +106,14 @@ def health_tracking(
             if budget is None:
                 return cls._connect_tracked(*args, **kwargs)
             return budget.connect(lambda: cls._connect_tracked(*args, **kwargs))
+
+        def commit(self) -> None:
+            super().commit()
+            self._pooled_pg_tx_ended()
+
+        def rollback(self) -> None:
+            super().rollback()
+            self._pooled_pg_tx_ended()
 
         @classmethod
         def _connect_tracked(cls, *args: Any, **kwargs: Any) -> Any:

@@ -214,10 +214,11 @@ class BorrowLedger:
         del self.borrows[id(borrow.conn)]
         now = time.monotonic()
         borrow.pool.demand.down(now)  # (still BORROWED: nobody gave it back)
+        busy = borrow.conn._pooled_pg_take_busy(now)
         outcome = release_connection(borrow.pool, borrow.conn)
         self.stats_for(borrow.alias).reclaimed += 1
         borrow.stats.rollbacks += outcome.rolled_back
-        borrow.stats.hold.record(now - borrow.started)
+        borrow.stats.held(now - borrow.started, busy)
         eventlog.warn(
             "a thread ended holding a connection",
             borrow.alias,

@@ -206,22 +206,30 @@ def process_label() -> str:
 
 class ViewStats:
     """One view's use of one alias's pool in this process: its waits (one per borrow: the count
-    is its borrows), its holds (the sum is its connection-seconds), the transactions it left open
-    (rolled back when given back) and its 503s."""
+    is its borrows), its holds (the sum is its connection-seconds), the seconds of those holds
+    spent in statements and open transactions (``busy``: what ``release="transaction"`` would
+    hold too), the transactions it left open (rolled back when given back) and its 503s."""
 
-    __slots__ = ("name", "wait", "hold", "rollbacks", "responses_503")
+    __slots__ = ("name", "wait", "hold", "busy", "rollbacks", "responses_503")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.wait = Histogram()
         self.hold = Histogram()
+        self.busy = 0.0
         self.rollbacks = 0
         self.responses_503 = 0
+
+    def held(self, seconds: float, busy: float) -> None:
+        """A hold of ``seconds`` ended, ``busy`` of them in statements and transactions."""
+        self.hold.record(seconds)
+        self.busy += busy if busy < seconds else seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "wait": self.wait.to_dict(),
             "hold": self.hold.to_dict(),
+            "busy": round(self.busy, 6),
             "rollbacks": self.rollbacks,
             "responses_503": self.responses_503,
         }

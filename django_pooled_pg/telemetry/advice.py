@@ -7,9 +7,11 @@ processes of one alias and works out, with the arithmetic shown:
 
 * the demand, by Little's law: connections in use = arrival rate x mean hold, beside the
   time-weighted mean measured (the two agree when the figures are right);
-* ``max_size``: the size that covers the p99 of the measured concurrency with headroom, raised if
-  an M/M/c (Erlang C) queue with that load predicts borrowers would wait too often; the
-  prediction is shown beside the share of borrows that did wait;
+* ``max_size``: the size that covers the p99 of the measured concurrency with headroom. When
+  today's size capped what could be measured (refusals, the p99 at ``max_size``, borrowers
+  waiting), it is raised to the size at which an M/M/c (Erlang C) queue offered the arrivals'
+  load would make few borrowers wait; the model's prediction is shown beside the share of borrows
+  that did wait;
 * ``min_size``: the mean in use, so that the connections busy on average are never reopened;
 * ``timeout``: long enough for a burst to be served, short enough to answer 503 rather than queue
   behind an undersized pool;
@@ -67,6 +69,16 @@ def confidence(attempts: int, seconds: float) -> str:
     if attempts < 10000 or seconds < 600:
         return "medium"
     return "high"
+
+
+def capped_by(current: int, p99: float, w: Merged) -> bool:
+    """Whether today's ``max_size`` capped the measured concurrency: borrowers refused, the p99
+    in use at the size, or more than TARGET_WAIT of borrows waiting for a connection. Then the
+    concurrency measured is what the pool let through, and the Erlang C size for the arrivals
+    (refused ones included) is the floor of the advice. Otherwise the measured p99 already holds
+    the traffic's bursts as they are, and the model (Poisson arrivals, exponential holds, more
+    bursty than most sites' traffic) would only add connections that sit idle."""
+    return bool(w.failed) or bool(current and p99 >= current) or w.wait_share > TARGET_WAIT
 
 
 # ----- One alias ----------------------------------------------------------------------------------
@@ -192,15 +204,16 @@ def advise(alias: str, snapshots: list[PoolSnapshot], room: Room | None = None) 
         return advice
     load, measured = littles_law(w.rate, w.hold), w.in_use()
     p99_size, wait_size = size_for_concurrency(measured["p99"]), size_for_wait(load)
-    size = max(p99_size, wait_size)
     current = int(today["max_size"] or 0)
+    capped = capped_by(current, measured["p99"], w)
+    size = max(p99_size, wait_size) if capped else p99_size
     advice.max_size = size
     advice.min_size = min(size, math.ceil(measured["mean"] - 1e-9))
     advice.timeout = advised_timeout(w.hold_p99)
     advice.figures = {
         "rate": w.rate, "hold_mean": w.hold, "hold_p99": w.hold_p99, "wait_p99": w.wait_p99,
         "littles_law": load, "in_use": measured, "wait_share": w.wait_share, "failed": w.failed,
-        "size_p99": p99_size, "size_erlang": wait_size,
+        "size_p99": p99_size, "size_erlang": wait_size, "capped": capped,
         "erlang_c_advised": erlang_c(size, load), "erlang_c_today": erlang_c(current, load) if current else None,
     }  # fmt: skip
     lines = advice.lines
@@ -210,10 +223,14 @@ def advise(alias: str, snapshots: list[PoolSnapshot], room: Room | None = None) 
         f"{load:.2f} connections in use; measured (time-weighted): mean {measured['mean']:.2f}, "
         f"p95 {measured['p95']}, p99 {measured['p99']}, max {measured['max']}"
     )
+    model = f"Erlang C (M/M/c, {load:.2f} erlangs) needs {wait_size} for P(wait) <= {TARGET_WAIT:.0%}"
+    if capped:
+        how = f"{model}; today's size capped the measure, so the larger: {size}"
+    else:
+        how = f"today's size did not cap it, so the measure carries the advice ({model})"
     lines.append(
         f"max_size: today {current}, advised {size}: p99 in use {measured['p99']} x {HEADROOM:g} headroom -> "
-        f"{p99_size}; Erlang C (M/M/c, {load:.2f} erlangs) needs {wait_size} for P(wait) <= {TARGET_WAIT:.0%}; "
-        f"the larger: {size}"
+        f"{p99_size}; {how}"
     )
     lines.append(
         f"  waits: Erlang C predicts P(wait) {erlang_c(size, load):.1%} at {size}"
@@ -221,10 +238,10 @@ def advise(alias: str, snapshots: list[PoolSnapshot], room: Room | None = None) 
         + f"; measured at today's: {w.wait_share:.1%} of {w.waits} borrows waited {WAITED_US / 1000:.2f} ms or "
         f"more (p99 wait {w.wait_p99 * 1000:.1f} ms), {w.failed} refused"
     )
-    if w.failed or (current and measured["p99"] >= current):
+    if capped:
         lines.append(
             f"  today's max_size {current} capped what could be measured ({w.failed} refused, p99 in use "
-            f"{measured['p99']}): the arrivals, refused ones included, carry the advice"
+            f"{measured['p99']}, {w.wait_share:.1%} waited): the arrivals, refused ones included, carry the advice"
         )
     lines.append(
         f"min_size: today {today['min_size']}, advised {advice.min_size}: the mean in use "
@@ -242,17 +259,17 @@ def advise(alias: str, snapshots: list[PoolSnapshot], room: Room | None = None) 
 VIEW_SHARE = 0.5
 
 
-def view_finding(advice: Advice, views: dict[str, tuple[float, float]], release: str) -> None:
+def view_finding(advice: Advice, views: dict[str, tuple[float, float, float]], release: str) -> None:
     """Name the view (or task, or ``borrow()`` block) that holds most of the alias's
     connection-seconds when it holds VIEW_SHARE or more: ``views`` maps each to its
-    connection-seconds since its processes started and its median hold in seconds. With
-    ``release="request"`` its connections are held for its whole requests, which
-    ``release="transaction"`` would shorten to its statements; how much idle time that would
-    give back is not measured (the time between a view's statements is not recorded)."""
-    total = sum(seconds for seconds, _ in views.values())
+    connection-seconds since its processes started, its median hold in seconds, and the seconds
+    of its holds spent in statements and open transactions. With ``release="request"`` its
+    connections are held for its whole requests; ``release="transaction"`` would hold them only
+    for those statements and transactions, and give back the rest: the finding says how much."""
+    total = sum(seconds for seconds, _, _ in views.values())
     if total <= 0 or not views:
         return
-    name, (seconds, median) = max(views.items(), key=lambda item: item[1][0])
+    name, (seconds, median, busy) = max(views.items(), key=lambda item: item[1][0])
     share = seconds / total
     if share < VIEW_SHARE:
         return
@@ -261,11 +278,16 @@ def view_finding(advice: Advice, views: dict[str, tuple[float, float]], release:
         f"median hold {median * 1000:.1f} ms): the size above is mostly its demand"
     )
     if release == "request":
+        idle = max(seconds - busy, 0.0)
+        cut = idle / seconds
+        in_use = advice.figures.get("in_use", {}).get("mean", 0.0) * share * cut
         line += (
-            '; with release="request" it holds a connection for its whole request: release="transaction" '
-            "gives it back between statements, and cuts its demand by the time it spends outside them "
-            "(not measured here)"
+            f'; with release="request" it holds a connection for its whole request, {1 - cut:.0%} of that in its '
+            f'statements and transactions: release="transaction" gives the connection back between them and would '
+            f"cut its demand by about {cut:.0%} ({idle:,.1f} s of its {seconds:,.1f} s; about {in_use:.2f} "
+            "connections in use per process)"
         )
+        advice.figures["view_cut"] = {"view": name, "share": share, "cut": cut, "connections": in_use}
     advice.findings.append(line)
     advice.lines.append(line)
 

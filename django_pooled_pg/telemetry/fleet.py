@@ -106,6 +106,8 @@ class ViewFleet:
     name: str
     wait: Histogram = field(default_factory=Histogram)
     hold: Histogram = field(default_factory=Histogram)
+    #: Seconds of its holds in statements and open transactions (see ``ViewStats``).
+    busy: float = 0.0
     rollbacks: int = 0
     responses_503: int = 0
     recent_borrows: int = 0
@@ -127,6 +129,7 @@ class ViewFleet:
     def add(self, data: dict[str, Any]) -> None:
         self.wait.merge(Histogram.from_dict(data.get("wait", {})))
         self.hold.merge(Histogram.from_dict(data.get("hold", {})))
+        self.busy += data.get("busy", 0.0)
         self.rollbacks += data.get("rollbacks", 0)
         self.responses_503 += data.get("responses_503", 0)
         recent = data.get("recent") or (0, 0)
@@ -515,7 +518,7 @@ def _advise(fleet: FleetStats) -> None:
         snapshots = [p.snapshot for p in entry.live]
         entry.advice = advice = advise(entry.alias, snapshots, room)
         if advice.max_size is not None:
-            views = {v.name: (v.seconds, v.hold.percentile(50)) for v in entry.views.values()}
+            views = {v.name: (v.seconds, v.hold.percentile(50), v.busy) for v in entry.views.values()}
             view_finding(advice, views, snapshots[0].release)
 
 

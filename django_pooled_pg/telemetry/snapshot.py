@@ -207,6 +207,7 @@ def published_views(alias: str, stats: AliasStats, now: float) -> tuple[dict[str
         else:
             other.wait.merge(view.wait)
             other.hold.merge(view.hold)
+            other.busy += view.busy
             other.rollbacks += view.rollbacks
             other.responses_503 += view.responses_503
             other_recent[0] += recent[name][0]
