@@ -131,3 +131,41 @@ def test_the_fleet_budgets_fair_share_is_the_ceiling(pool_options):
             assert pool.max_size <= ceiling and pool.get_stats()["pool_size"] <= ceiling
             time.sleep(0.05)
     assert not load.errors, load.errors
+
+
+def borrowed_three(pool_options):
+    """A pool of max_size 4 with 3 connections borrowed straight from it (none idle)."""
+    pool_options(min_size=1, max_size=4, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    conns = [pool.getconn() for _ in range(3)]
+    assert pool.get_stats()["pool_size"] == 3
+    return pool, conns
+
+
+def test_the_budget_and_a_smaller_size_together_close_what_the_larger_asked(pool_options):
+    """The fleet budget asks 2 connections back while all 3 are borrowed, then a smaller
+    max_size wants 1 closed: both count from the same connections, so 2 close as they come back
+    (not 1: a later ask does not overwrite an earlier one's), both given back to the budget."""
+    pool, conns = borrowed_three(pool_options)
+    given = pool.stats.budget_given_back
+    assert pool._shed(2, budget=True) == 0  # (nothing idle: they close as they come back)
+    pool.resize_max(2)  # (3 connections against 2)
+    for conn in conns:
+        pool.putconn(conn)
+    assert sum(conn.closed for conn in conns) == 2
+    assert pool.stats.budget_given_back - given == 2
+    assert pool.get_stats()["pool_size"] == 1
+
+
+def test_growing_again_calls_off_the_closes_a_smaller_size_asked(pool_options):
+    """max_size falls to 1 while 3 connections are borrowed, then grows back to 4 before they
+    return: none of them is closed."""
+    pool, conns = borrowed_three(pool_options)
+    pool.resize_max(1)
+    pool.resize_max(4)
+    for conn in conns:
+        pool.putconn(conn)
+    assert not any(conn.closed for conn in conns)
+    assert pool.get_stats()["pool_size"] == 3

@@ -133,9 +133,12 @@ class Pool(ConnectionPool[PooledConnection]):
         #: is not passed on. The ``reset`` callback is psycopg_pool's to run in putconn().
         self._user_check = kwargs.pop("check", None)
         self._user_reset = kwargs.get("reset")
-        #: Connections a look at the fleet budget asked back, given back as they return.
-        self._shrink = 0
-        self._shrink_for_budget = True
+        #: Connections to close as they come back, per reason: the fleet budget's last look
+        #: asked them back, or max_size="auto" made max_size smaller. Each is what its reason's
+        #: last decision found above its size; both count from the same connections, so one
+        #: closed serves both, and ``_shrink``, the larger (read on every return), is how many
+        #: still to close.
+        self._shed_budget = self._shed_size = self._shrink = 0
         #: The fleet's connection budget (OPTIONS["pool"]["fleet_max_size"]), or None.
         size = settings.fleet_max_size
         self.budget = None if size is None else FleetBudget.for_params(alias, size, kwargs.get("kwargs") or {})
@@ -683,8 +686,7 @@ class Pool(ConnectionPool[PooledConnection]):
                 # resize() opens nothing for borrowers already waiting (psycopg_pool grows when
                 # a borrower arrives to find none free): start the growth that serves them.
                 self._maybe_grow_pool()
-        if excess > 0:
-            self._shed(excess, budget=False)
+        self._shed(max(excess, 0), budget=False)  # (0: an earlier, smaller size's closes are off)
 
     def _shed(self, excess: int, *, budget: bool) -> int:
         """Close ``excess`` connections: the idle ones now (how many is returned), the rest as
@@ -693,8 +695,12 @@ class Pool(ConnectionPool[PooledConnection]):
         with self._lock:
             idle = self._take_idle(excess)
             self._nconns -= len(idle)
-            self._shrink = max(excess - len(idle), 0)
-            self._shrink_for_budget = budget
+            later = max(excess - len(idle), 0)
+            if budget:  # (the other reason's count: less the idle ones closed now, which serve it too)
+                self._shed_budget, self._shed_size = later, max(self._shed_size - len(idle), 0)
+            else:
+                self._shed_budget, self._shed_size = max(self._shed_budget - len(idle), 0), later
+            self._shrink = max(self._shed_budget, self._shed_size)
         self.can_keep = self._keeps and not self._shrink
         for conn in idle:
             conn.close()
@@ -715,12 +721,15 @@ class Pool(ConnectionPool[PooledConnection]):
             with self._lock:
                 give = self._shrink > 0
                 if give:
-                    self._shrink -= 1
+                    for_budget = self._shed_budget > 0
+                    self._shed_budget = max(self._shed_budget - 1, 0)
+                    self._shed_size = max(self._shed_size - 1, 0)
+                    self._shrink = max(self._shed_budget, self._shed_size)
                     self._nconns -= 1
             if give:
                 self.can_keep = self._keeps and not self._shrink
                 conn.close()
-                if self._shrink_for_budget:
+                if for_budget:
                     self._given_back(1)
                 return
         super().putconn(conn)

@@ -179,21 +179,25 @@ PUBLISHED_VIEWS = 25
 #: The span of "recent" per-view figures, seconds.
 RECENT = 60.0
 #: Per alias, (monotonic time, {view: (holds, hold_us)}) at each of the last snapshots: what
-#: "recent" is measured from. Taken by the publisher's thread, never on the borrow path.
+#: "recent" is measured from. Taken by whoever takes a snapshot (the publisher's thread,
+#: OpenTelemetry's reader, poolstats or the admin page in this process: hence the lock), never on
+#: the borrow path.
 _marks: dict[str, list[tuple[float, dict[str, tuple[int, int]]]]] = {}
+_marks_lock = threading.Lock()
 
 
 def published_views(alias: str, stats: AliasStats, now: float) -> tuple[dict[str, dict[str, Any]], float]:
     """The views of one alias as a row publishes them, and the span (s) of their ``recent``."""
     current = {view.name: view for view in stats.named_views()}
     totals = {name: (view.hold.count, view.hold.total_us) for name, view in current.items()}
-    marks = _marks.get(alias)
-    if marks is None:  # the first snapshot: recent = since the process started (up to RECENT)
-        marks = _marks[alias] = [(now - min(RECENT, max(time.time() - STARTED_AT, 0.0)), {})]
-    marks.append((now, totals))
-    while marks[1][0] <= now - RECENT:
-        del marks[0]  # keep the newest mark at least RECENT old as the baseline
-    since, base = marks[0]
+    with _marks_lock:
+        marks = _marks.get(alias)
+        if marks is None:  # the first snapshot: recent = since the process started (up to RECENT)
+            marks = _marks[alias] = [(now - min(RECENT, max(time.time() - STARTED_AT, 0.0)), {})]
+        marks.append((now, totals))
+        while marks[1][0] <= now - RECENT:
+            del marks[0]  # keep the newest mark at least RECENT old as the baseline
+        since, base = marks[0]
     recent = {name: (n - base.get(name, (0, 0))[0], us - base.get(name, (0, 0))[1]) for name, (n, us) in totals.items()}
     by_total = sorted(current, key=lambda name: totals[name][1], reverse=True)[:PUBLISHED_VIEWS]
     by_recent = sorted(current, key=lambda name: recent[name][1], reverse=True)[:PUBLISHED_VIEWS]
@@ -294,9 +298,10 @@ def _settings_dict(alias: str) -> dict[str, Any]:
 
 
 def after_fork_in_child() -> None:
-    global STARTED_AT, _rings_lock
+    global STARTED_AT, _rings_lock, _marks_lock
     STARTED_AT = time.time()
-    _rings_lock = threading.Lock()  # (a thread of the parent's may have held it at the fork)
+    _rings_lock = threading.Lock()  # (a thread of the parent's may have held them at the fork)
+    _marks_lock = threading.Lock()
     _last_seen.clear()
     _marks.clear()
     _rings.clear()
