@@ -376,13 +376,9 @@ def test_gunicorn_gevent_workers(site, tmp_path, start):
         # (Waited for, not read once: the statistics publisher borrows from the same pool every
         # interval, and between its statements its session is "idle in transaction" for a few
         # ms. A transaction a request left open would stay.)
-        def sessions_at_rest() -> list[tuple[int, str]] | None:
+        def sessions_at_rest() -> bool:
             sessions = site.sessions(pooled_name(worker))
-            return (
-                [(0, "at rest")] + sessions
-                if len(sessions) <= 4 and all(state == "idle" for _, state in sessions)
-                else None
-            )
+            return len(sessions) <= 4 and all(state == "idle" for _, state in sessions)
 
         wait_until(
             sessions_at_rest,

@@ -58,18 +58,15 @@ class PoolState:
         """The busy seconds of the hold that ends at ``now`` (a transaction still open counts
         to ``now``), the count started again for the next. Read before the connection goes back
         to the pool: from then on the next borrower counts on it."""
-        busy = self._pooled_pg_busy
-        if self._pooled_pg_tx_at:
-            busy += now - self._pooled_pg_tx_at
-            self._pooled_pg_tx_at = 0.0
-        self._pooled_pg_busy = 0.0
+        self._pooled_pg_tx_ended(now)
+        busy, self._pooled_pg_busy = self._pooled_pg_busy, 0.0
         return busy
 
-    def _pooled_pg_tx_ended(self) -> None:
-        """A commit or rollback ended the open transaction: the time since its last statement
-        was busy."""
+    def _pooled_pg_tx_ended(self, now: float | None = None) -> None:
+        """The open transaction ended (a commit or rollback, or the hold ends at ``now``): the
+        time since its last statement was busy."""
         if self._pooled_pg_tx_at:
-            self._pooled_pg_busy += time.monotonic() - self._pooled_pg_tx_at
+            self._pooled_pg_busy += (time.monotonic() if now is None else now) - self._pooled_pg_tx_at
             self._pooled_pg_tx_at = 0.0
 
 

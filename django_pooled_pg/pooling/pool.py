@@ -693,18 +693,24 @@ class Pool(ConnectionPool[PooledConnection]):
         they come back (:meth:`putconn`; nothing is kept or parked meanwhile). ``budget``: the
         fleet budget asks them back (counted as given back to it)."""
         with self._lock:
-            idle = self._take_idle(excess)
-            self._nconns -= len(idle)
-            later = max(excess - len(idle), 0)
-            if budget:  # (the other reason's count: less the idle ones closed now, which serve it too)
-                self._shed_budget, self._shed_size = later, max(self._shed_size - len(idle), 0)
+            if budget:
+                self._shed_budget = excess
             else:
-                self._shed_budget, self._shed_size = max(self._shed_budget - len(idle), 0), later
-            self._shrink = max(self._shed_budget, self._shed_size)
+                self._shed_size = excess
+            idle = self._take_idle(excess)
+            self._shed_closed(len(idle))  # (which serve the other reason too)
         self.can_keep = self._keeps and not self._shrink
         for conn in idle:
             conn.close()
         return len(idle)
+
+    def _shed_closed(self, n: int) -> None:
+        """``n`` connections the pool had are being closed (under ``self._lock``): out of its
+        count, and out of what each reason still asks."""
+        self._nconns -= n
+        self._shed_budget = max(self._shed_budget - n, 0)
+        self._shed_size = max(self._shed_size - n, 0)
+        self._shrink = max(self._shed_budget, self._shed_size)
 
     def _take_idle(self, n: int) -> list[PooledConnection]:
         """Up to ``n`` idle connections out of psycopg_pool's queue (under ``self._lock``): what
@@ -722,10 +728,7 @@ class Pool(ConnectionPool[PooledConnection]):
                 give = self._shrink > 0
                 if give:
                     for_budget = self._shed_budget > 0
-                    self._shed_budget = max(self._shed_budget - 1, 0)
-                    self._shed_size = max(self._shed_size - 1, 0)
-                    self._shrink = max(self._shed_budget, self._shed_size)
-                    self._nconns -= 1
+                    self._shed_closed(1)
             if give:
                 self.can_keep = self._keeps and not self._shrink
                 conn.close()
