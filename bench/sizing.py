@@ -18,14 +18,15 @@ largest "too large"; the best fixed size per phase is the sweep's lowest p99 wit
 size ``poolstats --advise`` advised after phase 1 of the largest size's run, and ``"auto"`` under
 a fleet budget (``--budget``, ``fleet_max_size``: each process's fair share is its ceiling; with
 ``--budget 0``, ``max_size_limit`` the largest size). A borrower that waits ``--pool-timeout``
-(1 s) gets a 503, so a pool too small shows as 503s. Per phase and pool: requests answered per
+(0.5 s: a pool's queue is at most a worker's threads long, and sixteen holds of 50 ms queued
+for one connection take 0.8 s) gets a 503, so a pool too small shows as 503s. Per phase and pool: requests answered per
 second, p50 and p99 latency, 503s and other failures, and the peak and mean of the server's backends
 (``pg_stat_activity``, every 100 ms). It writes ``SIZING.md``, ``sizing.png`` and the raw
 figures (``raw/sizing.json``) under ``--output``.
 
     python bench/sizing.py [--release request|transaction] [--rate 40] [--hold 0.01]
                            [--phase 15] [--workers 2] [--threads 16] [--sizes 1,2,3,4,6,8,16]
-                           [--budget 12] [--rounds 1] [--pool-timeout 1] [--stats-interval 5]
+                           [--budget 12] [--rounds 1] [--pool-timeout 0.5] [--stats-interval 5]
 """
 
 from __future__ import annotations
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--sizes", type=lambda v: sorted(int(x) for x in v.split(",")), default=[1, 2, 3, 4, 6, 8, 16])
     parser.add_argument(
-        "--pool-timeout", type=float, default=1.0,
+        "--pool-timeout", type=float, default=0.5,
         help="the pool's timeout (seconds): a borrower that waits longer gets a 503, as the too-small pool's do",
     )  # fmt: skip
     parser.add_argument(
