@@ -14,14 +14,15 @@ answer. The load changes in four phases of ``--phase`` seconds:
 4. ``back``: as in phase 1.
 
 The fleet runs once per pool: every fixed size of ``--sizes`` (the smallest is "too small", the
-largest "too large"; the best fixed size per phase is the sweep's lowest p99 without 503s), the
-size ``poolstats --advise`` advised after phase 1 of the largest size's run, and ``"auto"`` under
-a fleet budget (``--budget``, ``fleet_max_size``: each process's fair share is its ceiling; with
-``--budget 0``, ``max_size_limit`` the largest size). A borrower that waits ``--pool-timeout``
-(0.5 s: a pool's queue is at most a worker's threads long, and sixteen holds of 50 ms queued
-for one connection take 0.8 s) gets a 503, so a pool too small shows as 503s. Per phase and pool: requests answered per
-second, p50 and p99 latency, 503s and other failures, and the peak and mean of the server's backends
-(``pg_stat_activity``, every 100 ms). It writes ``SIZING.md``, ``sizing.png`` and the raw
+largest "too large"; the best fixed size per phase is the smallest without 503s whose p99 is
+within :data:`TIE` of the sweep's lowest), the size ``poolstats --advise`` advised after phase 1
+of the largest size's run, and ``"auto"`` under a fleet budget (``--budget``,
+``fleet_max_size``: each process's fair share is its ceiling; with ``--budget 0``,
+``max_size_limit`` the largest size). A borrower that waits ``--pool-timeout`` (0.5 s: a pool's
+queue is at most a worker's threads long, and sixteen holds of 50 ms queued for one connection
+take 0.8 s) gets a 503, so a pool too small shows as 503s. Per phase and pool: requests answered
+per second, p50 and p99 latency, 503s and other failures, and the peak and mean of the server's
+backends (``pg_stat_activity``, every 100 ms). It writes ``SIZING.md``, ``sizing.png`` and the raw
 figures (``raw/sizing.json``) under ``--output``.
 
     python bench/sizing.py [--release request|transaction] [--rate 40] [--hold 0.01]
@@ -110,22 +111,25 @@ async def open_loop(host: str, port: int, path: str, rate: float, seconds: float
     return out
 
 
-def percentile(values: list[float], q: int) -> float:
-    """The ``q``-th percentile of ``values`` (milliseconds, rounded), 0 for none."""
+def percentiles(values: list[float]) -> tuple[float, float]:
+    """p50 and p99 of ``values`` (milliseconds, rounded), 0 for none."""
     if len(values) < 2:
-        return round(values[0], 1) if values else 0.0
-    return round(statistics.quantiles(values, n=100)[q - 1], 1)
+        one = round(values[0], 1) if values else 0.0
+        return one, one
+    q = statistics.quantiles(values, n=100)
+    return round(q[49], 1), round(q[98], 1)
 
 
 def summary(answers: list[tuple[float, int]], seconds: float) -> dict[str, Any]:
     """One phase of one run: its figures, and the answered requests' latencies (ms) that
     :func:`combine` pools over the rounds."""
     ok = sorted(round(lat * 1000, 2) for lat, status in answers if status == 200)
+    p50, p99 = percentiles(ok)
     return {
         "sent": len(answers),
         "rps": round(len(ok) / seconds, 1),
-        "p50_ms": percentile(ok, 50),
-        "p99_ms": percentile(ok, 99),
+        "p50_ms": p50,
+        "p99_ms": p99,
         "503": sum(1 for _, status in answers if status == 503),
         "failed": sum(1 for _, status in answers if status not in (200, 503)),
         "ok_ms": ok,
@@ -142,13 +146,13 @@ def combine(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for rows in zip(*rounds, strict=True):
         p99 = [r["p99_ms"] for r in rows]
-        ok = [lat for r in rows for lat in r["ok_ms"]]
+        p50, p99_all = percentiles([lat for r in rows for lat in r["ok_ms"]])
         out.append({
             "phase": rows[0]["phase"],
             "sent": sum(r["sent"] for r in rows),
             "rps": round(statistics.median(r["rps"] for r in rows), 1),
-            "p50_ms": percentile(ok, 50),
-            "p99_ms": percentile(ok, 99),
+            "p50_ms": p50,
+            "p99_ms": p99_all,
             "p99_range": [min(p99), max(p99)],
             "503": sum(r["503"] for r in rows),
             "failed": sum(r["failed"] for r in rows),
@@ -351,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outdir = Path(args.output)
     if args.report:
+        outdir.mkdir(parents=True, exist_ok=True)
         report(json.loads(Path(args.report).read_text()), outdir)
         log(f"wrote {outdir / 'SIZING.md'}")
         return 0
