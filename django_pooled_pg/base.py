@@ -50,7 +50,7 @@ from .creation import DatabaseCreation
 from .engine_pool import build_pool, pool_fingerprint
 from .errors import DatabaseUnavailable, PoolError, PoolExhausted, pool_error
 from .features import DatabaseFeatures
-from .per_statement import PerStatementRelease, releases_per_statement
+from .per_statement import PerStatementRelease
 from .pooling.borrow import KEPT, PARKED, Borrow
 from .pooling.connection import PooledConnection
 from .pooling.ledger import ledger
@@ -274,9 +274,9 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         self.run_on_commit: list[Any] = []
         sync_postgres_types(self, conn)
         # Whether this borrow gives its connection back after each statement or outermost
-        # transaction (parking it) rather than at the end of the request: decided here, and only
-        # here, for a new borrow and a kept connection taken back alike (both connect()).
-        self._per_statement = releases_per_statement(borrow.pool)
+        # transaction (parking it) rather than at the end of the request: decided here, for a
+        # new borrow and a kept connection taken back alike (both connect()).
+        self._release_per_statement(borrow.pool, conn)
         if signals.connection_borrowed.receivers:
             signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=borrow.wait)
 
@@ -342,7 +342,9 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         """The end of a hold: recorded in its view's histogram (and, for the give-back between
         statements, by :meth:`Borrow.park <django_pooled_pg.pooling.borrow.Borrow.park>`)."""
         held = now - borrow.started
-        borrow.stats.held(held, busy)
+        # (a hold given back per statement is all statement or transaction: its cursors are
+        # not timed, see _release_per_statement)
+        borrow.stats.held(held, held if self._per_statement else busy)
         if signals.connection_returned.receivers:
             self._send_returned(held, rolled_back)
 

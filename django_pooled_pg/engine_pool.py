@@ -27,9 +27,14 @@ def build_pool(wrapper: Any) -> Pool:
     if not options.get("application_name"):
         # Lets poolstats tell this process's connections apart in pg_stat_activity.
         kwargs["application_name"] = application_name(wrapper.alias)
-    # (tracking in request mode too: a thread outside a request gives back per statement; timed
-    # there, for what release="transaction" would give back: poolstats --advise)
-    kwargs["cursor_factory"] = tracking_cursor_class(kwargs["cursor_factory"], pool_settings.release == "request")
+    # (tracking in request mode too: a thread outside a request gives back per statement. A
+    # borrow held for its request times its statements, for what release="transaction" would
+    # give back: poolstats --advise; each borrow picks its class, DatabaseWrapper._release_per_statement)
+    factory = kwargs["cursor_factory"]
+    kwargs["cursor_factory"] = untimed = tracking_cursor_class(factory)
+    classes = None
+    if pool_settings.release == "request":
+        classes = (tracking_cursor_class(factory, timed=True), untimed)
     startup = {}
     if wrapper.timezone_name:
         startup["TimeZone"] = wrapper.timezone_name
@@ -47,7 +52,7 @@ def build_pool(wrapper: Any) -> Pool:
     configure = pool_kwargs.pop("configure", None)
     pool_kwargs.setdefault("name", f"django_pooled_pg:{wrapper.alias}:{os.getpid()}")
     connect_timeout = float(options.get("connect_timeout") or 0)
-    return Pool(
+    pool = Pool(
         wrapper.alias,
         pool_settings,
         connect_timeout=connect_timeout,
@@ -62,6 +67,8 @@ def build_pool(wrapper: Any) -> Pool:
         ),
         **pool_kwargs,
     )
+    pool.cursor_classes = classes
+    return pool
 
 
 def pool_fingerprint(wrapper: Any) -> tuple[Any, ...]:

@@ -5,6 +5,7 @@ which the budget counts like any other. (tests/test_budget.py runs whole gunicor
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -293,3 +294,38 @@ def test_the_door_is_one_connection_per_host(pool_options, superuser):
         other_host.close()
     for thread in holders:
         thread.join()
+
+
+def in_call(thread: threading.Thread, *names: str) -> bool:
+    """Whether ``thread`` is now inside calls of each of these functions."""
+    frame, seen = sys._current_frames().get(thread.ident), set()
+    while frame is not None:
+        seen.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return set(names) <= seen
+
+
+def test_the_look_skips_its_turn_rather_than_wait_for_a_connection(pool_options, superuser):
+    """The look (every 0.5 s on the pool's upkeep thread) takes a connection to count the fleet
+    with. When none is free it skips its turn at once: queued, it would be a borrower waiting
+    (connections coming back would go to it rather than be kept or parked, and
+    ``max_size="auto"`` would grow the pool for it). Made to happen here: the pool's only
+    connection is idle when the look asks for it and taken just before the look gets the pool's
+    lock. (Before, the look queued and waited for it up to 0.5 s.)"""
+    budget = fresh(superuser) + 5
+    pool_options(min_size=1, max_size=1, timeout=10, fleet_max_size=budget)
+    assert one("SELECT 1") == 1
+    connections["default"].close()
+    pool = registry.get("default")
+    wait_until(lambda: pool.get_stats()["pool_available"] == 1, message="the connection idle in the pool")
+    queued = pool.get_stats().get("requests_queued", 0)
+    upkeep = pool._upkeeping
+    with pool._lock:  # (the lock psycopg_pool hands connections out under)
+        wait_until(lambda: in_call(upkeep, "look", "getconn"), message="the look to ask for a connection")
+        conn = pool.getconn()  # (the lock is re-entrant: taken first, by this thread)
+    try:
+        wait_until(lambda: not in_call(upkeep, "look"), timeout=10, message="the look to end")
+        assert pool.get_stats().get("requests_queued", 0) == queued
+    finally:
+        pool.putconn(conn)
+    assert one("SELECT 1") == 1

@@ -6,13 +6,16 @@ that it never holds an idle one while others wait; a session it changed on purpo
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.db import connection
 
 from django_pooled_pg import pinned, publish_now
+from django_pooled_pg.cursors import BusyTimingMixin
 from django_pooled_pg.pooling.ledger import current_view, ledger
+from django_pooled_pg.pooling.registry import registry
 from tests.app.models import Item
 from tests.conftest import backend_pid, held_borrows, one
 from testsupport.waiting import wait_until
@@ -114,6 +117,39 @@ def test_a_connection_parked_outside_a_request_is_held_by_a_request_that_takes_i
         connection.close()
     finally:
         current_view.reset(token)
+
+
+def test_holds_given_back_per_statement_are_busy_and_not_timed(pool_options):
+    """Outside a request each hold is one statement, all of it busy for ``poolstats --advise``
+    (``release="transaction"`` would hold it too: nothing to give back), and its cursors do not
+    time statements, which would cost each about 4.5k instructions; a request's borrow of the
+    same connection times them again, a connection parked outside and taken back in a request
+    included."""
+    pool_options(min_size=1, max_size=1)
+    connection.close()
+    view = registry.get("default").stats.view(None)
+    held, busy = view.hold.total_us, view.busy
+    for _ in range(2):
+        with connection.cursor() as cursor:
+            assert not isinstance(cursor.cursor, BusyTimingMixin)
+            cursor.execute("SELECT pg_sleep(0.02)")
+        time.sleep(0.05)  # (between statements: not held)
+    assert connection.connection is None  # parked
+    holds = (view.hold.total_us - held) / 1e6
+    assert 0.04 <= holds < 0.09 and view.busy - busy == pytest.approx(holds, abs=1e-5)
+    token = current_view.set("tests.view")
+    try:
+        with connection.cursor() as cursor:  # (the parked connection, taken back by the request)
+            assert isinstance(cursor.cursor, BusyTimingMixin)
+        connection.close()
+        with connection.cursor() as cursor:  # (a new borrow in a request)
+            assert isinstance(cursor.cursor, BusyTimingMixin)
+        connection.close()
+    finally:
+        current_view.reset(token)
+    with connection.cursor() as cursor:
+        assert not isinstance(cursor.cursor, BusyTimingMixin)
+    connection.close()
 
 
 def test_a_connection_the_statistics_publisher_used_goes_back_between_statements(one_connection):

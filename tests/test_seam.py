@@ -63,6 +63,7 @@ OWN_ATTRIBUTES = {
     "_upkeeping",
     "_closing",
     "_timed_out",
+    "_looker",
     "_shed_budget",
     "_shed_size",
     "_wake",

@@ -121,16 +121,13 @@ class Borrow:
         """BORROWED -> PARKED, between statements; False (still BORROWED) when the connection
         must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold ends here."""
         conn, now = self.conn, time.monotonic()
-        # (its busy time read before the pool has it: a borrower that takes it counts its own;
-        # parked, it is in no transaction)
-        busy, conn._pooled_pg_busy = conn._pooled_pg_busy, 0.0
         if not self.pool.park(conn, self, now):  # (which counts it out of use in the pool's demand)
-            conn._pooled_pg_busy = busy
             return False
         conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
         self.state = PARKED
-        self.stats.held(now - self.started, busy)
+        held = now - self.started
+        self.stats.held(held, held)  # (a hold that ends at its statement's end is all busy)
         return True
 
     def keep(self) -> bool:

@@ -148,11 +148,18 @@ class Pool(ConnectionPool[PooledConnection]):
         self._upkeeping: threading.Thread | None = None
         #: A getconn() timed out since the queue was last cleared of such waiters (_leave_queue).
         self._timed_out = False
+        #: The thread ident of the fleet budget's look while it takes a connection (look()),
+        #: which must never queue; 0 otherwise.
+        self._looker = 0
         self._closing = threading.Event()
         #: Wakes the upkeep thread before its time: the pool closes, or a borrower queued at
         #: max_size with max_size="auto" (the sizer looks at once: AutoSize.pressed).
         self._wake = threading.Event()
         self._released_at = time.monotonic()
+        #: The connections' cursor classes for a borrow held for its request and for one given
+        #: back per statement, in that order, when they differ (request mode: the first times
+        #: statements); None: the class the connections were opened with serves both.
+        self.cursor_classes: tuple[type, type] | None = None
         #: max_size="auto": what resizes the pool from its measured queueing, else None.
         self.sizer = AutoSize(self, settings.max_size_limit) if settings.auto_size else None
         kwargs["connection_class"] = health_tracking(
@@ -250,7 +257,8 @@ class Pool(ConnectionPool[PooledConnection]):
             try:
                 conn = super().getconn(deadline - time.monotonic())
             except PoolTimeout:
-                self._timed_out = True  # (its waiter leaves the queue: _leave_queue())
+                if self._looker != threading.get_ident():  # (the look queued no waiter)
+                    self._timed_out = True  # (its waiter leaves the queue: _leave_queue())
                 raise
             if conn._pooled_pg_pending:
                 self.finish_reset(conn)  # closed if the reset failed: the check or usable() drop it
@@ -484,6 +492,8 @@ class Pool(ConnectionPool[PooledConnection]):
         conn = super()._get_ready_connection(timeout)
         if conn is None and self._parked:
             conn = self._take_longest_parked()
+        if conn is None and self._looker == threading.get_ident():
+            raise PoolTimeout("every connection is in use: the fleet budget's look skips its turn")
         return conn
 
     def _take_longest_parked(self) -> PooledConnection | None:
@@ -657,16 +667,19 @@ class Pool(ConnectionPool[PooledConnection]):
         (:meth:`putconn`; nothing is kept or parked meanwhile). The number given back now.
 
         The look borrows like anyone (a kept or parked connection too: under load connections
-        are seldom idle in the queue), and skips its turn when every connection is in use, so
-        that it never makes the pool grow."""
+        are seldom idle in the queue), but never waits: when every connection is in use it
+        skips its turn (:meth:`_get_ready_connection`). Queued, it would count as a borrower
+        waiting: returning connections would go to it rather than be kept or parked, and with
+        ``max_size="auto"`` the pool would grow for it."""
         budget = self.budget
         assert budget is not None
-        if not self.get_stats().get(POOL_AVAILABLE):  # (idle or parked)
-            return 0
+        self._looker = threading.get_ident()
         try:
             conn = self.getconn(timeout=LOOK_EVERY)
         except PoolTimeout:
             return 0
+        finally:
+            self._looker = 0
         try:
             excess = budget.excess(conn)
         finally:
