@@ -31,10 +31,13 @@ def build_pool(wrapper: Any) -> Pool:
     # borrow held for its request times its statements, for what release="transaction" would
     # give back: poolstats --advise; each borrow picks its class, DatabaseWrapper._release_per_statement)
     factory = kwargs["cursor_factory"]
-    kwargs["cursor_factory"] = untimed = tracking_cursor_class(factory)
+    untimed = tracking_cursor_class(factory)
     classes = None
     if pool_settings.release == "request":
+        # (opened timed: a tool that wraps the class, as OpenTelemetry's psycopg
+        # instrumentation does at connect, wraps the one that times)
         classes = (tracking_cursor_class(factory, timed=True), untimed)
+    kwargs["cursor_factory"] = untimed if classes is None else classes[0]
     startup = {}
     if wrapper.timezone_name:
         startup["TimeZone"] = wrapper.timezone_name

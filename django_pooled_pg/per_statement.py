@@ -67,11 +67,14 @@ class PerStatementRelease(_Base):
         (what ``release="transaction"`` would hold of it: ``poolstats --advise``); one given
         back per statement does not, for each of its holds is a statement or a transaction
         (``Borrow.park`` counts all of it busy), and the timing would cost every statement of
-        code outside requests about 4.5k instructions."""
+        code outside requests about 4.5k instructions. A class a tool put on the connection
+        (OpenTelemetry's psycopg instrumentation wraps the one it was opened with) stays."""
         per_statement = self._per_statement = releases_per_statement(pool)
         classes = pool.cursor_classes
         if classes is not None:
-            conn.cursor_factory = classes[per_statement]
+            factory = conn.cursor_factory
+            if factory is classes[0] or factory is classes[1]:
+                conn.cursor_factory = classes[per_statement]
 
     def _take_back_parked(self, borrow: Borrow) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and

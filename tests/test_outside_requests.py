@@ -152,6 +152,30 @@ def test_holds_given_back_per_statement_are_busy_and_not_timed(pool_options):
     connection.close()
 
 
+def test_a_cursor_class_a_tool_put_on_the_connection_stays(pool_options):
+    """A tool that wraps the connection's cursor class (OpenTelemetry's psycopg instrumentation
+    does it at connect, with a subclass) keeps its class through borrows inside and outside
+    requests: the per-borrow choice of timed or untimed cursors leaves such a class alone.
+    (Missed at first: the choice replaced it, and OpenTelemetry's query spans were lost.)"""
+    pool_options(min_size=1, max_size=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        conn = cursor.cursor.connection
+        traced = type("Traced", (conn.cursor_factory,), {})
+        conn.cursor_factory = traced
+    connection.close()
+    for view in (None, "tests.view", None):
+        token = current_view.set(view)
+        try:
+            for _ in range(2):
+                with connection.cursor() as cursor:
+                    assert type(cursor.cursor) is traced, view
+                    cursor.execute("SELECT 1")
+            connection.close()
+        finally:
+            current_view.reset(token)
+
+
 def test_a_connection_the_statistics_publisher_used_goes_back_between_statements(one_connection):
     """The publisher writes its rows on a pool connection, in a transaction with ``SET LOCAL``
     (nothing of it outlives the transaction); its next borrower outside a request must still
