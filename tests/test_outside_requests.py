@@ -176,6 +176,32 @@ def test_a_cursor_class_a_tool_put_on_the_connection_stays(pool_options):
             current_view.reset(token)
 
 
+def test_a_request_that_takes_back_a_parked_connection_counts_only_its_own_busy_time(pool_options):
+    """With a timed class a tool wrapped (kept: see above), statements outside a request are
+    timed too; the hold a request starts by taking back the connection they parked counts only
+    its own statements as busy, not theirs."""
+    pool_options(min_size=1, max_size=1)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        conn = cursor.cursor.connection
+        # (as OpenTelemetry wraps it at connect: the class the connection was opened with)
+        conn.cursor_factory = type("Traced", (registry.get("default").cursor_classes[0],), {})
+    connection.close()
+    for _ in range(3):  # (outside a request: parked after each)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.03)")
+    token = current_view.set("tests.busy-view")
+    try:
+        with connection.cursor() as cursor:  # (taken back by the request)
+            cursor.execute("SELECT 1")
+        time.sleep(0.12)  # (the view's own work: held, not busy)
+        connection.close()
+    finally:
+        current_view.reset(token)
+    view = registry.get("default").stats.views["tests.busy-view"]
+    assert view.hold.total_us >= 120_000 and view.busy < 0.03, view.busy
+
+
 def test_a_connection_the_statistics_publisher_used_goes_back_between_statements(one_connection):
     """The publisher writes its rows on a pool connection, in a transaction with ``SET LOCAL``
     (nothing of it outlives the transaction); its next borrower outside a request must still

@@ -125,6 +125,9 @@ class Borrow:
             return False
         conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
+        # (the hold's end: the next one counts its own busy time, when a class a tool wrapped
+        # timed this one's)
+        conn._pooled_pg_busy = 0.0
         self.state = PARKED
         held = now - self.started
         self.stats.held(held, held)  # (a hold that ends at its statement's end is all busy)
