@@ -169,3 +169,37 @@ def test_growing_again_calls_off_the_closes_a_smaller_size_asked(pool_options):
         pool.putconn(conn)
     assert not any(conn.closed for conn in conns)
     assert pool.get_stats()["pool_size"] == 3
+
+
+def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_nothing(pool_options, monkeypatch):
+    """A borrower queued at max_size wakes the sizer, which waits (two mean holds; 2 s here)
+    before it looks: a holder gives back meanwhile, the borrower is served, and the pool keeps
+    its size. A sizer that looked at once grew it for a borrower one return served (each
+    connection opened costs the server a backend start)."""
+    monkeypatch.setattr(autosize.AutoSize, "settle", lambda self: 2.0, raising=False)
+    pool_options(min_size=1, max_size="auto", max_size_limit=5, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    # (The first look may grow it for the first borrower's wait, the first connection's opening.)
+    first = pool.sizer.last
+    wait_until(lambda: pool.sizer.last is not first, message="the sizer's first look")
+    resizes, size = pool.stats.resizes, pool.max_size
+    held = [pool.getconn() for _ in range(size)]
+    served: list[object] = []
+
+    def borrower() -> None:
+        conn = pool.getconn()
+        served.append(conn)
+        pool.putconn(conn)
+
+    thread = threading.Thread(target=borrower)
+    thread.start()
+    wait_until(lambda: served or pool.get_stats().get("requests_waiting"), message="the borrower to queue at max_size")
+    pool.putconn(held[0])
+    thread.join(30)
+    assert served
+    wait_until(lambda: not pool.sizer.queued, message="the sizer to look")
+    assert pool.max_size == size and pool.stats.resizes == resizes, pool.sizer.reason
+    for conn in held[1:]:
+        pool.putconn(conn)

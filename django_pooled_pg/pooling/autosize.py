@@ -5,14 +5,20 @@ processes holds connections the server could give to others. With ``"auto"`` the
 ``min_size`` (at least 1) and :class:`AutoSize` looks, every :data:`LOOK_EVERY` seconds from the
 pool's upkeep thread, at what happened since its last look:
 
-* **grow** at once when a borrower finds every connection open and in use at ``max_size``: the
-  pool wakes the sizer (:meth:`AutoSize.pressed`), which adds a connection for each borrower
-  waiting (psycopg_pool opens them while they wait). Queueing costs every request in the queue,
-  so growth does not wait for the next look.
+* **grow** at once when a borrower finds every connection open and in use at ``max_size`` and
+  is still waiting two mean holds later (at most :data:`SETTLE_MAX`): the pool wakes the sizer
+  (:meth:`AutoSize.pressed`), which waits :meth:`AutoSize.settle` seconds and then adds a
+  connection for each borrower still waiting (psycopg_pool opens them while they wait).
+  Queueing costs every request in the queue, so growth does not wait for the next look; but a
+  borrower that a returning connection serves within a hold needs none (opening one costs the
+  server a backend start, on the cores the requests run on), and a grown pool stays grown for
+  :data:`CALM_FOR` seconds.
 * **grow** too when borrowers waited :data:`GROW_AT` or more of the time connections were held
   (total wait / total hold) since the last look, or a borrower was refused: to the size an M/M/c
   queue offered the load seen (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
-  waits rare, and at least half again, up to the ceiling.
+  waits rare, and at least half again, up to the ceiling. The share is judged over
+  :data:`LOOK_EVERY` / 2 at least: a look the pool woke sooner than that after the last one
+  leaves the share to the next (one short queue in a few holds is no trend).
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -44,6 +50,9 @@ logger = logging.getLogger("django_pooled_pg.pool")
 LOOK_EVERY = 0.5
 #: Seconds at least between two looks that borrowers queued at max_size asked for.
 PRESSED_EVERY = 0.02
+#: Seconds at most a woken sizer waits to see whether borrowers still queue (two mean holds,
+#: when holds are shorter).
+SETTLE_MAX = 0.1
 #: Grow when the waits since the last look add up to this share of the holds, or more.
 GROW_AT = 0.05
 #: A growth multiplies the size by this (and adds one at least).
@@ -87,6 +96,8 @@ class AutoSize:
         self.reason = "started at min_size"
         #: A borrower found the pool at max_size since the last look (:meth:`pressed`).
         self.queued = False
+        #: The mean hold seen by the last look that saw holds end (seconds): :meth:`settle`.
+        self.mean_hold = SETTLE_MAX
 
     def _mark(self) -> Sample:
         # (One sample: each of stats.hold and stats.wait sums every view's histograms.)
@@ -109,6 +120,14 @@ class AutoSize:
         self.queued = True
         return self.pool.max_size < self.ceiling
 
+    def settle(self) -> float:
+        """Seconds to wait, when :meth:`pressed` woke the sizer, before it looks: long enough
+        for the connections in use to come back (two mean holds), so that it grows only for
+        borrowers the returning connections do not serve: with Poisson arrivals, a borrower
+        queued at a size that suits the load is served within a mean hold mostly, within two
+        nearly always."""
+        return min(2 * self.mean_hold, SETTLE_MAX)
+
     def look(self) -> int | None:
         """Compare the counters with the last look's and resize if they say so; the new
         max_size, or None when it stays."""
@@ -127,14 +146,22 @@ class AutoSize:
             # them one after another while they wait); the rule below sizes for the load.
             self.calm = now
             return self._resize(min(ceiling, size + waiting), f"{waiting} borrower(s) queued at max_size")
+        holds = now.hold.count - last.hold.count
+        if holds:
+            self.mean_hold = held / holds / 1e6
+        seconds = now.at - last.at
+        if pressed and not refused and seconds < LOOK_EVERY / 2:
+            # Woken soon after the last look, and nobody queues any more: a window this short
+            # says nothing of the share; it goes into the next look's.
+            self.last = last
+            return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
         queued = held == 0 and (waited > 0 or waiting > 0)
         if refused or (held > 0 and waited >= GROW_AT * held) or queued:
             self.calm = now
             if size >= ceiling:
                 return None
-            seconds = max(now.at - last.at, 1e-3)
-            holds = now.hold.count - last.hold.count
+            seconds = max(seconds, 1e-3)
             # Arrivals since the last look (those still queued: one look late) x mean hold.
             load = (now.borrows - last.borrows + refused) / seconds * (held / holds / 1e6 if holds else 0.0)
             target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY), size_for_wait(load)))

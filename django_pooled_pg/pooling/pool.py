@@ -810,6 +810,11 @@ def _upkeep_loop(pool_ref: weakref.ref[Pool], closing: threading.Event, wake: th
             due = time.monotonic() + every
             pool.upkeep()
         else:
+            # (Woken by a borrower queued at max_size: wait a hold's time, and look whether
+            # borrowers still queue: AutoSize.settle.)
+            settle = pool.sizer.settle() if pool.sizer is not None else 0.0
+            if settle and closing.wait(settle):
+                return
             pool.look_at_size()
             del pool
             closing.wait(PRESSED_EVERY)  # (a queue under a load at the ceiling wakes it often)
