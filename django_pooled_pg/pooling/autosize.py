@@ -17,8 +17,9 @@ pool's upkeep thread, at what happened since its last look:
   (total wait / total hold) since the last look, or a borrower was refused: to the size an M/M/c
   queue offered the load seen (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
   waits rare, and at least half again, up to the ceiling. The share is judged over
-  :data:`LOOK_EVERY` / 2 at least: a look the pool woke sooner than that after the last one
-  leaves the share to the next (one short queue in a few holds is no trend).
+  :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
+  the regular one after it) leaves the share to the next (one short queue in a few holds is no
+  trend).
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -150,9 +151,10 @@ class AutoSize:
         if holds:
             self.mean_hold = held / holds / 1e6
         seconds = now.at - last.at
-        if pressed and not refused and seconds < LOOK_EVERY / 2:
-            # Woken soon after the last look, and nobody queues any more: a window this short
-            # says nothing of the share; it goes into the next look's.
+        if not refused and seconds < LOOK_EVERY / 2:
+            # Soon after the last look (a woken one, or the one after it), and nobody queues at
+            # max_size now: a window this short says nothing of the share; it goes into the
+            # next look's.
             self.last = last
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
