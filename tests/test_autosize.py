@@ -39,14 +39,17 @@ class Load:
     def work(self) -> None:
         try:
             while not self.stop.is_set():
-                with borrow("default", name="autosize-load"):
-                    statement(f"SELECT pg_sleep({self.hold})")
-                    statement()  # (the same connection, still open after the sleep)
-                self.done += 1
+                self.work_once()
         except BaseException as error:  # noqa: BLE001 (kept for the test to show)
             self.errors.append(error)
         finally:
             connections["default"].close()
+
+    def work_once(self) -> None:
+        with borrow("default", name="autosize-load"):
+            statement(f"SELECT pg_sleep({self.hold})")
+            statement()  # (the same connection, still open after the sleep)
+        self.done += 1
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -203,3 +206,32 @@ def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_n
     assert pool.max_size == size and pool.stats.resizes == resizes, pool.sizer.reason
     for conn in held[1:]:
         pool.putconn(conn)
+
+
+def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, monkeypatch):
+    """A look less than half a look's interval after the last one judges nothing: borrowers
+    that queued for one hold in it (waits far above GROW_AT of the holds) do not grow the pool
+    until a look over a long enough window. (The regular look 0.1 s after a woken one grew
+    pools on such windows in bench/sizing.py.) A sizer of the test's own, on a real pool of
+    fixed size, so that no upkeep thread looks in between."""
+    pool_options(min_size=1, max_size=1, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    assert pool.sizer is None
+    sizer = autosize.AutoSize(pool, limit=4)
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 600.0)  # (every window here is "short")
+    first = sizer.last
+    holder = Load(1, 0.2)
+    holder.stop.set()  # (its thread borrows once: work_once)
+    hold = threading.Thread(target=lambda: (holder.work_once(), connections["default"].close()))
+    hold.start()
+    wait_until(lambda: pool.get_stats().get("pool_available", 1) == 0, message="the holder to borrow")
+    with borrow("default", name="queued"):  # (waits for the holder's 0.2 s)
+        statement()
+    connections["default"].close()
+    hold.join(30)
+    assert pool.stats.wait.total_us > 0.05 * pool.stats.hold.total_us  # (the share rule would grow)
+    assert sizer.look() is None and sizer.last is first and pool.max_size == 1
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)
+    assert sizer.look() is not None and pool.max_size > 1, sizer.reason
