@@ -179,7 +179,7 @@ def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_n
     before it looks: a holder gives back meanwhile, the borrower is served, and the pool keeps
     its size. A sizer that looked at once grew it for a borrower one return served (each
     connection opened costs the server a backend start)."""
-    monkeypatch.setattr(autosize.AutoSize, "settle", lambda self: 2.0, raising=False)
+    monkeypatch.setattr(autosize.AutoSize, "settle", lambda self: 2.0)
     pool_options(min_size=1, max_size="auto", max_size_limit=5, timeout=20)
     statement()
     connections["default"].close()
@@ -222,9 +222,12 @@ def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, m
     sizer = autosize.AutoSize(pool, limit=4)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 600.0)  # (every window here is "short")
     first = sizer.last
-    holder = Load(1, 0.2)
-    holder.stop.set()  # (its thread borrows once: work_once)
-    hold = threading.Thread(target=lambda: (holder.work_once(), connections["default"].close()))
+
+    def hold_once() -> None:
+        Load(1, 0.2).work_once()
+        connections["default"].close()
+
+    hold = threading.Thread(target=hold_once)
     hold.start()
     wait_until(lambda: pool.get_stats().get("pool_available", 1) == 0, message="the holder to borrow")
     with borrow("default", name="queued"):  # (waits for the holder's 0.2 s)

@@ -148,8 +148,9 @@ class AutoSize:
             self.calm = now
             return self._resize(min(ceiling, size + waiting), f"{waiting} borrower(s) queued at max_size")
         holds = now.hold.count - last.hold.count
+        mean_hold = held / holds / 1e6 if holds else 0.0
         if holds:
-            self.mean_hold = held / holds / 1e6
+            self.mean_hold = mean_hold
         seconds = now.at - last.at
         if not refused and seconds < LOOK_EVERY / 2:
             # Soon after the last look (a woken one, or the one after it), and nobody queues at
@@ -165,7 +166,7 @@ class AutoSize:
                 return None
             seconds = max(seconds, 1e-3)
             # Arrivals since the last look (those still queued: one look late) x mean hold.
-            load = (now.borrows - last.borrows + refused) / seconds * (held / holds / 1e6 if holds else 0.0)
+            load = (now.borrows - last.borrows + refused) / seconds * mean_hold
             target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY), size_for_wait(load)))
             share = f"{waited / held:.0%} of" if held else "while nothing was"
             return self._resize(
