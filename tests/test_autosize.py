@@ -5,7 +5,6 @@ counted."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -209,20 +208,19 @@ def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_n
         pool.putconn(conn)
 
 
-def test_a_look_less_than_a_second_after_the_last_leaves_the_waits_to_the_next(pool_options):
-    """The waits' share of the holds is judged over a second at least: a borrower that queued
-    for one hold (waits far above GROW_AT of the holds) does not grow the pool at a look 0.3 s
-    after the last one, and does at a look over a second. (In bench/sizing.py a single wait of
-    11 ms in one look's half second grew a pool of 3 under 1 erlang to 5; the regular look 0.1 s
-    after a woken one grew pools on such windows too.) A sizer of the test's own, on a real pool
-    of fixed size, so that no upkeep thread looks in between; each window's start is set, so that
-    how busy the machine is does not decide its length."""
+def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, monkeypatch):
+    """A look less than half a look's interval after the last one judges nothing: borrowers
+    that queued for one hold in it (waits far above GROW_AT of the holds) do not grow the pool
+    until a look over a long enough window. (The regular look 0.1 s after a woken one grew
+    pools on such windows in bench/sizing.py.) A sizer of the test's own, on a real pool of
+    fixed size, so that no upkeep thread looks in between."""
     pool_options(min_size=1, max_size=1, timeout=20)
     statement()
     connections["default"].close()
     pool = registry.get("default")
     assert pool.sizer is None
     sizer = autosize.AutoSize(pool, limit=4)
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 600.0)  # (every window here is "short")
     first = sizer.last
 
     def hold_once() -> None:
@@ -237,7 +235,6 @@ def test_a_look_less_than_a_second_after_the_last_leaves_the_waits_to_the_next(p
     connections["default"].close()
     hold.join(30)
     assert pool.stats.wait.total_us > 0.05 * pool.stats.hold.total_us  # (the share rule would grow)
-    sizer.last = short = dataclasses.replace(first, at=time.monotonic() - 0.3)
-    assert sizer.look() is None and sizer.last is short and pool.max_size == 1
-    sizer.last = dataclasses.replace(first, at=time.monotonic() - autosize.SHARE_OVER)
+    assert sizer.look() is None and sizer.last is first and pool.max_size == 1
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)
     assert sizer.look() is not None and pool.max_size > 1, sizer.reason

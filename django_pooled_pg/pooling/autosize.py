@@ -17,9 +17,9 @@ pool's upkeep thread, at what happened since its last look:
   (total wait / total hold) since the last look, or a borrower was refused: to the size an M/M/c
   queue offered the load seen (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
   waits rare, and at least half again, up to the ceiling. The share is judged over
-  :data:`SHARE_OVER` seconds at least: a look sooner than that after the last judged one leaves
-  the share to the next (one short wait among the ten holds of half a second is no trend, and at
-  a size that suits the load it can reach :data:`GROW_AT` by itself).
+  :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
+  the regular one after it) leaves the share to the next (one short queue in a few holds is no
+  trend).
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -56,10 +56,6 @@ PRESSED_EVERY = 0.02
 SETTLE_MAX = 0.1
 #: Grow when the waits since the last look add up to this share of the holds, or more.
 GROW_AT = 0.05
-#: Seconds at least the waits' share of the holds is judged over (two looks). In
-#: bench/sizing.py one wait of 11 ms in a 0.5 s window was 5% of the holds and grew a pool of 3
-#: under 1 erlang, which suits it, to 5.
-SHARE_OVER = 2 * LOOK_EVERY
 #: A growth multiplies the size by this (and adds one at least).
 GROW_BY = 1.5
 #: Seconds without queueing before a shrink, and between two shrinks.
@@ -156,10 +152,10 @@ class AutoSize:
         if holds:
             self.mean_hold = mean_hold
         seconds = now.at - last.at
-        if not refused and seconds < SHARE_OVER - LOOK_EVERY / 2:
-            # Soon after the last judged look, and nobody queues at max_size now: a window this
-            # short says too little of the share; it goes into the next look's. (Looks come
-            # every LOOK_EVERY, give or take a little: half a look is the margin.)
+        if not refused and seconds < LOOK_EVERY / 2:
+            # Soon after the last look (a woken one, or the one after it), and nobody queues at
+            # max_size now: a window this short says nothing of the share; it goes into the
+            # next look's.
             self.last = last
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
