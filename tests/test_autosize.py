@@ -208,6 +208,24 @@ def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_n
         pool.putconn(conn)
 
 
+def queue_behind_a_holder(pool, before_the_queue=lambda: None) -> None:
+    """A thread holds the pool's one connection 0.2 s, and this thread borrows meanwhile: one
+    borrower that waited about 0.2 s. ``before_the_queue`` runs once the holder holds it."""
+
+    def hold_once() -> None:
+        Load(1, 0.2).work_once()
+        connections["default"].close()
+
+    hold = threading.Thread(target=hold_once)
+    hold.start()
+    wait_until(lambda: pool.get_stats().get("pool_available", 1) == 0, message="the holder to borrow")
+    before_the_queue()
+    with borrow("default", name="queued"):  # (waits for the holder's 0.2 s)
+        statement()
+    connections["default"].close()
+    hold.join(30)
+
+
 def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, monkeypatch):
     """A look less than half a look's interval after the last one judges nothing: borrowers
     that queued for one hold in it (waits far above GROW_AT of the holds) do not grow the pool
@@ -222,19 +240,33 @@ def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, m
     sizer = autosize.AutoSize(pool, limit=4)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 600.0)  # (every window here is "short")
     first = sizer.last
-
-    def hold_once() -> None:
-        Load(1, 0.2).work_once()
-        connections["default"].close()
-
-    hold = threading.Thread(target=hold_once)
-    hold.start()
-    wait_until(lambda: pool.get_stats().get("pool_available", 1) == 0, message="the holder to borrow")
-    with borrow("default", name="queued"):  # (waits for the holder's 0.2 s)
-        statement()
-    connections["default"].close()
-    hold.join(30)
+    for _ in range(autosize.GROW_WAITS):
+        queue_behind_a_holder(pool)
     assert pool.stats.wait.total_us > 0.05 * pool.stats.hold.total_us  # (the share rule would grow)
     assert sizer.look() is None and sizer.last is first and pool.max_size == 1
     monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)
+    assert sizer.look() is not None and pool.max_size > 1, sizer.reason
+
+
+def test_one_borrower_that_waited_is_no_reason_to_grow(pool_options, monkeypatch):
+    """The waits' share of the holds grows the pool only when two borrowers or more waited: one
+    wait of 11 ms in half a second was 5% of the holds in bench/sizing.py, and grew a pool of 3
+    that suited its load (1 erlang) to 5, past the backends a large pool opened. One borrower
+    queued for a whole hold (a share far above GROW_AT) grows nothing; a window with a second
+    one does. A sizer of the test's own, on a real pool of fixed size, so that no upkeep thread
+    looks in between; made once the holder holds, so that the holder's own borrow is not in its
+    window."""
+    pool_options(min_size=1, max_size=1, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)  # (no window is too short to judge)
+    sizers: list[autosize.AutoSize] = []
+    queue_behind_a_holder(pool, lambda: sizers.append(autosize.AutoSize(pool, limit=4)))
+    sizer = sizers[0]
+    first = sizer.last
+    assert pool.stats.wait.total_us - first.wait.total_us > 0.05 * (pool.stats.hold.total_us - first.hold.total_us)
+    assert sizer.look() is None and pool.max_size == 1, sizer.reason
+    queue_behind_a_holder(pool)
+    sizer.last = first  # (a window with both waits)
     assert sizer.look() is not None and pool.max_size > 1, sizer.reason

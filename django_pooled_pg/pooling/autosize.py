@@ -19,7 +19,8 @@ pool's upkeep thread, at what happened since its last look:
   waits rare, and at least half again, up to the ceiling. The share is judged over
   :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
   the regular one after it) leaves the share to the next (one short queue in a few holds is no
-  trend).
+  trend); and it needs :data:`GROW_WAITS` borrowers that waited: at a size that suits the load,
+  one unlucky arrival's wait among a look's few holds can reach :data:`GROW_AT` by itself.
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -41,7 +42,7 @@ import math
 from typing import Any, Protocol
 
 from .budget import FleetBudget
-from .demand import LEVELS, Demand, Sample, level_percentile, sample
+from .demand import LEVELS, WAITED_BUCKET, Demand, Sample, level_percentile, sample
 from .queueing import HEADROOM, size_for_wait
 from .stats import AliasStats
 
@@ -56,6 +57,10 @@ PRESSED_EVERY = 0.02
 SETTLE_MAX = 0.1
 #: Grow when the waits since the last look add up to this share of the holds, or more.
 GROW_AT = 0.05
+#: ... and at least this many borrowers waited (1 ms or more). In bench/sizing.py one wait of
+#: 11 ms in half a second was 5% of the holds and grew a pool of 3 under 1 erlang, which suits
+#: it, to 5.
+GROW_WAITS = 2
 #: A growth multiplies the size by this (and adds one at least).
 GROW_BY = 1.5
 #: Seconds without queueing before a shrink, and between two shrinks.
@@ -81,6 +86,11 @@ class Pool(Protocol):
     def get_stats(self) -> dict[str, Any]: ...
 
     def resize_max(self, max_size: int) -> None: ...
+
+
+def waits(last: Sample, now: Sample) -> int:
+    """Borrowers that waited (1 ms or more) between two samples."""
+    return sum(now.wait.counts[WAITED_BUCKET:]) - sum(last.wait.counts[WAITED_BUCKET:])
 
 
 class AutoSize:
@@ -160,7 +170,7 @@ class AutoSize:
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
         queued = held == 0 and (waited > 0 or waiting > 0)
-        if refused or (held > 0 and waited >= GROW_AT * held) or queued:
+        if refused or (held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS) or queued:
             self.calm = now
             if size >= ceiling:
                 return None
