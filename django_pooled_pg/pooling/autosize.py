@@ -20,7 +20,9 @@ pool's upkeep thread, at what happened since its last look:
   :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
   the regular one after it) leaves the share to the next (one short queue in a few holds is no
   trend); and it needs :data:`GROW_WAITS` borrowers that waited: at a size that suits the load,
-  one unlucky arrival's wait among a look's few holds can reach :data:`GROW_AT` by itself.
+  one unlucky arrival's wait among a look's few holds can reach :data:`GROW_AT` by itself. The
+  window that starts at a growth is not judged: its waits are those of the borrowers that
+  queued while the connections the growth asked for were being opened.
 * **shrink** when, for :data:`CALM_FOR` seconds, nobody waited that much and nobody was refused:
   to the p99 of the connections in use over that time with :data:`HEADROOM` (the same rule as
   ``poolstats --advise``), by at most a quarter at a time, not below ``min_size``; then the calm
@@ -109,6 +111,8 @@ class AutoSize:
         self.queued = False
         #: The mean hold seen by the last look that saw holds end (seconds): :meth:`settle`.
         self.mean_hold = SETTLE_MAX
+        #: The mark of the look that last grew the pool (the window from there is not judged).
+        self.grown: Sample | None = None
 
     def _mark(self) -> Sample:
         # (One sample: each of stats.hold and stats.wait sums every view's histograms.)
@@ -170,7 +174,14 @@ class AutoSize:
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
         queued = held == 0 and (waited > 0 or waiting > 0)
-        if refused or (held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS) or queued:
+        share = held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS
+        if share and not refused and last is self.grown:
+            # The window began at a growth: borrowers queued while the connections it asked for
+            # were being opened (in bench/sizing.py the look after a growth to 3 found 8% and grew
+            # to 5, where 3 served the load); the next window judges the size grown to.
+            self.calm = now
+            return None
+        if refused or share or queued:
             self.calm = now
             if size >= ceiling:
                 return None
@@ -201,6 +212,8 @@ class AutoSize:
         pool = self.pool
         old = pool.max_size
         pool.resize_max(size)
+        if size > old:
+            self.grown = self.last  # (the look's mark: see look())
         pool.stats.resizes += 1
         self.reason = reason
         logger.info("pool %r: max_size %d -> %d: %s", pool.alias, old, size, reason)
