@@ -174,14 +174,14 @@ class AutoSize:
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
         queued = held == 0 and (waited > 0 or waiting > 0)
-        share = held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS
-        if share and not refused and last is self.grown:
+        waited_much = held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS
+        if waited_much and not refused and last is self.grown:
             # The window began at a growth: borrowers queued while the connections it asked for
             # were being opened (in bench/sizing.py the look after a growth to 3 found 8% and grew
             # to 5, where 3 served the load); the next window judges the size grown to.
             self.calm = now
             return None
-        if refused or share or queued:
+        if refused or waited_much or queued:
             self.calm = now
             if size >= ceiling:
                 return None
