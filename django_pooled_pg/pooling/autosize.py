@@ -44,7 +44,7 @@ import math
 from typing import Any, Protocol
 
 from .budget import FleetBudget
-from .demand import LEVELS, WAITED_BUCKET, Demand, Sample, level_percentile, sample
+from .demand import LEVELS, Demand, Sample, level_percentile, sample, waited_count
 from .queueing import HEADROOM, size_for_wait
 from .stats import AliasStats
 
@@ -88,11 +88,6 @@ class Pool(Protocol):
     def get_stats(self) -> dict[str, Any]: ...
 
     def resize_max(self, max_size: int) -> None: ...
-
-
-def waits(last: Sample, now: Sample) -> int:
-    """Borrowers that waited (1 ms or more) between two samples."""
-    return sum(now.wait.counts[WAITED_BUCKET:]) - sum(last.wait.counts[WAITED_BUCKET:])
 
 
 class AutoSize:
@@ -174,16 +169,17 @@ class AutoSize:
             return None
         # (With holds longer than a look, nothing finished: borrowers queued now say it.)
         queued = held == 0 and (waited > 0 or waiting > 0)
-        waited_much = held > 0 and waited >= GROW_AT * held and waits(last, now) >= GROW_WAITS
-        if waited_much and not refused and last is self.grown:
-            # The window began at a growth: borrowers queued while the connections it asked for
-            # were being opened (in bench/sizing.py the look after a growth to 3 found 8% and grew
-            # to 5, where 3 served the load); the next window judges the size grown to.
-            self.calm = now
-            return None
+        waited_much = (
+            held > 0 and waited >= GROW_AT * held and waited_count(now.wait) - waited_count(last.wait) >= GROW_WAITS
+        )
         if refused or waited_much or queued:
             self.calm = now
             if size >= ceiling:
+                return None
+            if waited_much and not refused and last is self.grown:
+                # The window began at a growth: borrowers queued while the connections it asked
+                # for were being opened (in bench/sizing.py the look after a growth to 3 found 8%
+                # and grew to 5, where 3 served the load); the next window judges the size grown to.
                 return None
             seconds = max(seconds, 1e-3)
             # Arrivals since the last look (those still queued: one look late) x mean hold.

@@ -168,6 +168,11 @@ def in_use(levels: dict[int, float]) -> dict[str, float]:
     }
 
 
+def waited_count(wait: Histogram) -> int:
+    """How many of the borrows ``wait`` counts waited: reached :data:`WAITED_BUCKET` (about 1 ms)."""
+    return sum(wait.counts[WAITED_BUCKET:])
+
+
 def _delta(new: Histogram, old: Histogram) -> Histogram:
     out = Histogram()
     out.counts = [a - b for a, b in zip(new.counts, old.counts, strict=True)]
@@ -185,7 +190,7 @@ def window(old: Sample, new: Sample, samples: int) -> dict[str, Any]:
     seconds = max(new.at - old.at, 0.0)
     levels = {i: round(b - a, 6) for i, (a, b) in enumerate(zip(old.levels, new.levels, strict=True)) if b - a > 0}
     hold, wait = _delta(new.hold, old.hold), _delta(new.wait, old.wait)
-    waited = sum(wait.counts[WAITED_BUCKET:])
+    waited = waited_count(wait)
     attempts = (new.borrows - old.borrows) + (new.failed - old.failed)
     return {
         "seconds": round(seconds, 3),
