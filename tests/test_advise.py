@@ -76,6 +76,32 @@ def test_in_use_is_exact_after_concurrent_borrows(pool_options, release):
     assert sum(seconds) - sum(demand.first.levels) == pytest.approx(now - demand.first.at, abs=1e-6)
 
 
+@pytest.mark.parametrize("release", MODES)
+def test_a_threads_statements_in_a_row_count_as_one_use(pool_options, release):
+    """Outside requests both modes give the connection back (park it) after each statement. One
+    thread running statements back to back takes its connection back microseconds after each
+    park: the take-back finds the park's event last in the demand's queue and takes it off
+    instead of adding its own, so the queue does not grow by two events per statement (about 3k
+    instructions to fold: issue 32's cost). A dip longer than DIP is counted as it happened."""
+    pool = fresh_pool(pool_options, release, min_size=1, max_size=2)
+    demand = pool.demand
+    statement()
+    demand.read()  # (folds: nothing is pending; no publisher reads in the tests)
+    assert not demand.events
+    for _ in range(50):
+        statement()
+    # Each statement's park leaves one event at most; a dip the machine stretched past DIP adds
+    # two. Counted one by one, fifty statements add a hundred.
+    assert len(demand.events) <= 50, f"{len(demand.events)} events for 50 statements in a row"
+    _, before, _ = demand.read()
+    statement()  # (taken back after the fold: counted)
+    time.sleep(0.02)  # a pause longer than DIP, nothing folded in between
+    statement()
+    _, after, level = demand.read()
+    assert level == 0  # (parked)
+    assert after[0] - before[0] >= 0.02, "the pause between two statements was counted in use"
+
+
 def test_the_count_is_exact_under_contention():
     """The same count hammered by 8 threads at once, switching as often as the interpreter can:
     it ends at 0, never counted below 0 or above 8, and its level-seconds add up to the time

@@ -33,7 +33,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .demand import FOLD_AT
+from .demand import DIP, FOLD_AT
 from .ledger import Frames, capture_frames, current_view, ledger
 from .registry import registry
 
@@ -78,6 +78,9 @@ class Borrow:
     owned: bool = False
     #: How long the borrow waited for its connection.
     wait: float = 0.0
+    #: The demand event its last :meth:`park` appended (the negated moment), for the take-back
+    #: that finds it last in the queue (:data:`.demand.DIP`).
+    down: float = 0.0
 
     @classmethod
     def start(cls, alias: str, pool: Pool, conn: PooledConnection, asked_at: float, holder: int, owned: bool) -> Borrow:
@@ -165,8 +168,20 @@ class Borrow:
             return None
         self.state = BORROWED
         demand = pool.demand  # (Demand.up(now), written out: a call is ~0.6k instructions)
-        demand.events.append(now)
-        if len(demand.events) > FOLD_AT:
+        events, down = demand.events, self.down
+        if events and events[-1] is down and now + down < DIP:
+            # Parked and taken back by its own thread within DIP, nothing else counted between:
+            # no dip, as if never parked (the park's event comes off; see demand.DIP).
+            try:
+                last = events.pop()
+            except IndexError:  # (a reader folded it meanwhile)
+                last = None
+            if last is down:
+                return conn
+            if last is not None:
+                events.append(last)  # another's, appended meanwhile: it stays
+        events.append(now)
+        if len(events) > FOLD_AT:
             demand.fold()
         return conn
 

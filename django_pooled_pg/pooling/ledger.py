@@ -62,6 +62,8 @@ class Borrow(Protocol):
     view: str | None
     stats: ViewStats
     reported: bool
+    #: (written by :meth:`.pool.Pool.park`: the demand event of the park, :data:`.demand.DIP`)
+    down: float
 
     @property
     def alias(self) -> str: ...

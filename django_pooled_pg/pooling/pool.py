@@ -442,7 +442,10 @@ class Pool(ConnectionPool[PooledConnection]):
                 return False
             # Out of use (the demand's count) before anyone may take it, which a taker does
             # under this lock and counts after: the count never exceeds the connections in use.
-            self.demand.events.append(-now)  # (Demand.down(now), written out: for every statement)
+            # (Demand.down(now), written out: for every statement; the borrow keeps the event for
+            # a take-back that finds it last: demand.DIP)
+            borrow.down = down = -now
+            self.demand.events.append(down)
             self._parked[borrow] = conn
         return True
 
