@@ -6,6 +6,7 @@ counted."""
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -14,6 +15,7 @@ from django.db import connections
 
 from django_pooled_pg import borrow
 from django_pooled_pg.pooling import autosize
+from django_pooled_pg.pooling.queueing import size_for_wait, size_for_wait_share
 from django_pooled_pg.pooling.registry import registry
 from testsupport.waiting import wait_until
 
@@ -270,6 +272,30 @@ def test_one_borrower_that_waited_is_no_reason_to_grow(pool_options, monkeypatch
     queue_behind_a_holder(pool)
     sizer.last = first  # (a window with both waits)
     assert sizer.look() is not None and pool.max_size > 1, sizer.reason
+
+
+def test_a_share_growth_grows_to_where_the_share_rule_would_stop(pool_options, monkeypatch):
+    """The waits' share grows the pool to the fewest connections at which an M/M/c queue
+    offered the load the look saw waits less than GROW_AT of its holds on average, by one at
+    least: about 3 for the 1 erlang here. The rule before (a 1% chance of waiting, as
+    ``--advise`` sizes, and half again) gave 5 for it, and grew bench/sizing.py's pools to 5
+    where 3 served. Two borrowers queued behind a holder on a real pool of size 1; a sizer of
+    the test's own with a ceiling that does not bind."""
+    pool_options(min_size=1, max_size=1, timeout=20)
+    statement()
+    connections["default"].close()
+    pool = registry.get("default")
+    monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)  # (no window is too short to judge)
+    sizer = autosize.AutoSize(pool, limit=16)
+    for _ in range(autosize.GROW_WAITS):
+        queue_behind_a_holder(pool)
+    grown = sizer.look()
+    match = re.search(r"load ([0-9.]+) erlangs", sizer.reason)
+    assert grown is not None and match, sizer.reason
+    load = float(match.group(1))  # (as the reason rounds it)
+    sizes = {max(2, size_for_wait_share(load + d, autosize.GROW_AT)) for d in (-0.005, 0.0, 0.005)}
+    assert grown in sizes, sizer.reason
+    assert grown < size_for_wait(load), sizer.reason  # (what --advise's rule gives)
 
 
 def test_the_window_that_starts_at_a_growth_is_not_judged(pool_options, monkeypatch):

@@ -14,9 +14,12 @@ pool's upkeep thread, at what happened since its last look:
   server a backend start, on the cores the requests run on), and a grown pool stays grown for
   :data:`CALM_FOR` seconds.
 * **grow** too when borrowers waited :data:`GROW_AT` or more of the time connections were held
-  (total wait / total hold) since the last look, or a borrower was refused: to the size an M/M/c
-  queue offered the load seen (arrivals per second x mean hold, :mod:`.queueing`) needs to keep
-  waits rare, and at least half again, up to the ceiling. The share is judged over
+  (total wait / total hold) since the last look, or a borrower was refused: to the fewest
+  connections at which an M/M/c queue offered the load seen (arrivals per second x mean hold,
+  :mod:`.queueing`) waits less than :data:`GROW_AT` of its holds, where this rule would stop
+  growing; by one at least, up to the ceiling. (The model's 1% chance of waiting, which
+  ``poolstats --advise`` sizes for, grew pools of bench/sizing.py to 5 under 1.3 erlangs
+  where 3 served; its arrivals are evenly spaced, not Poisson.) The share is judged over
   :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
   the regular one after it) leaves the share to the next (one short queue in a few holds is no
   trend); and it needs :data:`GROW_WAITS` borrowers that waited: at a size that suits the load,
@@ -45,7 +48,7 @@ from typing import Any, Protocol
 
 from .budget import FleetBudget
 from .demand import LEVELS, Demand, Sample, level_percentile, sample, waited_count
-from .queueing import HEADROOM, size_for_wait
+from .queueing import HEADROOM, size_for_wait_share
 from .stats import AliasStats
 
 logger = logging.getLogger("django_pooled_pg.pool")
@@ -63,8 +66,6 @@ GROW_AT = 0.05
 #: 11 ms in half a second was 5% of the holds and grew a pool of 3 under 1 erlang, which suits
 #: it, to 5.
 GROW_WAITS = 2
-#: A growth multiplies the size by this (and adds one at least).
-GROW_BY = 1.5
 #: Seconds without queueing before a shrink, and between two shrinks.
 CALM_FOR = 30.0
 #: A shrink takes away at most this share of the size.
@@ -184,7 +185,7 @@ class AutoSize:
             seconds = max(seconds, 1e-3)
             # Arrivals since the last look (those still queued: one look late) x mean hold.
             load = (now.borrows - last.borrows + refused) / seconds * mean_hold
-            target = min(ceiling, max(size + 1, math.ceil(size * GROW_BY), size_for_wait(load)))
+            target = min(ceiling, max(size + 1, size_for_wait_share(load, GROW_AT)))
             share = f"{waited / held:.0%} of" if held else "while nothing was"
             return self._resize(
                 target,

@@ -48,6 +48,24 @@ def size_for_wait(load: float, target: float = TARGET_WAIT) -> int:
     return servers
 
 
+def wait_share(servers: int, load: float) -> float:
+    """The mean wait over the mean hold, in the M/M/c queue of :func:`erlang_c`: C / (c - a),
+    since a borrower that must wait waits a mean hold over (c - a) on average. Infinite at or
+    above the size."""
+    if load >= servers:
+        return math.inf
+    return erlang_c(servers, load) / (servers - load)
+
+
+def size_for_wait_share(load: float, share: float) -> int:
+    """The fewest connections at which borrowers wait at most ``share`` of the mean hold on
+    average, by the M/M/c model (:func:`wait_share`)."""
+    servers = max(1, math.floor(load) + 1)
+    while wait_share(servers, load) > share:
+        servers += 1
+    return servers
+
+
 def size_for_concurrency(p99: float, headroom: float = HEADROOM) -> int:
     """Connections covering the p99 of measured concurrency with ``headroom``: the measured
     distribution already holds the bursts the model smooths over."""
