@@ -169,17 +169,16 @@ class Borrow:
         self.state = BORROWED
         demand = pool.demand  # (Demand.up(now), written out: a call is ~0.6k instructions)
         events, down = demand.events, self.down
-        if events and events[-1] is down and now + down < DIP:
-            # Parked and taken back by its own thread within DIP, nothing else counted between:
-            # no dip, as if never parked (the park's event comes off; see demand.DIP).
-            try:
+        try:
+            if events and events[-1] is down and now + down < DIP:
+                # Parked (or kept) and taken back by its own thread within DIP, nothing else
+                # counted between: no dip, as if never parked (its event comes off: demand.DIP).
                 last = events.pop()
-            except IndexError:  # (a reader folded it meanwhile)
-                last = None
-            if last is down:
-                return conn
-            if last is not None:
+                if last is down:
+                    return conn
                 events.append(last)  # another's, appended meanwhile: it stays
+        except IndexError:  # (a reader folded the deque meanwhile: the park's event with it)
+            pass
         events.append(now)
         if len(events) > FOLD_AT:
             demand.fold()
