@@ -210,6 +210,15 @@ def test_a_borrower_a_returning_connection_serves_before_the_sizer_looks_grows_n
         pool.putconn(conn)
 
 
+def pool_of_one(pool_options):
+    """A real pool of fixed size 1 for the default alias, opened, with no sizer of its own: the
+    tests below make theirs, so that no upkeep thread looks in between."""
+    pool_options(min_size=1, max_size=1, timeout=20)
+    statement()
+    connections["default"].close()
+    return registry.get("default")
+
+
 def queue_behind_a_holder(pool, before_the_queue=lambda: None) -> None:
     """A thread holds the pool's one connection 0.2 s, and this thread borrows meanwhile: one
     borrower that waited about 0.2 s. ``before_the_queue`` runs once the holder holds it."""
@@ -234,10 +243,7 @@ def test_a_look_soon_after_the_last_leaves_the_waits_to_the_next(pool_options, m
     until a look over a long enough window. (The regular look 0.1 s after a woken one grew
     pools on such windows in bench/sizing.py.) A sizer of the test's own, on a real pool of
     fixed size, so that no upkeep thread looks in between."""
-    pool_options(min_size=1, max_size=1, timeout=20)
-    statement()
-    connections["default"].close()
-    pool = registry.get("default")
+    pool = pool_of_one(pool_options)
     assert pool.sizer is None
     sizer = autosize.AutoSize(pool, limit=4)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 600.0)  # (every window here is "short")
@@ -258,10 +264,7 @@ def test_one_borrower_that_waited_is_no_reason_to_grow(pool_options, monkeypatch
     one does. A sizer of the test's own, on a real pool of fixed size, so that no upkeep thread
     looks in between; made once the holder holds, so that the holder's own borrow is not in its
     window."""
-    pool_options(min_size=1, max_size=1, timeout=20)
-    statement()
-    connections["default"].close()
-    pool = registry.get("default")
+    pool = pool_of_one(pool_options)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)  # (no window is too short to judge)
     sizers: list[autosize.AutoSize] = []
     queue_behind_a_holder(pool, lambda: sizers.append(autosize.AutoSize(pool, limit=4)))
@@ -281,10 +284,7 @@ def test_a_share_growth_grows_to_where_the_share_rule_would_stop(pool_options, m
     ``--advise`` sizes, and half again) gave 5 for it, and grew bench/sizing.py's pools to 5
     where 3 served. Two borrowers queued behind a holder on a real pool of size 1; a sizer of
     the test's own with a ceiling that does not bind."""
-    pool_options(min_size=1, max_size=1, timeout=20)
-    statement()
-    connections["default"].close()
-    pool = registry.get("default")
+    pool = pool_of_one(pool_options)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)  # (no window is too short to judge)
     sizer = autosize.AutoSize(pool, limit=16)
     for _ in range(autosize.GROW_WAITS):
@@ -305,10 +305,7 @@ def test_the_window_that_starts_at_a_growth_is_not_judged(pool_options, monkeypa
     served the load, and the fleet peaked one backend above the large pool). The window after
     that one is judged. A sizer of the test's own on a real pool; the test keeps the pool's
     connections in use but one, so that the queued borrowers wait at each size."""
-    pool_options(min_size=1, max_size=1, timeout=20)
-    statement()
-    connections["default"].close()
-    pool = registry.get("default")
+    pool = pool_of_one(pool_options)
     monkeypatch.setattr(autosize, "LOOK_EVERY", 0.0)  # (no window is too short to judge)
     sizer = autosize.AutoSize(pool, limit=16)
     held: list[object] = []

@@ -17,9 +17,9 @@ pool's upkeep thread, at what happened since its last look:
   (total wait / total hold) since the last look, or a borrower was refused: to the fewest
   connections at which an M/M/c queue offered the load seen (arrivals per second x mean hold,
   :mod:`.queueing`) waits less than :data:`GROW_AT` of its holds, where this rule would stop
-  growing; by one at least, up to the ceiling. (The model's 1% chance of waiting, which
-  ``poolstats --advise`` sizes for, grew pools of bench/sizing.py to 5 under 1.3 erlangs
-  where 3 served; its arrivals are evenly spaced, not Poisson.) The share is judged over
+  growing; by one at least, up to the ceiling. (Not the model's 1% chance of waiting, which
+  ``poolstats --advise`` sizes for once: a size past the one where this rule stops is a
+  backend the load may not need.) The share is judged over
   :data:`LOOK_EVERY` / 2 at least: a look sooner than that after the last one (a woken look, or
   the regular one after it) leaves the share to the next (one short queue in a few holds is no
   trend); and it needs :data:`GROW_WAITS` borrowers that waited: at a size that suits the load,

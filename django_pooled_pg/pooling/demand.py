@@ -23,8 +23,8 @@ parses its arguments on every acquire): 5-7% of a statement's with ``release="tr
 which changes the count twice per statement; the appends and the fold cost about 0.5k per
 change (``bench/results/instructions/``).
 
-A thread's own statements in a row count as one use: a dip shorter than :data:`DIP` between
-them, with nothing else counted meanwhile, is not counted (a mean in use higher by at most
+A thread's own statements (or requests) in a row count as one use: a dip shorter than
+:data:`DIP` between them, with nothing else counted meanwhile, is not counted (a mean in use higher by at most
 those dips' share of the time).
 
 How many borrowers arrived comes from counters that exist already: borrows (every hold that

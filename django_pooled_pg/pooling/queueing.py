@@ -5,6 +5,7 @@ sizes they give. Shared by ``poolstats --advise`` (:mod:`..telemetry.advice`) an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 #: Headroom over the p99 of measured concurrency.
 HEADROOM = 1.25
@@ -40,12 +41,18 @@ def erlang_c(servers: int, load: float) -> float:
     return servers * b / (servers - load * (1 - b))
 
 
-def size_for_wait(load: float, target: float = TARGET_WAIT) -> int:
-    """The fewest connections whose Erlang C waiting probability is at most ``target``."""
+def fewest(load: float, model: Callable[[int, float], float], target: float) -> int:
+    """The fewest connections above ``load`` at which ``model(servers, load)`` is at most
+    ``target`` (it falls as servers are added)."""
     servers = max(1, math.floor(load) + 1)
-    while erlang_c(servers, load) > target:
+    while model(servers, load) > target:
         servers += 1
     return servers
+
+
+def size_for_wait(load: float, target: float = TARGET_WAIT) -> int:
+    """The fewest connections whose Erlang C waiting probability is at most ``target``."""
+    return fewest(load, erlang_c, target)
 
 
 def wait_share(servers: int, load: float) -> float:
@@ -60,10 +67,7 @@ def wait_share(servers: int, load: float) -> float:
 def size_for_wait_share(load: float, share: float) -> int:
     """The fewest connections at which borrowers wait at most ``share`` of the mean hold on
     average, by the M/M/c model (:func:`wait_share`)."""
-    servers = max(1, math.floor(load) + 1)
-    while wait_share(servers, load) > share:
-        servers += 1
-    return servers
+    return fewest(load, wait_share, share)
 
 
 def size_for_concurrency(p99: float, headroom: float = HEADROOM) -> int:
