@@ -148,6 +148,47 @@ def test_a_waiting_borrower_gets_the_connection_instead_of_parking(pool_options)
     holder.join()
 
 
+def test_a_connection_parked_as_a_borrower_queues_is_handed_to_it(pool_options, monkeypatch):
+    """Parking takes no lock (Pool.park): a borrower that found no connection and queues just
+    after one was parked gets it from the queue's side at once (Pool._maybe_grow_pool), instead
+    of waiting while it sits parked. The borrower is held between its look and its queueing,
+    under the pool's lock, while the connection is parked."""
+    pool_options(min_size=1, max_size=1, timeout=30, release="transaction")
+    # A borrower's wait slice is one connect_timeout (Pool.borrow): a waiter the parked
+    # connection is not handed to waits 20 s, until its next slice looks again.
+    connection.settings_dict["OPTIONS"]["connect_timeout"] = 20
+    pool = connection.pool
+    pool.wait(timeout=5)
+    looked, parked, got = threading.Event(), threading.Event(), []
+    look = pool._get_ready_connection
+
+    def look_then_hold(timeout):
+        conn = look(timeout)
+        if conn is None and threading.current_thread() is borrower:
+            looked.set()
+            parked.wait(2)  # (with a lock taken by park(), it is taken here: 2 s, then it queues)
+        return conn
+
+    def borrow_one():
+        started = time.monotonic()
+        got.append(backend_pid())
+        got.append(time.monotonic() - started)
+        connection.close()
+
+    monkeypatch.setattr(pool, "_get_ready_connection", look_then_hold)
+    borrower = threading.Thread(target=borrow_one)
+    taken = ledger.stats_for("default").parked_taken
+    with pinned():
+        mine = backend_pid()  # the pool's one connection is in use
+        borrower.start()
+        assert looked.wait(5)
+    parked.set()  # the end of pinned() parked it: nobody had queued yet
+    borrower.join(30)
+    assert got and got[0] == mine
+    assert got[1] < 10  # handed over, not found by the next wait slice (20 s)
+    assert ledger.stats_for("default").parked_taken == taken + 1  # parked, then handed over
+
+
 def test_parked_connection_killed_meanwhile_is_replaced(superuser):
     pid = backend_pid()  # parked now
     lost = ledger.stats_for("default").lost
