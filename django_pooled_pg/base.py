@@ -308,7 +308,8 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
         With ``keep`` a clean connection stays with this wrapper, free for any borrower to take,
         and this thread's next borrow takes it back without psycopg_pool's queue
         (:meth:`Borrow.keep <django_pooled_pg.pooling.borrow.Borrow.keep>`). ``parked``: its hold
-        ended when it was parked (it was taken back only to go back, or found unfit).
+        ended when it was parked, and the caller counted it (``Borrow.end_hold``): it was
+        taken back only to go back, or found unfit.
         """
         borrow = self._borrow
         if borrow is None:
@@ -339,14 +340,15 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
             self._returned(borrow, conn._pooled_pg_returned_at, outcome.rolled_back, busy)
 
     def _returned(self, borrow: Borrow, now: float, rolled_back: bool, busy: float) -> None:
-        """The end of a hold: recorded in its view's histogram (and, for the give-back between
-        statements, by :meth:`Borrow.park <django_pooled_pg.pooling.borrow.Borrow.park>`)."""
-        held = now - borrow.started
+        """The end of a hold: recorded in its view's histogram (a parked one's by
+        :meth:`Borrow.end_hold <django_pooled_pg.pooling.borrow.Borrow.end_hold>`).
+        The signal's ``held`` is since the last take-back, as each give-back's."""
+        held = now - borrow.since
         # (a hold given back per statement is all statement or transaction: its cursors are
         # not timed, see _release_per_statement)
         borrow.stats.held(held, held if self._per_statement else busy)
         if signals.connection_returned.receivers:
-            self._send_returned(held, rolled_back)
+            self._send_returned(now - borrow.started, rolled_back)
 
     def _send_returned(self, held: float, rolled_back: bool) -> None:
         signals.connection_returned.send(

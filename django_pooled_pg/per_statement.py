@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import signals
 from .cursors import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
+from .pooling.demand import DIP
 from .pooling.ledger import current_view
 from .pooling.pool import RECENT, Pool, expire_at
 
@@ -78,13 +79,35 @@ class PerStatementRelease(_Base):
 
     def _take_back_parked(self, borrow: Borrow) -> bool:
         """Resume the parked connection for the next statement: True if it was still free and
-        alive; False (and a normal borrow follows) if not."""
+        alive; False (and a normal borrow follows) if not. Taken back within
+        :data:`~django_pooled_pg.pooling.demand.DIP` of its park, by the same view, the hold
+        goes on (the thread's statements in a row are one hold, as they are one use in the
+        demand: counting each cost about 9k instructions a statement); else the parked hold
+        ended at the park, and a new one starts (:meth:`_new_hold`)."""
         now = time.monotonic()
         conn = borrow.take_back(id(self), now)
         if conn is None:
             self._borrow = None  # not ours (fork, copy), or taken meanwhile
             return False
         self.connection = conn
+        if not (
+            now - conn._pooled_pg_returned_at < DIP
+            and expire_at(conn) > now
+            and current_view.get() is borrow.view
+            and borrow.pool._parked_holds.pop(borrow, 0) is None  # (not counted by a reader: Borrow.end_hold)
+        ) and not self._new_hold(borrow, conn, now):
+            return False
+        borrow.started = now
+        self._open_cursors.clear()  # (the set of this connect())
+        if signals.connection_borrowed.receivers:
+            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
+        return True
+
+    def _new_hold(self, borrow: Borrow, conn: Any, now: float) -> bool:
+        """The parked connection taken back, not in a row with its last statement, is a new hold
+        of the same borrow from ``now``: False, and the connection goes back, if it is past
+        ``max_lifetime`` or found dead after a pause."""
+        borrow.end_hold()
         if expire_at(conn) <= now:
             self._close(keep=False, parked=True)  # past max_lifetime: the pool replaces it
             return False
@@ -92,9 +115,8 @@ class PerStatementRelease(_Base):
             borrow.pool.lost(conn)  # dead after a pause, as an idle connection can be
             self._close(keep=False, parked=True)
             return False
-        # The hold goes on (the same borrow) from now: Borrow's bookkeeping written out, as the
-        # call would run before every statement.
-        borrow.started = now
+        # (Borrow's bookkeeping written out, as it runs before every statement after a pause.)
+        borrow.since = now
         view = current_view.get()
         if view is not borrow.view:  # (the same string all through a request)
             borrow.view = view
@@ -103,9 +125,6 @@ class PerStatementRelease(_Base):
             # query): the request holds it, as its own borrow would.
             self._release_per_statement(borrow.pool, conn)
         borrow.pool.stats.borrowed(None, borrow.stats)
-        self._open_cursors.clear()  # (the set of this connect())
-        if signals.connection_borrowed.receivers:
-            signals.connection_borrowed.send(sender=type(self), alias=self.alias, connection=self, wait=0.0)
         return True
 
     def _return_parked(self, borrow: Borrow) -> None:
@@ -116,6 +135,7 @@ class PerStatementRelease(_Base):
         if conn is None:
             self._borrow = None
             return
+        borrow.end_hold()  # (its return time is the park's until _close())
         self.connection = conn
         self._close(parked=True)
 

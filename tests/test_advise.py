@@ -102,6 +102,75 @@ def test_a_threads_statements_in_a_row_count_as_one_use(pool_options, release):
     assert after[0] - before[0] >= 0.02, "the pause between two statements was counted in use"
 
 
+@pytest.mark.parametrize("release", MODES)
+def test_a_threads_statements_in_a_row_are_one_hold(pool_options, release):
+    """Outside requests both modes give the connection back (park it) after each statement. A
+    thread's statements in a row, each taking the connection back within DIP of its park, are
+    one hold, as they are one use in the demand: counting each cost about 9k instructions (issue
+    31's cost outside requests). A pause longer than DIP ends a hold. Every hold is counted once,
+    with its borrow: by the holder, a taker, or a reader (Pool.count_parked_holds)."""
+    pool = fresh_pool(pool_options, release, min_size=1, max_size=2)
+    stats = pool.stats
+    statement()
+    borrows, holds = stats.borrows, stats.hold.count
+    for _ in range(50):
+        statement()
+    time.sleep(0.01)  # (past DIP: the last hold ended at its park)
+    pool.count_parked_holds()  # (as a reader of the statistics does)
+    # Each statement's hold is one at most; a gap the machine stretched past DIP makes two.
+    # Counted one by one, fifty statements are fifty holds.
+    assert stats.hold.count - holds <= 25, f"{stats.hold.count - holds} holds for 50 statements in a row"
+    assert stats.hold.count - holds == stats.borrows - borrows + 1  # (+1: the first statement's)
+    holds = stats.hold.count
+    statement()
+    time.sleep(0.02)  # a pause longer than DIP
+    statement()
+    time.sleep(0.01)
+    pool.count_parked_holds()
+    assert stats.hold.count - holds == 2
+
+
+@pytest.mark.parametrize("release", MODES)
+def test_every_hold_is_counted_once_under_contention(pool_options, release):
+    """Threads running statements outside requests on a pool smaller than their number (so
+    parked connections are taken by others, and taken back in a row or after a pause), and a
+    reader counting parked holds all along, with the interpreter switching threads as often as
+    it can: in the end every borrow's hold was counted exactly once, whoever counted it."""
+    pool = fresh_pool(pool_options, release, min_size=2, max_size=2, timeout=30)
+    stats = pool.stats
+    borrows, holds = stats.borrows, stats.hold.count
+    done = threading.Event()
+
+    def work(n: int) -> None:
+        for i in range(40):
+            statement()
+            if (i + n) % 3 == 0:
+                time.sleep(0.002)  # (past DIP: a new hold)
+        connections["default"].close()
+
+    def read() -> None:
+        while not done.is_set():
+            pool.count_parked_holds()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        done.set()
+        reader.join(10)
+        sys.setswitchinterval(interval)
+    pool.count_parked_holds()
+    assert not pool._parked_holds
+    assert stats.hold.count - holds == stats.borrows - borrows
+
+
 def test_the_count_is_exact_under_contention():
     """The same count hammered by 8 threads at once, switching as often as the interpreter can:
     it ends at 0, never counted below 0 or above 8, and its level-seconds add up to the time

@@ -227,9 +227,16 @@ def queue_behind_a_holder(pool, before_the_queue=lambda: None) -> None:
         Load(1, 0.2).work_once()
         connections["default"].close()
 
+    holders = pool.stats.view("autosize-load").wait
+    held = holders.count
     hold = threading.Thread(target=hold_once)
     hold.start()
-    wait_until(lambda: pool.get_stats().get("pool_available", 1) == 0, message="the holder to borrow")
+    # (its borrow counted, wait included: under load the reset of the connection it took can
+    # pass 1 ms, a wait that must not fall in the window of a sizer made next)
+    wait_until(
+        lambda: holders.count > held and pool.get_stats().get("pool_available", 1) == 0,
+        message="the holder to borrow",
+    )
     before_the_queue()
     with borrow("default", name="queued"):  # (waits for the holder's 0.2 s)
         statement()

@@ -88,6 +88,8 @@ class Pool(Protocol):
 
     def get_stats(self) -> dict[str, Any]: ...
 
+    def count_parked_holds(self) -> None: ...
+
     def resize_max(self, max_size: int) -> None: ...
 
 
@@ -111,7 +113,9 @@ class AutoSize:
         self.grown: Sample | None = None
 
     def _mark(self) -> Sample:
-        # (One sample: each of stats.hold and stats.wait sums every view's histograms.)
+        # (One sample: each of stats.hold and stats.wait sums every view's histograms; the holds
+        # that ended at a park are counted first.)
+        self.pool.count_parked_holds()
         return sample(self.pool.demand, self.pool.stats)
 
     @property

@@ -60,7 +60,7 @@ class Borrow:
     pool: Pool
     conn: PooledConnection
     thread: threading.Thread
-    #: When the current hold began (``time.monotonic()``): the borrow, or its last take-back.
+    #: When the borrow, or its last take-back, began (``time.monotonic()``).
     started: float
     view: str | None
     #: Where its waits and holds are counted: the ViewStats of ``view``.
@@ -81,6 +81,9 @@ class Borrow:
     #: The demand event its last :meth:`park` appended (the negated moment), for the take-back
     #: that finds it last in the queue (:data:`.demand.DIP`).
     down: float = 0.0
+    #: When the hold being counted began: ``started``, or earlier when the thread's statements
+    #: ran in a row (each taken back within :data:`.demand.DIP` of its park), which are one hold.
+    since: float = 0.0
 
     @classmethod
     def start(cls, alias: str, pool: Pool, conn: PooledConnection, asked_at: float, holder: int, owned: bool) -> Borrow:
@@ -101,6 +104,7 @@ class Borrow:
             generation=registry.generation,
             owned=owned,
         )
+        borrow.since = borrow.started
         borrow.wait = borrow.started - asked_at
         conn._pooled_pg_busy = 0.0  # (the session set-up's statements are nobody's hold)
         ledger.add(borrow, owned_by_thread=owned, leak_timeout=leak_timeout)
@@ -122,17 +126,36 @@ class Borrow:
 
     def park(self) -> bool:
         """BORROWED -> PARKED, between statements; False (still BORROWED) when the connection
-        must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold ends here."""
-        conn, now = self.conn, time.monotonic()
-        if not self.pool.park(conn, self, now):  # (which counts it out of use in the pool's demand)
-            return False
+        must go back now: someone waits for one (:meth:`.pool.Pool.park`). Its hold is counted
+        once it is known to have ended here (:meth:`end_hold`): not when the thread's next
+        statement takes it back within :data:`.demand.DIP`, and the hold goes on."""
+        conn, pool, now = self.conn, self.pool, time.monotonic()
         conn._pooled_pg_returned_at = now
         conn._pooled_pg_cursors.clear()  # (every one closed: the caller checked)
         # (the hold's end: the next one counts its own busy time, when a class a tool wrapped
         # timed this one's)
         conn._pooled_pg_busy = 0.0
         self.state = PARKED
-        held = now - self.started
+        pool._parked_holds[self] = None  # (before the pool publishes it: a taker counts the hold)
+        if pool.park(conn, self, now):  # (which counts it out of use in the pool's demand)
+            return True
+        self.state = BORROWED
+        if pool._parked_holds.pop(self, 0) is not None:
+            # A reader counted the hold to the park (this thread was switched out for DIP or
+            # more just now): the rest is a new one, as after a pause.
+            self.since = now
+            pool.stats.borrowed(None, self.stats)
+        return False
+
+    def end_hold(self) -> bool:
+        """Count the hold that ended when the connection was parked, unless someone has: of the
+        holder taking it back DIP or more later (or to give it back), a borrower or the pool
+        taking the connection, and a reader of the statistics (:meth:`.pool.Pool.count_parked_holds`),
+        the one that takes the borrow out of the pool's ``_parked_holds`` counts it. True if this
+        call did. (A KEPT borrow's hold was counted at its return: it is not in there.)"""
+        if self.pool._parked_holds.pop(self, 0) is not None:
+            return False
+        held = self.conn._pooled_pg_returned_at - self.since
         self.stats.held(held, held)  # (a hold that ends at its statement's end is all busy)
         return True
 
@@ -187,7 +210,7 @@ class Borrow:
     def renew(self, now: float) -> None:
         """A KEPT connection taken back is a new hold (a borrow that did not wait), from ``now``."""
         pool = self.pool
-        self.started = now
+        self.started = self.since = now
         self.reported = False
         self.wait = 0.0
         view = self.view = current_view.get()

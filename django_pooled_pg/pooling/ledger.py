@@ -81,6 +81,9 @@ class Borrow(Protocol):
     def started(self) -> float: ...
 
     @property
+    def since(self) -> float: ...
+
+    @property
     def frames(self) -> Frames | None: ...
 
     @property
@@ -89,6 +92,8 @@ class Borrow(Protocol):
     def stack(self) -> str: ...
 
     def taken(self) -> None: ...
+
+    def end_hold(self) -> bool: ...
 
 
 def capture_frames(skip: int) -> Frames:
@@ -209,6 +214,8 @@ class BorrowLedger:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
             taken = borrow.pool.unpark(borrow.conn, borrow)
+            if taken:
+                borrow.end_hold()
             borrow.taken()  # (first: once the pool has it, nobody holds it)
             if taken:
                 release_connection(borrow.pool, borrow.conn)
@@ -220,7 +227,7 @@ class BorrowLedger:
         outcome = release_connection(borrow.pool, borrow.conn)
         self.stats_for(borrow.alias).reclaimed += 1
         borrow.stats.rollbacks += outcome.rolled_back
-        borrow.stats.held(now - borrow.started, busy)
+        borrow.stats.held(now - borrow.since, busy)
         eventlog.warn(
             "a thread ended holding a connection",
             borrow.alias,

@@ -38,7 +38,7 @@ from .autosize import LOOK_EVERY as SIZE_EVERY
 from .autosize import PRESSED_EVERY, AutoSize
 from .budget import LOOK_EVERY, BudgetRefused, FleetBudget
 from .connection import PooledConnection, health_tracking
-from .demand import Demand
+from .demand import DIP, Demand
 from .ledger import Borrow, ledger
 from .release import release_connection
 from .reset import finish_reset as read_reset
@@ -126,6 +126,10 @@ class Pool(ConnectionPool[PooledConnection]):
         #: connection: a connection another borrower took and parked again is under that
         #: borrower's record, so the first one's :meth:`unpark` cannot find it.
         self._parked: dict[Borrow, PooledConnection] = {}
+        #: Borrows parked between statements whose hold is not counted yet: it ended at the park
+        #: unless their thread's next statement takes the connection back within DIP (then it
+        #: goes on). Whoever takes a borrow out of here counts its hold (Borrow.end_hold).
+        self._parked_holds: dict[Borrow, None] = {}
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
         self.can_keep = self._keeps = kwargs.get("reset") is None
@@ -153,6 +157,9 @@ class Pool(ConnectionPool[PooledConnection]):
         #: which must never queue; 0 otherwise.
         self._looker = 0
         self._closing = threading.Event()
+        #: Set first thing in close(): park() reads it (psycopg_pool's ``closed`` is a property,
+        #: a call read twice per statement given back).
+        self._shut = False
         #: Wakes the upkeep thread before its time: the pool closes, or a borrower queued at
         #: max_size with max_size="auto" (the sizer looks at once: AutoSize.pressed).
         self._wake = threading.Event()
@@ -438,7 +445,7 @@ class Pool(ConnectionPool[PooledConnection]):
         queued (:meth:`_maybe_grow_pool`) and takes it. Of the two, a ``dict.pop`` decides
         which one has it.
         """
-        if self._waiting or self._shrink or self.closed:
+        if self._waiting or self._shrink or self._shut:
             return False
         # Out of use (the demand's count) before anyone may take it, which a taker counts after
         # it took it: the count never exceeds the connections in use. (Demand.down(now), written
@@ -448,7 +455,7 @@ class Pool(ConnectionPool[PooledConnection]):
         self.demand.events.append(down)
         parked = self._parked
         parked[borrow] = conn
-        if self._waiting or self._shrink or self.closed:  # (since the first read: see above)
+        if self._waiting or self._shrink or self._shut:  # (since the first read: see above)
             if parked.pop(borrow, None) is conn:
                 self.demand.events.append(now)  # in use again: the caller gives it back
                 return False
@@ -470,7 +477,19 @@ class Pool(ConnectionPool[PooledConnection]):
         return next((borrow for borrow, parked in list(self._parked.items()) if parked is conn), None)
 
     def _take_parked(self, borrow: Borrow) -> PooledConnection | None:
-        return self._parked.pop(borrow, None)  # None: its borrower took it back first
+        conn = self._parked.pop(borrow, None)  # None: its borrower took it back first
+        if conn is not None:
+            borrow.end_hold()  # (nobody goes on with it now)
+        return conn
+
+    def count_parked_holds(self) -> None:
+        """For a reader of the statistics: count the holds of the connections parked DIP or more
+        ago, which ended at their park (their holder's next statement starts a new one), so that
+        a connection parked by a thread that stopped querying is not counted as a hold going on."""
+        now = time.monotonic()
+        for borrow in list(self._parked_holds):
+            if now - borrow.conn._pooled_pg_returned_at >= DIP:
+                borrow.end_hold()
 
     def release_parked(self, older_than: float = 0.0) -> int:
         """Give connections parked longer than ``older_than`` seconds back to the pool, where
@@ -542,6 +561,7 @@ class Pool(ConnectionPool[PooledConnection]):
         return stats
 
     def close(self, timeout: float = 5.0) -> None:
+        self._shut = True  # (no park from now on: park())
         self._closing.set()
         self._wake.set()
         super().close(timeout)
@@ -550,6 +570,7 @@ class Pool(ConnectionPool[PooledConnection]):
         for borrow in list(parked):
             conn = parked.pop(borrow, None)
             if conn is not None:
+                borrow.end_hold()
                 self._close_connection(conn)
 
     def budget_error(self) -> BudgetExhausted:

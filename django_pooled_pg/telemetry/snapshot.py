@@ -132,6 +132,7 @@ def take(alias: str | None = None) -> list[PoolSnapshot]:
     for name, pool in sorted(registry.pools().items()):
         if (alias is not None and name != alias) or pool.closed:
             continue
+        pool.count_parked_holds()  # (holds that ended at a park: counted before they are read)
         stats = ledger.stats_for(name)
         measures = pool.get_stats()
         counters = stats.counters()
