@@ -128,7 +128,8 @@ class Pool(ConnectionPool[PooledConnection]):
         self._parked: dict[Borrow, PooledConnection] = {}
         #: Borrows parked between statements whose hold is not counted yet: it ended at the park
         #: unless their thread's next statement takes the connection back within DIP (then it
-        #: goes on). Whoever takes a borrow out of here counts its hold (Borrow.end_hold).
+        #: goes on). Whoever takes a borrow out of here counts its hold (Borrow.end_hold): the
+        #: value is None, so ``pop(borrow, 0) is None`` says whether this pop took it.
         self._parked_holds: dict[Borrow, None] = {}
         #: Whether a borrower may keep its connection for its next borrow (DatabaseWrapper._keep):
         #: not with a ``reset`` callback of the user's, which psycopg_pool runs in ``putconn()``.
