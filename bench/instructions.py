@@ -57,7 +57,7 @@ UNDER_VALGRIND = (
     "django_pooled_pg.pooling.pool.RECENT = django_pooled_pg.base.RECENT = 10.0\n"
     # The same for a thread's statements in a row (demand.DIP, 1 ms): at full speed the Python
     # between two statements takes tens of microseconds, under valgrind about a millisecond.
-    "import sys, django_pooled_pg.pooling.demand\n"
+    "import sys\n"
     "for _name in ('django_pooled_pg.pooling.demand', 'django_pooled_pg.pooling.borrow',\n"
     "              'django_pooled_pg.pooling.pool', 'django_pooled_pg.per_statement'):\n"
     "    __import__(_name)\n"

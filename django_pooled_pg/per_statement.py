@@ -115,8 +115,6 @@ class PerStatementRelease(_Base):
             borrow.pool.lost(conn)  # dead after a pause, as an idle connection can be
             self._close(keep=False, parked=True)
             return False
-        # (Borrow's bookkeeping written out, as it runs before every statement after a pause.)
-        borrow.since = now
         view = current_view.get()
         if view is not borrow.view:  # (the same string all through a request)
             borrow.view = view
@@ -124,7 +122,7 @@ class PerStatementRelease(_Base):
             # Parked outside a request and taken back in one (a test client's request after a
             # query): the request holds it, as its own borrow would.
             self._release_per_statement(borrow.pool, conn)
-        borrow.pool.stats.borrowed(None, borrow.stats)
+        borrow.new_hold(now)
         return True
 
     def _return_parked(self, borrow: Borrow) -> None:

@@ -143,21 +143,24 @@ class Borrow:
         if pool._parked_holds.pop(self, 0) is not None:
             # A reader counted the hold to the park (this thread was switched out for DIP or
             # more just now): the rest is a new one, as after a pause.
-            self.since = now
-            pool.stats.borrowed(None, self.stats)
+            self.new_hold(now)
         return False
 
-    def end_hold(self) -> bool:
+    def end_hold(self) -> None:
         """Count the hold that ended when the connection was parked, unless someone has: of the
         holder taking it back DIP or more later (or to give it back), a borrower or the pool
         taking the connection, and a reader of the statistics (:meth:`.pool.Pool.count_parked_holds`),
-        the one that takes the borrow out of the pool's ``_parked_holds`` counts it. True if this
-        call did. (A KEPT borrow's hold was counted at its return: it is not in there.)"""
-        if self.pool._parked_holds.pop(self, 0) is not None:
-            return False
-        held = self.conn._pooled_pg_returned_at - self.since
-        self.stats.held(held, held)  # (a hold that ends at its statement's end is all busy)
-        return True
+        the one that takes the borrow out of the pool's ``_parked_holds`` counts it. (A KEPT
+        borrow's hold was counted at its return: it is not in there.)"""
+        if self.pool._parked_holds.pop(self, 0) is None:
+            held = self.conn._pooled_pg_returned_at - self.since
+            self.stats.held(held, held)  # (a hold that ends at its statement's end is all busy)
+
+    def new_hold(self, now: float) -> None:
+        """A new hold of this borrow from ``now``, after the last one ended at a park (counted by
+        :meth:`end_hold`): counted as a borrow that did not wait, under the current ``stats``."""
+        self.since = now
+        self.pool.stats.borrowed(None, self.stats)
 
     def keep(self) -> bool:
         """BORROWED -> KEPT: a clean, returned connection stays parked for the holder's thread's

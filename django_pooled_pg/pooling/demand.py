@@ -24,8 +24,8 @@ which changes the count twice per statement; the appends and the fold cost about
 change (``bench/results/instructions/``).
 
 A thread's own statements (or requests) in a row count as one use: a dip shorter than
-:data:`DIP` between them, with nothing else counted meanwhile, is not counted (a mean in use higher by at most
-those dips' share of the time).
+:data:`DIP` between them, with nothing else counted meanwhile, is not counted (a mean in use
+higher by at most those dips' share of the time).
 
 How many borrowers arrived comes from counters that exist already: borrows (every hold that
 started, a statement's take-back of its parked connection included) plus borrowers that got

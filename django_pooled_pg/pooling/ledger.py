@@ -93,7 +93,7 @@ class Borrow(Protocol):
 
     def taken(self) -> None: ...
 
-    def end_hold(self) -> bool: ...
+    def end_hold(self) -> None: ...
 
 
 def capture_frames(skip: int) -> Frames:
@@ -214,10 +214,9 @@ class BorrowLedger:
             # Parked between statements: clean and not in use, so nothing to report. Return it
             # unless another borrower took it meanwhile.
             taken = borrow.pool.unpark(borrow.conn, borrow)
-            if taken:
-                borrow.end_hold()
             borrow.taken()  # (first: once the pool has it, nobody holds it)
             if taken:
+                borrow.end_hold()
                 release_connection(borrow.pool, borrow.conn)
             return 0
         del self.borrows[id(borrow.conn)]
