@@ -108,8 +108,13 @@ class DatabaseWrapper(PerStatementRelease, postgresql.DatabaseWrapper):
     features_class = DatabaseFeatures
 
     #: The current borrow (borrowed, parked between statements or kept for this thread's next
-    #: borrow: its ``state``); None when nothing is borrowed.
-    _borrow: Borrow | None = None
+    #: borrow: its ``state``); None when nothing is borrowed. (Set in ``__init__``, not on the
+    #: class: see ``PerStatementRelease.__init__``.)
+    _borrow: Borrow | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._borrow = None
 
     # ----- The pool ---------------------------------------------------------------------------
 

@@ -55,11 +55,20 @@ class PerStatementRelease(_Base):
         def _send_returned(self, held: float, rolled_back: bool) -> None: ...
 
     #: Give back after each statement / outermost transaction (:func:`releases_per_statement`).
-    _per_statement: bool = False
+    _per_statement: bool
     #: The psycopg cursors of the current borrow whose wrapper is not closed yet (a set made per
     #: borrow), and explicit pins (``pinned()``).
-    _open_cursors: set[Any] = frozenset()  # type: ignore[assignment]
-    _pins: int = 0
+    _open_cursors: set[Any]
+    _pins: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Instance attributes with no default on the class, as the wrapper's own: read per
+        # statement, and CPython 3.12 does not specialize the read of an instance attribute
+        # that the class also holds (see pooling.connection.PoolState).
+        self._per_statement = False
+        self._open_cursors = frozenset()  # type: ignore[assignment]  # (a set per borrow)
+        self._pins = 0
 
     def _release_per_statement(self, pool: Pool, conn: Any) -> None:
         """Decide whether this borrow gives its connection back after each statement or outermost

@@ -268,3 +268,33 @@ def test_every_error_is_importable_from_the_package():
     }
     assert raised <= set(django_pooled_pg.__all__), sorted(raised - set(django_pooled_pg.__all__))
     assert all(getattr(django_pooled_pg, name) is getattr(errors, name) for name in raised)
+
+
+#: Attributes read or written on every statement's park and take-back.
+HOT_WRAPPER_ATTRIBUTES = ("_borrow", "_per_statement", "_open_cursors", "_pins")
+
+
+def test_the_attributes_of_the_borrow_path_have_no_default_on_the_class():
+    """CPython 3.12 does not specialize reading or writing an instance attribute whose name the
+    class also holds: each access then takes the generic lookup. Defaults on the class for the
+    connection's pool state and the wrapper's borrow cost 2.7k instructions of a park and
+    take-back's 18k (``bench/results/instructions/``). They are set in ``__init__`` instead."""
+    from psycopg import Connection
+
+    from django_pooled_pg.base import DatabaseWrapper
+    from django_pooled_pg.pooling.connection import health_tracking
+
+    connection_class = health_tracking(Connection, health=None)  # type: ignore[arg-type]  # (not called)
+    defaults = [
+        f"{cls.__qualname__}.{name}"
+        for cls in connection_class.__mro__
+        for name, value in vars(cls).items()
+        if name.startswith("_pooled_pg_") and not callable(value)
+    ]
+    defaults += [
+        f"{cls.__qualname__}.{name}"
+        for cls in DatabaseWrapper.__mro__
+        for name in HOT_WRAPPER_ATTRIBUTES
+        if name in vars(cls)
+    ]
+    assert not defaults, f"set these in __init__, not on the class: {defaults}"
