@@ -329,7 +329,7 @@ def test_ready_under_gunicorn_follows_the_server(server, release):
         assert status == 200, body
         server.stop()
         try:
-            body, noticed = wait_status(lambda: http_ready(fleet.base), 503)
+            _, noticed = wait_status(lambda: http_ready(fleet.base), 503)
             figure(f"gunicorn: 503 after the server stopped ({release})", noticed, "s")
             # The first 503 may come from a connection attempt that reached the server as it shut
             # down ("failing", the probe before it still saying "reachable"); the worker's next

@@ -69,8 +69,8 @@ class PoolState:
         self._pooled_pg_changed = False
         self._pooled_pg_reset = RESET_BYTES
         self._pooled_pg_cursors = ()
-        self._pooled_pg_sends_reset = True
-        self._pooled_pg_resets = True
+        # (_pooled_pg_sends_reset and _pooled_pg_resets are the pool's: health_tracking's class
+        # sets them.)
         self._pooled_pg_pending = False
         self._pooled_pg_returned_at = 0.0
         self._pooled_pg_created_at = 0.0
