@@ -360,11 +360,15 @@ def cpu_seconds(server_group: int, postmaster: int) -> dict[str, float]:
     return totals
 
 
-PERF_EVENTS = ("context-switches", "syscalls:sys_enter_futex")
+#: Context switches, and the system calls a thread makes with the GIL released (each a chance
+#: for another thread to take it): lock waits (futex), socket sends, receives and polls, sleeps.
+PERF_EVENTS = ("context-switches",) + tuple(
+    f"syscalls:sys_enter_{call}" for call in ("futex", "sendto", "recvfrom", "poll", "ppoll", "clock_nanosleep")
+)
 
 
 def start_perf(server_group: int) -> subprocess.Popen[str] | None:
-    """``perf stat`` on the gunicorn processes (``--perf``): context switches and futex calls.
+    """``perf stat`` on the gunicorn processes (``--perf``): context switches and system calls.
 
     On 2 shared cores a mode whose threads hand the GIL (or a lock) to each other more often
     spends CPU in the scheduler that no instruction count of one thread shows; these counts, per
@@ -1094,7 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
         help='fleet_max_size for our modes: a number or "auto" (default)',
     )
     parser.add_argument(
-        "--perf", action="store_true", help="count the workers' context switches and futex calls (perf stat)"
+        "--perf",
+        action="store_true",
+        help="count the workers' context switches and GIL-releasing system calls (perf stat)",
     )
     parser.add_argument("--skip-micro", action="store_true")
     parser.add_argument("--micro-rounds", type=int, default=3)

@@ -154,6 +154,7 @@ def combine(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "p50_ms": p50,
             "p99_ms": p99_all,
             "p99_range": [min(p99), max(p99)],
+            "p99_median": round(statistics.median(p99), 1),
             "503": sum(r["503"] for r in rows),
             "failed": sum(r["failed"] for r in rows),
             "peak_backends": max(r["peak_backends"] for r in rows),
@@ -223,15 +224,15 @@ def advised_size(env: dict[str, str]) -> int | None:
 # ----- Report ------------------------------------------------------------------------------------
 
 
-def best_fixed(results: dict[str, list[dict]], sizes: list[int]) -> list[tuple[int, dict]]:
-    """Per phase: the fixed size with the lowest p99 and no 503s or failures (the smallest such
-    size when p99s tie within :data:`TIE`)."""
+def best_fixed(results: dict[str, list[dict]], sizes: list[int], key: str = "p99_ms") -> list[tuple[int, dict]]:
+    """Per phase: the fixed size with the lowest p99 (``key``) and no 503s or failures (the
+    smallest such size when p99s tie within :data:`TIE`)."""
     best = []
     for i, _ in enumerate(PHASES):
         clean = [(s, results[str(s)][i]) for s in sizes if not results[str(s)][i]["503"] + results[str(s)][i]["failed"]]
         clean = clean or [(s, results[str(s)][i]) for s in sizes]
-        low = min(r["p99_ms"] for _, r in clean)
-        best.append(next((s, r) for s, r in clean if r["p99_ms"] <= low * (1 + TIE)))
+        low = min(r.get(key, r["p99_ms"]) for _, r in clean)
+        best.append(next((s, r) for s, r in clean if r.get(key, r["p99_ms"]) <= low * (1 + TIE)))
     return best
 
 
@@ -252,7 +253,8 @@ def report(data: dict[str, Any], outdir: Path) -> None:
         f"{TIE:.0%}): " + ", ".join(f"{PHASES[i][0]} **{s}**" for i, (s, _) in enumerate(best)),
         "",
         f"Rounds: {a.get('rounds', 1)} (one round of every pool after the other); per phase p50 and p99 of "
-        "all rounds' answers together (each round's own p99, lowest and highest, in brackets), the median "
+        "all rounds' answers together (each round's own p99, lowest and highest, in brackets; with three "
+        "rounds or more, their median), the median "
         "req/s, the 503s and failures of all rounds, the highest peak of backends (each round's in brackets). "
         f"Pool timeout {a.get('pool_timeout', 5.0):g} s, statistics published every "
         f"{a.get('stats_interval', 1.0):g} s.",
@@ -285,13 +287,36 @@ def report(data: dict[str, Any], outdir: Path) -> None:
         lines.append(
             f"- advised {data['advised']} against the best fixed size of phase 1, {best[0][0]} (target: within 1)"
         )
+    if int(a.get("rounds", 1)) >= 3:
+        lines += robust_reading(results, sizes, best_fixed(results, sizes, "p99_median"))
     (outdir / "SIZING.md").write_text("\n".join(lines) + "\n")
     chart(data, order, outdir / "sizing.png")
 
 
+def robust_reading(results: dict[str, list[dict]], sizes: list[int], best: list[tuple[int, dict]]) -> list[str]:
+    """The p99 targets read on the median of the rounds' own p99s, for each pool alike.
+
+    The p99 of all rounds' answers together is decided by the worst round: one stall of the
+    shared machine during one pool's round (a fixed 8's traffic x3 at 24.7 ms in one round and
+    69.8 ms in another, in the same run) moves it by more than the 10% the target allows, and
+    the best fixed size, the lowest of seven such figures, is the luckiest of them. The median
+    of three or more rounds leaves one stall out."""
+    auto = results["auto"]
+    lines = ["", "The same targets on the median of each pool's per-round p99s (one bad round left out):", ""]
+    for i, (phase, _, _) in enumerate(PHASES):
+        size, b = best[i]
+        mine, theirs = auto[i]["p99_median"], b["p99_median"]
+        lines.append(
+            f"- {phase}: auto {mine} ms against the best fixed ({size}) {theirs} ms ({mine / theirs - 1:+.0%}; "
+            "target within +10%)"
+        )
+    return lines
+
+
 def p99_cell(r: dict[str, Any]) -> str:
     low, high = r.get("p99_range", [r["p99_ms"]] * 2)
-    return f"{r['p99_ms']}" if low == high else f"{r['p99_ms']} ({low}-{high})"
+    median = f", median {r['p99_median']}" if "p99_median" in r and len(r.get("peaks", [])) >= 3 else ""
+    return f"{r['p99_ms']}" if low == high else f"{r['p99_ms']} ({low}-{high}{median})"
 
 
 def peak_cell(r: dict[str, Any]) -> str:
